@@ -1,0 +1,22 @@
+"""rnnkit: recurrent networks from their equations, drop-in compatible with torch.nn."""
+
+from rnnkit import init
+from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.convert import from_torch, to_torch
+from rnnkit.dispatch import explain_backend
+from rnnkit.layers import GRU, LSTM, RNN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "from_torch",
+    "to_torch",
+    "explain_backend",
+    "init",
+]

@@ -1,0 +1,117 @@
+"""The one place that decides which implementation runs a recurrent layer, and says why.
+
+Every backend offers the same contract, per layer (all of its directions):
+
+    run_layer(spec, x, hx, weights, lengths) -> (output, final_states)
+
+    x        (T, B, I) time-major input
+    hx       one state tuple per direction: (h,) or (h, c), each (B, H_out) / (B, H)
+    weights  one tuple per direction: (w_ih, w_hh, b_ih, b_hh) [+ (w_hr,) for LSTM]
+    lengths  None or a (B,) int64 tensor: steps t >= lengths[b] output zeros and keep the state
+    output   (T, B, D * H_out); final_states: one state tuple per direction
+
+and `unsupported_reason(spec, x, lengths) -> str | None`. Layers and cells never import kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Protocol
+
+from torch import Tensor
+
+from rnnkit.scan import State, run_layer_reference
+from rnnkit.spec import LayerSpec
+
+BACKENDS = ("auto", "reference", "cpu", "gpu")
+_KERNEL_MODULES = {"cpu": "rnnkit.kernels.cpu", "gpu": "rnnkit.kernels.gpu"}
+
+
+class Backend(Protocol):
+    def unsupported_reason(
+        self, spec: LayerSpec, x: Tensor, lengths: Tensor | None
+    ) -> str | None: ...
+
+    def run_layer(
+        self,
+        spec: LayerSpec,
+        x: Tensor,
+        hx: Sequence[State],
+        weights: Sequence[Sequence[Tensor | None]],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, list[State]]: ...
+
+
+class ReferenceBackend:
+    """The autograd loop: runs everything, slowly."""
+
+    def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> None:
+        return None
+
+    def run_layer(self, spec, x, hx, weights, lengths):
+        return run_layer_reference(spec, x, hx, weights, lengths)
+
+
+_loaded: dict[str, Backend | str] = {"reference": ReferenceBackend()}
+
+
+def check_backend_name(owner: str, backend: str) -> str:
+    """Validate a backend argument where it enters (a layer's constructor)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _load(name: str) -> Backend | str:
+    """The backend object, or a string saying why it cannot be used here."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_KERNEL_MODULES[name])
+            _loaded[name] = module.backend
+        except ImportError as error:
+            _loaded[name] = f"the {name} kernels could not be imported ({error})"
+        except AttributeError:
+            _loaded[name] = f"the {name} kernels are not implemented in this version"
+    return _loaded[name]
+
+
+def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
+    """(backend name, reason) for running this layer on this input."""
+    if requested == "reference":
+        return "reference", "backend='reference' was requested"
+    if requested == "auto":
+        candidate = "gpu" if x.is_cuda else "cpu"
+        backend = _load(candidate)
+        if isinstance(backend, str):
+            return "reference", f"auto: {backend}; using the reference loop"
+        reason = backend.unsupported_reason(spec, x, lengths)
+        if reason is not None:
+            return "reference", f"auto: the {candidate} kernel does not cover this: {reason}"
+        return candidate, f"auto: fused {candidate} kernel for {x.device.type} tensors"
+    backend = _load(requested)
+    if isinstance(backend, str):
+        raise RuntimeError(f"backend={requested!r} is unavailable: {backend}")
+    reason = backend.unsupported_reason(spec, x, lengths)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run this layer: {reason}")
+    return requested, f"backend={requested!r} was requested"
+
+
+def run_layer(
+    requested: str,
+    spec: LayerSpec,
+    x: Tensor,
+    hx: Sequence[State],
+    weights: Sequence[Sequence[Tensor | None]],
+    lengths: Tensor | None,
+) -> tuple[Tensor, list[State]]:
+    """Run one layer (all directions) on the backend that `resolve` picks."""
+    name, _ = resolve(requested, spec, x, lengths)
+    return _loaded[name].run_layer(spec, x, hx, weights, lengths)
+
+
+def explain_backend(module, input, lengths: Tensor | None = None) -> str:
+    """Which backend `module(input)` would run on, and why."""
+    spec, x, lengths = module.layer_inputs(input, lengths)
+    return resolve(module.backend, spec, x, lengths)[1]

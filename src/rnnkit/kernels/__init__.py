@@ -1,0 +1,1 @@
+"""Fused implementations of the recurrent layers, one package per device, behind rnnkit.dispatch."""

@@ -1,0 +1,460 @@
+"""RNN, LSTM and GRU sequence layers: drop-in replacements for torch.nn.RNN/LSTM/GRU.
+
+A layer owns time, stacking, directions, lengths and dropout between layers; each of its
+layers runs through `rnnkit.dispatch`, which picks the reference loop or a fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnkit import dispatch
+from rnnkit.spec import LayerSpec
+
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+@dataclass
+class _Prepared:
+    """The input as the backends see it: (T, B, I) time-major, lengths or None."""
+
+    x: Tensor
+    lengths: Tensor | None
+    batched: bool
+    packed: PackedSequence | None
+
+
+class RNNBase(nn.Module):
+    """The shared body of RNN, LSTM and GRU: torch.nn.RNNBase's arguments and parameter names."""
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        reset_after: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for arg, value, low in (
+            ("input_size", input_size, 1),
+            ("hidden_size", hidden_size, 1),
+            ("num_layers", num_layers, 1),
+            ("proj_size", proj_size, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: {arg} must be an int >= {low}, got {value!r}")
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
+        if proj_size and mode != "LSTM":
+            raise ValueError(f"{name}: proj_size is only supported by LSTM, got {proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"{name}: proj_size must be smaller than hidden_size={hidden_size}, got {proj_size}"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name}: dropout={dropout} has no effect with num_layers=1: dropout is applied "
+                "between layers only",
+                stacklevel=3,
+            )
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = proj_size
+        self.reset_after = bool(reset_after)
+        self.backend = dispatch.check_backend_name(name, backend)
+
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        out_size = proj_size if proj_size > 0 else hidden_size
+        rows = _GATES[mode] * hidden_size
+        self._flat_weights_names: list[str] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = [("weight_ih", (rows, layer_input)), ("weight_hh", (rows, out_size))]
+                if bias:
+                    shapes += [("bias_ih", (rows,)), ("bias_hh", (rows,))]
+                if proj_size > 0:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                for base, shape in shapes:
+                    setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    self._flat_weights_names.append(base + suffix)
+        self.reset_parameters()
+
+    # -- torch.nn compatibility -------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """torch's default: every parameter uniform in +-1/sqrt(hidden_size)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op kept for drop-in compatibility (cuDNN's flat buffer is not used)."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        per_cell = len(self._flat_weights_names) // (self.num_layers * self.directions)
+        flat = self._flat_weights
+        return [flat[i : i + per_cell] for i in range(0, len(flat), per_cell)]
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec(
+            mode=self.mode,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
+            reset_after=self.reset_after,
+            bias=self.bias,
+            bidirectional=self.bidirectional,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        defaults = {
+            "proj_size": 0,
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "reset_after": True,
+            "backend": "auto",
+        }
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                text += f", {key}={getattr(self, key)!r}"
+        return text
+
+    # -- forward ------------------------------------------------------------------------------
+    def cell_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        """(w_ih, w_hh, b_ih, b_hh[, w_hr]) of one layer and direction; None where absent."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+        if self.mode == "LSTM":
+            names.append("weight_hr")
+        return tuple(getattr(self, name + suffix, None) for name in names)
+
+    def layer_inputs(self, input, lengths=None) -> tuple[LayerSpec, Tensor, Tensor | None]:
+        """Validated (spec, (T, B, I) input, lengths) as the dispatch sees them."""
+        prepared = self._prepare(input, lengths)
+        return self.spec, prepared.x, prepared.lengths
+
+    def forward(self, input, hx=None, lengths=None):
+        """(T, B, I) / (B, T, I) / (T, I) / PackedSequence -> (output, h_n) or (output, (h_n, c_n))."""
+        prepared = self._prepare(input, lengths)
+        state = self._initial_state(hx, prepared)
+        x = prepared.x
+        spec = self.spec
+        finals: list[tuple[Tensor, ...]] = []
+        for layer in range(self.num_layers):
+            first = layer * self.directions
+            layer_hx = [tuple(part[first + d] for part in state) for d in range(self.directions)]
+            weights = [self.cell_weights(layer, d) for d in range(self.directions)]
+            x, layer_finals = dispatch.run_layer(
+                self.backend, spec, x, layer_hx, weights, prepared.lengths
+            )
+            finals.extend(layer_finals)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        final_state = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
+        return self._format_output(x, final_state, prepared)
+
+    # -- input handling -------------------------------------------------------------------
+    def _prepare(self, input, lengths) -> _Prepared:
+        name = type(self).__name__
+        packed = None
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(f"{name}: lengths must be None when input is a PackedSequence")
+            packed = input
+            _check_tensor(name, "input.data", input.data, self._flat_weights[0])
+            x, packed_lengths = pad_packed_sequence(input)
+            lengths_tensor = packed_lengths.to(torch.int64)
+            batched = True
+        elif isinstance(input, Tensor):
+            _check_tensor(name, "input", input, self._flat_weights[0])
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"{name}: input must be 3-D (batched) or 2-D (unbatched), "
+                    f"got shape {tuple(input.shape)}"
+                )
+            batched = input.dim() == 3
+            if not batched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            lengths_tensor = None
+        else:
+            raise TypeError(
+                f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}"
+            )
+        if x.size(-1) != self.input_size:
+            raise ValueError(
+                f"{name}: input.size(-1) must be input_size={self.input_size}, got {x.size(-1)}"
+            )
+        if x.size(0) == 0:
+            raise ValueError(f"{name}: input must have at least one time step, got 0")
+        if lengths is not None:
+            if not batched:
+                raise ValueError(f"{name}: lengths needs batched (3-D) input")
+            lengths_tensor = _check_lengths(name, lengths, x.size(1), x.size(0))
+        if lengths_tensor is not None and bool((lengths_tensor == x.size(0)).all()):
+            lengths_tensor = None
+        return _Prepared(x=x, lengths=lengths_tensor, batched=batched, packed=packed)
+
+    def _state_shapes(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
+        layers = self.num_layers * self.directions
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if self.mode == "LSTM":
+            return [
+                ("hx[0]", (layers, batch, out_size)),
+                ("hx[1]", (layers, batch, self.hidden_size)),
+            ]
+        return [("hx", (layers, batch, self.hidden_size))]
+
+    def _initial_state(self, hx, prepared: _Prepared) -> tuple[Tensor, ...]:
+        name = type(self).__name__
+        x = prepared.x
+        shapes = self._state_shapes(x.size(1))
+        if hx is None:
+            return tuple(x.new_zeros(shape) for _, shape in shapes)
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError(
+                    f"{name}: hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx).__name__}"
+                )
+            parts = tuple(hx)
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            parts = (hx,)
+        state = []
+        for (label, shape), part in zip(shapes, parts):
+            _check_tensor(name, label, part, x)
+            expected = shape if prepared.batched else (shape[0], shape[2])
+            if tuple(part.shape) != expected:
+                raise ValueError(
+                    f"{name}: {label} must have shape {expected}, got {tuple(part.shape)}"
+                )
+            state.append(part if prepared.batched else part.unsqueeze(1))
+        return tuple(state)
+
+    def _format_output(self, output: Tensor, state: tuple[Tensor, ...], prepared: _Prepared):
+        if prepared.packed is not None:
+            output = _repack(output, prepared.packed)
+        elif not prepared.batched:
+            output = output.squeeze(1)
+            state = tuple(s.squeeze(1) for s in state)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (state if self.mode == "LSTM" else state[0])
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn module with the same weights."""
+        from rnnkit.convert import to_torch
+
+        return to_torch(self)
+
+
+def _check_tensor(name: str, label: str, tensor, like: Tensor) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name}: {label} must be a Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name}: {label} must be a floating-point tensor, got dtype {tensor.dtype}"
+        )
+    if tensor.dtype != like.dtype:
+        raise TypeError(
+            f"{name}: {label}.dtype must match the weights' dtype {like.dtype}, got {tensor.dtype}"
+        )
+    if tensor.device != like.device:
+        raise ValueError(
+            f"{name}: {label} must be on the weights' device {like.device}, got {tensor.device}"
+        )
+
+
+def _check_lengths(name: str, lengths, batch: int, steps: int) -> Tensor:
+    if isinstance(lengths, (list, tuple)):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in lengths):
+            raise TypeError(f"{name}: lengths must hold integers, got {lengths!r}")
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not isinstance(lengths, Tensor):
+        raise TypeError(
+            f"{name}: lengths must be a 1-D integer Tensor or a list of ints, "
+            f"got {type(lengths).__name__}"
+        )
+    if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(f"{name}: lengths must have an integer dtype, got {lengths.dtype}")
+    if lengths.dim() != 1:
+        raise ValueError(f"{name}: lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    if lengths.numel() != batch:
+        raise ValueError(
+            f"{name}: lengths must hold one length per sequence (batch size {batch}), "
+            f"got {lengths.numel()}"
+        )
+    lengths = lengths.detach().to("cpu", torch.int64)
+    if batch and int(lengths.min()) < 1:
+        raise ValueError(f"{name}: lengths must be >= 1, got {int(lengths.min())}")
+    if batch and int(lengths.max()) > steps:
+        raise ValueError(
+            f"{name}: lengths must be <= the number of time steps {steps}, got {int(lengths.max())}"
+        )
+    return lengths
+
+
+def _repack(output: Tensor, packed: PackedSequence) -> PackedSequence:
+    """(T, B, H) padded output in the caller's batch order -> PackedSequence shaped like `packed`."""
+    sorted_indices = packed.sorted_indices
+    batch_sizes = packed.batch_sizes
+    sequence = torch.arange(int(batch_sizes[0])).unsqueeze(1)
+    lengths_sorted = (batch_sizes.unsqueeze(0) > sequence).sum(1)
+    if sorted_indices is not None:
+        output = output.index_select(1, sorted_indices)
+    data = pack_padded_sequence(output, lengths_sorted, enforce_sorted=True).data
+    return PackedSequence(data, batch_sizes, sorted_indices, packed.unsorted_indices)
+
+
+class RNN(RNNBase):
+    """Elman RNN, h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh): same API as torch.nn.RNN."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+            backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.nonlinearity == "tanh" else f"{text}, nonlinearity='relu'"
+
+
+class LSTM(RNNBase):
+    """LSTM over a sequence, optionally projected (proj_size): same API as torch.nn.LSTM."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device=device,
+            dtype=dtype,
+            backend=backend,
+        )
+
+
+class GRU(RNNBase):
+    """GRU over a sequence: same API as torch.nn.GRU, plus reset_after=False (Cho et al.'s form)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        reset_after: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            "GRU",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+            reset_after=reset_after,
+            backend=backend,
+        )

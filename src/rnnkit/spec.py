@@ -1,0 +1,32 @@
+"""What a backend needs to know about a layer: the cell and its sizes, nothing about modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One recurrent layer as the kernels see it.
+
+    Weights per direction are `(w_ih, w_hh, b_ih, b_hh)` plus `w_hr` for LSTM (None without
+    projection); biases are None when `bias=False`. States per direction are `(h,)` or `(h, c)`.
+    """
+
+    mode: str
+    hidden_size: int
+    proj_size: int = 0
+    reset_after: bool = True
+    bias: bool = True
+    bidirectional: bool = False
+
+    @property
+    def output_size(self) -> int:
+        """Width of h per direction: proj_size for a projected LSTM, else hidden_size."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
