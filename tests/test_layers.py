@@ -387,3 +387,9 @@ def test_lstm_is_a_drop_in_for_a_classic_classifier():
     mine.load_state_dict(theirs.state_dict())
     tokens = torch.randint(0, 20, (4, 7))
     assert torch.allclose(mine(tokens), theirs(tokens), atol=1e-6)
+
+
+def test_input_on_another_device_than_the_weights():
+    layer = rnnkit.GRU(3, 4, device="meta")
+    with pytest.raises(ValueError, match="GRU: input must be on the weights' device meta, got cpu"):
+        layer(torch.randn(5, 2, 3))

@@ -4,7 +4,9 @@ from rnnkit import init
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.convert import from_torch, to_torch
 from rnnkit.dispatch import explain_backend
+from rnnkit.export import export_onnx
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.stream import Stream
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,7 @@ __all__ = [
     "from_torch",
     "to_torch",
     "explain_backend",
+    "export_onnx",
+    "Stream",
     "init",
 ]

@@ -26,7 +26,15 @@ class CPUBackend:
             return f"dtype {x.dtype} is not float32 or float64"
         return None
 
-    def run_layer(self, spec, x, hx, weights, lengths):
+    def run_layer(
+        self,
+        spec: LayerSpec,
+        x: Tensor,
+        hx: list[tuple[Tensor, ...]],
+        weights: list[tuple[Tensor | None, ...]],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        """(T, B, I) -> (T, B, D * H_out) and one final state tuple per direction."""
         outputs, finals = [], []
         for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
             reverse = direction == 1
@@ -48,3 +56,9 @@ class CPUBackend:
 
 
 backend = CPUBackend()
+
+
+def warmup() -> None:
+    """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
+    for cell in (lstm, gru, rnn):
+        cell.warmup()

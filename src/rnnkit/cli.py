@@ -1,0 +1,425 @@
+"""The rnnkit command line: parses options and calls the library (rnnkit.train.runs).
+
+Bad input (missing or unusable data, a run directory that would be overwritten) prints one
+line on stderr and exits with 2; an interrupted training run exits with 130 after saving a
+checkpoint; anything unexpected exits with 1 (set RNNKIT_DEBUG=1 to see the traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rnnkit.train.classify import ClassifySettings
+from rnnkit.train.forecast import ForecastSettings
+from rnnkit.train.lm import LanguageModelSettings
+from rnnkit.train.music import MusicSettings
+
+EXIT_BAD_INPUT = 2
+EXIT_UNEXPECTED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"rnnkit: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Map the library's errors to messages and exit codes instead of tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from rnnkit.data import DataError
+        from rnnkit.train.rundir import RunError
+        from rnnkit.train.trainer import TrainingInterrupted
+
+        try:
+            return command(*args, **kwargs)
+        except (DataError, RunError) as error:
+            _fail(str(error), EXIT_BAD_INPUT)
+        except TrainingInterrupted as error:
+            click.echo(f"rnnkit: {error}; continue with --resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`rnnkit ... | head`): stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as error:
+            if os.environ.get("RNNKIT_DEBUG"):
+                traceback.print_exc()
+            _fail(
+                f"unexpected {type(error).__name__}: {error} (RNNKIT_DEBUG=1 shows the traceback)",
+                EXIT_UNEXPECTED,
+            )
+
+    return wrapper
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rnnkit")
+def main() -> None:
+    """rnnkit: recurrent networks (RNN, LSTM, GRU) from their equations, trained on real data."""
+
+
+# -- train ------------------------------------------------------------------------------------
+@main.group()
+def train() -> None:
+    """Train a model on the shipped data set of a task, or on your own file (--data)."""
+
+
+def common_train_options(command: Callable) -> Callable:
+    """Options every `train` task takes (None = the task's default)."""
+    options = [
+        click.option("--data", type=str, default=None, help="Data file."),
+        click.option(
+            "--cell",
+            type=click.Choice(["lstm", "gru", "rnn"]),
+            default=None,
+            help="Recurrent cell.",
+        ),
+        click.option("--hidden", type=click.IntRange(min=1), default=None, help="Hidden size."),
+        click.option("--layers", type=click.IntRange(min=1), default=None, help="Stacked layers."),
+        click.option(
+            "--bidirectional/--no-bidirectional",
+            default=None,
+            help="Read sequences both ways (classify).",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs at most."),
+        click.option(
+            "--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps at most."
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Global batch size (split over torchrun processes).",
+        ),
+        click.option(
+            "--learning-rate",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Peak AdamW learning rate.",
+        ),
+        click.option("--seed", type=int, default=None, help="Seed for splits, init and order."),
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Run directory [default: runs/<task>-<time>].",
+        ),
+        click.option(
+            "--resume",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Continue the interrupted run in this directory.",
+        ),
+        click.option("--force", is_flag=True, help="Replace a run already in --out."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Torch CPU threads per process (small recurrent steps run best on 1).",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def show_task_defaults(settings_class: type) -> Callable:
+    """Append each option's default for this task (from its settings dataclass) to its help."""
+
+    def decorate(command: click.Command) -> click.Command:
+        defaults = {f.name: f.default for f in dataclasses.fields(settings_class)}
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name in defaults and param.help:
+                if "[default:" not in param.help:
+                    value = defaults[param.name]
+                    shown = "the shipped set" if param.name == "data" and value is None else value
+                    param.help = f"{param.help} [default: {shown}]"
+        return command
+
+    return decorate
+
+
+def _train(task: str, options: dict[str, Any]) -> None:
+    import torch
+
+    from rnnkit.train.rundir import RunError
+    from rnnkit.train.runs import train_run
+
+    out, resume, force = options.pop("out"), options.pop("resume"), options.pop("force")
+    threads, quiet = options.pop("threads"), options.pop("quiet")
+    if resume is not None and (out is not None or force):
+        raise RunError("--resume continues a run in its own directory; drop --out/--force")
+    torch.set_num_threads(threads)
+    summary = train_run(task, options, out=out, force=force, resume=resume, progress=not quiet)
+    if summary:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if "sample" in summary:
+        click.echo(
+            "--- generated notes ---" if summary["task"] == "music" else "--- generated text ---"
+        )
+        click.echo(summary["sample"])
+        click.echo("----------------------")
+    if "sample_midi" in summary:
+        click.echo(f"MIDI: {summary['sample_midi']}")
+    test, baseline = summary["test"], summary["baseline"]
+    shown = {k: v for k, v in test.items() if isinstance(v, float)}
+    click.echo(
+        f"run directory: {summary['run_dir']}  ({summary['steps']} steps, "
+        f"stopped by {summary['stop_reason']})"
+    )
+    click.echo("test: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    base = {k: v for k, v in baseline.items() if isinstance(v, float)}
+    click.echo(
+        f"baseline ({baseline['name']}): " + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
+    )
+
+
+@show_task_defaults(ClassifySettings)
+@train.command("classify")
+@common_train_options
+@click.option(
+    "--level",
+    type=click.Choice(["char", "word"]),
+    default=None,
+    help="Text tokens.",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["last", "mean", "max"]),
+    default=None,
+    help="Sequence summary: final states, or mean/max over valid steps.",
+)
+@handle_errors
+def train_classify(**options) -> None:
+    """Sequence classification: surnames -> language by default, `--data digits` for 8x8 digits,
+    or a CSV/TSV/JSONL file with `text` and `label` columns."""
+    _train("classify", options)
+
+
+# lm and music both train with truncated BPTT over chunks of a token stream.
+SEQ_LEN_OPTION = click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Truncated-BPTT chunk length.",
+)
+
+
+@show_task_defaults(LanguageModelSettings)
+@train.command("lm")
+@common_train_options
+@SEQ_LEN_OPTION
+@handle_errors
+def train_lm(**options) -> None:
+    """Character-level language model: Shakespeare by default, or a UTF-8 text file."""
+    _train("lm", options)
+
+
+@show_task_defaults(MusicSettings)
+@train.command("music")
+@common_train_options
+@SEQ_LEN_OPTION
+@handle_errors
+def train_music(**options) -> None:
+    """Note-level language model: Bach chorale melodies by default, or a text file with one
+    piece per line of pitch:duration tokens ("67:1 69:0.5 rest:1"); writes sample.mid."""
+    _train("music", options)
+
+
+@show_task_defaults(ForecastSettings)
+@train.command("forecast")
+@common_train_options
+@click.option(
+    "--horizon",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps forecast at once [default: half the seasonal period, or 8].",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Input steps [default: 3 x horizon, at least one period].",
+)
+@handle_errors
+def train_forecast(**options) -> None:
+    """Multi-step forecasting: yearly sunspots by default, `--data co2`, or a numeric CSV."""
+    _train("forecast", options)
+
+
+# -- using a finished run ---------------------------------------------------------------------
+RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
+
+
+@main.command("eval")
+@RUN_DIR
+@click.option("--data", type=str, default=None, help="Evaluate on all of this file instead.")
+@handle_errors
+def eval_command(run_dir: Path, data: str | None) -> None:
+    """Quality figures of a trained run on its test split (or on --data)."""
+    from rnnkit.train.runs import evaluate_run
+
+    _echo_json(evaluate_run(run_dir, data))
+
+
+@main.command("predict")
+@RUN_DIR
+@click.argument("texts", nargs=-1, required=True)
+@handle_errors
+def predict_command(run_dir: Path, texts: tuple[str, ...]) -> None:
+    """Classify TEXTS with a trained `classify` run: label and probability per text."""
+    from rnnkit.train.classify import predict_texts
+    from rnnkit.train.runs import load_run
+
+    run = load_run(run_dir, expect="classify")
+    for result in predict_texts(run.model, run.state, list(texts)):
+        click.echo(f"{result['label']}\t{result['probability']:.3f}\t{result['text']}")
+
+
+@main.command("generate")
+@RUN_DIR
+@click.option(
+    "--prompt",
+    type=str,
+    default=None,
+    help="Text to continue (lm), or note tokens to start the piece with (music: "
+    "'67:1 69:0.5') [default: a newline / a new piece].",
+)
+@click.option(
+    "--length",
+    type=click.IntRange(min=0),
+    default=400,
+    show_default=True,
+    help="Characters (lm), or notes at most (music: the piece may end sooner).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.8,
+    show_default=True,
+    help="0 = greedy.",
+)
+@click.option(
+    "--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--midi",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the piece to this MIDI file (music runs).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --midi file.")
+@handle_errors
+def generate_command(run_dir: Path, prompt, length, temperature, top_k, seed, midi, force) -> None:
+    """Generate text with a trained `lm` run, or a piece of music with a `music` run."""
+    from rnnkit.train.rundir import RunError
+    from rnnkit.train.runs import load_run
+
+    run = load_run(run_dir, expect=("lm", "music"))
+    if run.task == "lm":
+        from rnnkit.data import CharVocab
+        from rnnkit.train.lm import sample_text
+
+        if midi is not None:
+            raise RunError(f"--midi needs a `music` run; {run_dir} is an `lm` run")
+        vocab = CharVocab.from_dict(run.state["vocab"])
+        click.echo(sample_text(run.model, vocab, prompt, length, temperature, top_k, seed))
+        return
+    from rnnkit.data import write_midi
+    from rnnkit.train.music import NoteVocab, sample_piece
+
+    if midi is not None:
+        if midi.exists() and not force:
+            raise RunError(f"--midi {midi} already exists; pass --force to replace it")
+        if not midi.parent.is_dir():
+            raise RunError(f"--midi {midi}: directory {midi.parent} does not exist")
+    vocab = NoteVocab.from_dict(run.state["vocab"])
+    notes = prompt.split() if prompt else None
+    piece = sample_piece(run.model, vocab, notes, length, temperature, top_k, seed)
+    click.echo(" ".join(piece))
+    if midi is not None:
+        write_midi(piece, midi)
+        click.echo(f"MIDI: {midi} ({len(piece)} notes and rests)", err=True)
+
+
+@main.command("forecast")
+@RUN_DIR
+@click.option(
+    "--horizon",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps to forecast [default: the trained horizon].",
+)
+@handle_errors
+def forecast_command(run_dir: Path, horizon: int | None) -> None:
+    """Forecast past the end of a `forecast` run's series; writes forecast_future.png."""
+    from rnnkit.train.forecast import forecast_future
+    from rnnkit.train.runs import load_run
+
+    run = load_run(run_dir, expect="forecast")
+    steps = horizon or run.model.config.horizon
+    predicted = forecast_future(run.model, run.state, steps, run_dir)
+    columns = run.state["columns"]
+    click.echo("step\t" + "\t".join(columns))
+    for index, row in enumerate(predicted, start=1):
+        click.echo(f"+{index}\t" + "\t".join(f"{v:.4f}" for v in row))
+    click.echo(f"plot: {run_dir / 'forecast_future.png'}", err=True)
+
+
+# -- other parts of rnnkit --------------------------------------------------------------------
+@main.command("warmup")
+@handle_errors
+def warmup_command() -> None:
+    """Compile the fused CPU kernels now (numba caches them for later runs)."""
+    from rnnkit.kernels.cpu import warmup
+
+    warmup()
+    click.echo("CPU kernels compiled.")
+
+
+@main.command("experiment")
+@click.argument("name")
+@click.option("--quick", is_flag=True, help="Small sizes: minutes instead of hours.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output directory [default: runs/experiments/NAME].",
+)
+@handle_errors
+def experiment_command(name: str, quick: bool, out: Path | None) -> None:
+    """Run one of rnnkit's experiments by NAME (an unknown name lists them)."""
+    from rnnkit.experiments import EXPERIMENTS, run_experiment
+    from rnnkit.train.rundir import RunError
+
+    if name not in EXPERIMENTS:
+        raise RunError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    result = run_experiment(name, quick, out or Path("runs") / "experiments" / name)
+    _echo_json(result)

@@ -1,0 +1,421 @@
+"""Fused CPU kernel for the vanilla RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh), act tanh or relu.
+
+Forward, one numba call: the input projection of all steps as one BLAS matmul written straight
+into the output buffer, then per step one hidden matmul and the activation, in place.
+Backward (backpropagation through time, derived by hand), one numba call: the time loop walks
+backwards producing the pre-activation gradients dP (T, B, H), then the weight and input
+gradients are large matmuls over all T*B rows (dW_ih = dP^T X, dW_hh = dP^T H_prev, dX = dP W_ih).
+Only the output (returned anyway) and h0 are kept for the backward: the activation's derivative
+comes from h (tanh' = 1 - h^2; relu' = [h > 0], 0 at 0 as in torch) and h_{t-1} is the output of
+the step before. BLAS inside numba is SciPy's (numba calls scipy.linalg.cython_blas).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, types
+from numba.extending import overload
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+NONLINEARITIES = ("tanh", "relu")
+
+_LOG2_E = 1.4426950408889634
+_LN_2 = 0.6931471805599453
+# ln 2 split Cody-Waite style: k * _LN_2_HIGH is exact in float32 for the k used here.
+_LN_2_HIGH = np.float32(0.693359375)
+_LN_2_LOW = np.float32(_LN_2 - 0.693359375)
+# Horner coefficients of (e^r - 1) / r: 1/12!, ..., 1/1! for float64, 1/7!, ..., 1/1! for float32.
+_EXPM1_TAYLOR_64 = tuple(1 / math.factorial(n) for n in range(12, 0, -1))
+_EXPM1_TAYLOR_32 = tuple(np.float32(1 / math.factorial(n)) for n in range(7, 0, -1))
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _tanh_64(x):
+    """tanh in float64 arithmetic that LLVM vectorizes (libm's tanh is a scalar call, ~6x slower).
+
+    tanh|x| = m / (m + 2) with m = e^(2|x|) - 1 = 2^k (e^r - 1) + 2^k - 1, r = 2|x| - k ln 2,
+    |r| <= ln(2) / 2, e^r - 1 by its Taylor series to r^12 (truncation below 1e-15 relative).
+    Measured: within 6 ulp of numpy.tanh.
+    """
+    doubled = 2.0 * abs(x)
+    doubled = 40.0 if doubled > 40.0 else doubled  # tanh is 1 to float64 precision beyond 20
+    k = np.int64(doubled * _LOG2_E + 0.5)
+    r = doubled - k * _LN_2
+    expm1_r = 0.0
+    for coefficient in _EXPM1_TAYLOR_64:
+        expm1_r = expm1_r * r + coefficient
+    expm1_r *= r
+    # 2^k from k's bits: selects and multiplies vectorize where ldexp or shifts do not.
+    scale = 2.0 if k & 1 else 1.0
+    scale *= 4.0 if k & 2 else 1.0
+    scale *= 16.0 if k & 4 else 1.0
+    scale *= 256.0 if k & 8 else 1.0
+    scale *= 65536.0 if k & 16 else 1.0
+    scale *= 4294967296.0 if k & 32 else 1.0
+    expm1_doubled = expm1_r * scale + (scale - 1.0)
+    magnitude = expm1_doubled / (expm1_doubled + 2.0)
+    return magnitude if x >= 0 else -magnitude
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _tanh_32(x):
+    """The same in float32 arithmetic (twice the vector lanes), Taylor series to r^7.
+
+    Measured: within 1.6 eps * |tanh x| of the exact value.
+    """
+    one = np.float32(1.0)
+    doubled = np.float32(2.0) * abs(x)
+    doubled = np.float32(20.0) if doubled > np.float32(20.0) else doubled  # 1 beyond 10
+    k = np.int32(doubled * np.float32(_LOG2_E) + np.float32(0.5))
+    k_float = np.float32(k)
+    r = (doubled - k_float * _LN_2_HIGH) - k_float * _LN_2_LOW
+    expm1_r = np.float32(0.0)
+    for coefficient in _EXPM1_TAYLOR_32:
+        expm1_r = expm1_r * r + coefficient
+    expm1_r *= r
+    scale = np.float32(2.0) if k & 1 else one
+    scale *= np.float32(4.0) if k & 2 else one
+    scale *= np.float32(16.0) if k & 4 else one
+    scale *= np.float32(256.0) if k & 8 else one
+    scale *= np.float32(65536.0) if k & 16 else one
+    expm1_doubled = expm1_r * scale + (scale - one)
+    magnitude = expm1_doubled / (expm1_doubled + np.float32(2.0))
+    return magnitude if x >= 0 else -magnitude
+
+
+def _tanh(x):
+    """tanh of a float32 or float64 scalar, in that precision (numba-only, see the overload)."""
+    raise NotImplementedError("_tanh is only callable from numba-compiled code")
+
+
+@overload(_tanh, inline="always")
+def _tanh_for_type(x):
+    if x == types.float32:
+        return lambda x: _tanh_32(x)
+    return lambda x: _tanh_64(np.float64(x))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _activate_rows(pre, recurrent, relu):
+    """pre <- act(pre + recurrent), both (B, H)."""
+    rows, cols = pre.shape
+    if relu:
+        for b in range(rows):
+            for j in range(cols):
+                value = pre[b, j] + recurrent[b, j]
+                pre[b, j] = value if value > 0 else value * 0
+    else:
+        for b in range(rows):
+            for j in range(cols):
+                pre[b, j] = _tanh(pre[b, j] + recurrent[b, j])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _forward_kernel(x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final):
+    """(T, B, I) x, (B, H) h0 -> output (T, B, H) and final (B, H), written in place.
+
+    `lengths` is empty when every sequence has T steps; padding outputs are left at zero.
+    """
+    steps, batch, _ = x.shape
+    hidden = h0.shape[1]
+    flat_output = output.reshape((steps * batch, hidden))
+    np.dot(x.reshape((steps * batch, x.shape[2])), np.ascontiguousarray(w_ih.T), flat_output)
+    for row in range(steps * batch):
+        for j in range(hidden):
+            flat_output[row, j] += bias[j]
+    w_hh_t = np.ascontiguousarray(w_hh.T)  # BLAS is slower on a transposed operand at small H
+    recurrent = np.empty((batch, hidden), dtype=output.dtype)
+    if lengths.size == 0:
+        previous = h0
+        for step in range(steps):
+            t = steps - 1 - step if reverse else step
+            np.dot(previous, w_hh_t, recurrent)
+            _activate_rows(output[t], recurrent, relu)
+            previous = output[t]
+        final[:] = previous
+        return
+    state = h0.copy()
+    for step in range(steps):
+        np.dot(state, w_hh_t, recurrent)
+        for b in range(batch):
+            length = lengths[b]
+            if step >= length:
+                continue
+            t = length - 1 - step if reverse else step
+            for j in range(hidden):
+                value = output[t, b, j] + recurrent[b, j]
+                if relu:
+                    value = value if value > 0 else value * 0
+                else:
+                    value = _tanh(value)
+                output[t, b, j] = value
+                state[b, j] = value
+    for b in range(batch):
+        output[lengths[b] :, b, :] = 0
+    final[:] = state
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _pre_activation_grads(grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place):
+    """BPTT time loop -> dP (T, B, H); grad_h enters as dL/dh_final and leaves as dL/dh0.
+
+    in_place: write dP over grad_output (each element is read once, just before it is written).
+    """
+    steps, batch, hidden = output.shape
+    full = lengths.size == 0
+    if in_place:
+        grad_pre = grad_output
+    elif full:
+        grad_pre = np.empty_like(output)
+    else:
+        grad_pre = np.zeros_like(output)
+    step_pre = np.zeros((batch, hidden), dtype=output.dtype)
+    through = np.empty((batch, hidden), dtype=output.dtype)
+    for step in range(steps - 1, -1, -1):
+        for b in range(batch):
+            length = steps if full else lengths[b]
+            if step >= length:
+                for j in range(hidden):
+                    step_pre[b, j] = 0
+                continue
+            t = length - 1 - step if reverse else step
+            for j in range(hidden):
+                total = grad_h[b, j] + grad_output[t, b, j]
+                h = output[t, b, j]
+                if relu:
+                    value = total if h > 0 else total * 0
+                else:
+                    value = total * (1 - h * h)
+                step_pre[b, j] = value
+                grad_pre[t, b, j] = value
+        np.dot(step_pre, w_hh, through)
+        for b in range(batch):
+            if full or step < lengths[b]:
+                for j in range(hidden):
+                    grad_h[b, j] = through[b, j]
+    if in_place and not full:
+        for b in range(batch):
+            grad_pre[lengths[b] :, b, :] = 0
+    return grad_pre
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _backward_kernel(
+    grad_output,
+    grad_h,
+    output,
+    x,
+    h0,
+    w_ih,
+    w_hh,
+    lengths,
+    reverse,
+    relu,
+    in_place,
+    grad_x,
+    grad_w_ih,
+    grad_w_hh,
+    grad_bias,
+    need_x,
+    need_w_ih,
+    need_w_hh,
+    need_bias,
+):
+    """All gradients of one direction, written in place; grad_h: dL/dh_final in, dL/dh0 out."""
+    steps, batch, hidden = output.shape
+    grad_pre = _pre_activation_grads(
+        grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place
+    )
+    rows = steps * batch
+    flat_pre = grad_pre.reshape((rows, hidden))
+    if need_x:
+        np.dot(flat_pre, w_ih, grad_x.reshape((rows, x.shape[2])))
+    if need_w_ih:
+        np.dot(flat_pre.T, x.reshape((rows, x.shape[2])), grad_w_ih)
+    if need_bias:
+        grad_bias[:] = 0
+        for row in range(rows):
+            for j in range(hidden):
+                grad_bias[j] += flat_pre[row, j]
+    if not need_w_hh:
+        return
+    # Padding has dP = 0 and zero output, so the time-shifted output is h_{t-1} everywhere
+    # except at each sequence's first processed step, whose previous state is h0.
+    flat_output = output.reshape((rows, hidden))
+    if steps > 1:
+        if reverse:
+            np.dot(flat_pre[:-batch].T, flat_output[batch:], grad_w_hh)
+        else:
+            np.dot(flat_pre[batch:].T, flat_output[:-batch], grad_w_hh)
+    else:
+        grad_w_hh[:] = 0
+    first_pre = np.empty((batch, hidden), dtype=output.dtype)
+    for b in range(batch):
+        if not reverse:
+            first = 0
+        elif lengths.size == 0:
+            first = steps - 1
+        else:
+            first = lengths[b] - 1
+        first_pre[b] = grad_pre[first, b]
+    grad_w_hh += np.dot(first_pre.T, h0)
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A contiguous numpy view (or copy) of a tensor, detached from autograd."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _forward(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """(T, B, I) contiguous detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    bias = np.zeros(hidden, dtype=_numpy_dtype(x))
+    for part in (b_ih, b_hh):
+        if part is not None:
+            bias += part.detach().numpy()
+    output = torch.empty(steps, batch, hidden, dtype=x.dtype)
+    final = torch.empty(batch, hidden, dtype=x.dtype)
+    if batch == 0:
+        return output, final
+    _forward_kernel(
+        x.numpy(),
+        _array(h0),
+        _array(w_ih),
+        _array(w_hh),
+        bias,
+        _lengths_array(lengths),
+        reverse,
+        relu,
+        output.numpy(),
+        final.numpy(),
+    )
+    return output, final
+
+
+def _numpy_dtype(x: Tensor) -> type:
+    """The numpy dtype of a float32 or float64 tensor."""
+    return np.float32 if x.dtype == torch.float32 else np.float64
+
+
+def _lengths_array(lengths: Tensor | None) -> np.ndarray:
+    """The kernels' encoding of lengths: an empty array when every sequence is full."""
+    if lengths is None:
+        return np.empty(0, dtype=np.int64)
+    return lengths.numpy()
+
+
+class FusedRNNFunction(torch.autograd.Function):
+    """Autograd node for one direction of a vanilla RNN layer: numba forward, hand-derived BPTT."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
+        x = x.detach().contiguous()  # the kernels' layout, kept for dW_ih
+        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
+        ctx.reverse = reverse
+        ctx.relu = relu
+        ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output)
+        return output, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_final):
+        x, h0, w_ih, w_hh, lengths, output = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        steps, batch, hidden = output.shape
+        grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
+        # np.dot overwrites grad_x fully; an empty placeholder keeps the signature when unneeded.
+        grad_x = torch.empty(x.shape if needs[0] else (0, 0, 0), dtype=x.dtype)
+        grad_w_ih = torch.zeros(w_ih.shape, dtype=w_ih.dtype)
+        grad_w_hh = torch.zeros(w_hh.shape, dtype=w_hh.dtype)
+        grad_bias = torch.zeros(hidden, dtype=output.dtype)
+        # A gradient that is not contiguous (the usual case: expanded from a sum) is copied; the
+        # copy is ours, so the kernel writes dP over it instead of allocating another T*B*H.
+        in_place = not grad_output.is_contiguous()
+        if batch > 0:
+            _backward_kernel(
+                grad_output.detach().contiguous().numpy(),
+                grad_h.numpy(),
+                output.detach().numpy(),
+                x.numpy(),
+                _array(h0),
+                _array(w_ih),
+                _array(w_hh),
+                _lengths_array(lengths),
+                ctx.reverse,
+                ctx.relu,
+                in_place,
+                grad_x.numpy(),
+                grad_w_ih.numpy(),
+                grad_w_hh.numpy(),
+                grad_bias.numpy(),
+                needs[0],
+                needs[2],
+                needs[3],
+                needs[4] or needs[5],
+            )
+        return (
+            grad_x if needs[0] else None,
+            grad_h if needs[1] else None,
+            grad_w_ih if needs[2] else None,
+            grad_w_hh if needs[3] else None,
+            grad_bias if needs[4] else None,
+            # d/db_hh = d/db_ih; a separate tensor, so the two .grad never alias each other.
+            (grad_bias.clone() if needs[4] else grad_bias) if needs[5] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def run_direction(
+    x: Tensor,
+    state: tuple[Tensor],
+    weights: tuple[Tensor | None, ...],
+    lengths: Tensor | None,
+    reverse: bool,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, tuple[Tensor]]:
+    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, ((B, H),) final state."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+    (h0,) = state
+    w_ih, w_hh, b_ih, b_hh = weights[:4]
+    relu = nonlinearity == "relu"
+    if lengths is not None:
+        lengths = lengths.to("cpu", torch.int64).contiguous()
+    inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        output, final = FusedRNNFunction.apply(*inputs, lengths, bool(reverse), relu)
+    else:
+        x = x.detach().contiguous()
+        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse), relu)
+    return output, (final,)
+
+
+def warmup() -> None:
+    """Compile (or load from numba's disk cache) every kernel for float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 2, 2, dtype=dtype)
+        h0 = torch.randn(2, 3, dtype=dtype, requires_grad=True)
+        weights = tuple(
+            torch.randn(shape, dtype=dtype, requires_grad=True)
+            for shape in ((3, 2), (3, 3), (3,), (3,))
+        )
+        for lengths in (None, torch.tensor([3, 1])):
+            output, (final,) = run_direction(x, (h0,), weights, lengths, False)
+            (output.sum() + final.sum()).backward()

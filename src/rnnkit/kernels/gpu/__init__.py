@@ -1,0 +1,139 @@
+"""Fused GPU kernels (Triton): forward and hand-derived backpropagation through time.
+
+Each cell file (lstm.py, gru.py, rnn.py) exports `run_direction(x, state, weights, lengths,
+reverse, ...)`: (T, B, I) input -> ((T, B, H) output, final state tuple), differentiable through
+its own torch.autograd.Function. This package turns them into the dispatch's backend. Triton is
+imported only when this package is (the dispatch does that lazily), and a missing Triton is a
+reason the backend gives, not an import error. On CPU tensors the kernels run only under
+Triton's interpreter (TRITON_INTERPRET=1), which the tests use; "auto" never picks this backend
+for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from rnnkit.scan import run_layer_reference
+from rnnkit.spec import LayerSpec
+
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Triton's interpreter multiplies the raw bit patterns in tl.dot on bfloat16 operands (reproduced
+# with 3.9.0; triton-lang/triton#11584, "not supported yet"), so bfloat16 runs only on CUDA.
+_INTERPRETER_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class GPUBackend:
+    """Runs each direction of a layer through the cell's fused Triton kernels."""
+
+    def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if x.device.type == "cpu":
+            if not _interpreting():
+                return "input is on the CPU and TRITON_INTERPRET=1 is not set"
+            dtype = _compute_dtype(x)
+            if dtype not in _INTERPRETER_DTYPES:
+                return (
+                    f"dtype {dtype} is not float32, float64 or float16 under Triton's interpreter"
+                )
+        elif x.device.type != "cuda":
+            return f"input is on {x.device}, not a CUDA device"
+        elif _compute_dtype(x) not in _CUDA_DTYPES:
+            return f"dtype {_compute_dtype(x)} is not float32, float64, float16 or bfloat16"
+        if spec.proj_size > 0:
+            return "LSTM with proj_size > 0 is not covered by the gpu kernel"
+        # The kernels index (T, B, 4H) buffers with 32-bit offsets.
+        if x.size(0) * x.size(1) * 4 * spec.hidden_size >= 2**31:
+            return f"T * B * 4 * hidden_size >= 2**31 (T={x.size(0)}, B={x.size(1)})"
+        return None
+
+    def run_layer(self, spec, x, hx, weights, lengths):
+        if x.size(1) == 0:
+            return run_layer_reference(spec, x, hx, weights, lengths)
+        from rnnkit.kernels.gpu import gru, lstm, rnn
+
+        dtype = _compute_dtype(x)
+        if dtype != x.dtype:
+            x = x.to(dtype)
+            weights = [tuple(None if w is None else w.to(dtype) for w in ws) for ws in weights]
+        outputs, finals = [], []
+        # The kernels choose their own precisions: autocast must not recast inside them.
+        with torch.autocast(x.device.type, enabled=False):
+            for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
+                reverse = direction == 1
+                if spec.mode == "LSTM":
+                    output, final = lstm.run_direction(
+                        x, state, direction_weights, lengths, reverse
+                    )
+                elif spec.mode == "GRU":
+                    output, final = gru.run_direction(
+                        x, state, direction_weights, lengths, reverse, reset_after=spec.reset_after
+                    )
+                else:
+                    nonlinearity = "tanh" if spec.mode == "RNN_TANH" else "relu"
+                    output, final = rnn.run_direction(
+                        x, state, direction_weights, lengths, reverse, nonlinearity=nonlinearity
+                    )
+                outputs.append(output)
+                finals.append(final)
+        output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        return output, finals
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device (and x is not float64), else x's."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return x.dtype
+
+
+def warmup(
+    device: str | torch.device = "cuda",
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    hidden_sizes: tuple[int, ...] = (16, 20),
+) -> None:
+    """Compile (or load from Triton's disk cache) every kernel variant on `device`.
+
+    Triton compiles a variant per dtype, direction, training or inference forward, and hidden-size
+    alignment (a multiple of 16 or not); the default hidden sizes cover both alignments.
+    """
+    from rnnkit.layers import GRU, LSTM, RNN
+
+    cells = [
+        (LSTM, {}),
+        (GRU, {}),
+        (GRU, {"reset_after": False}),
+        (RNN, {}),
+        (RNN, {"nonlinearity": "relu"}),
+    ]
+    for dtype in dtypes:
+        for hidden in hidden_sizes:
+            for layer_class, options in cells:
+                layer = layer_class(
+                    2,
+                    hidden,
+                    bidirectional=True,
+                    backend="gpu",
+                    device=device,
+                    dtype=dtype,
+                    **options,
+                )
+                x = torch.randn(2, 1, 2, device=device, dtype=dtype)
+                with torch.no_grad():
+                    layer(x)
+                output, _ = layer(x.requires_grad_())
+                output.sum().backward()
+
+
+backend = GPUBackend()

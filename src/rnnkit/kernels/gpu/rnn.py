@@ -1,0 +1,258 @@
+"""Fused Elman RNN in Triton: one recurrent kernel over all steps, backward through time by hand.
+
+Forward per step:  h' = act(xp[t] + h @ W_hh^T),  xp = x @ W_ih^T + b_ih + b_hh for all steps (torch)
+Backward per step: dpre = dh * act'(h')  (1 - h'^2 for tanh, [h' > 0] for relu),
+                   dh_prev = dpre @ W_hh
+and the weight gradients as matmuls over all T * B rows: dW_ih = dpre^T x, dW_hh = dpre^T h_prev.
+The backward needs nothing saved but the output itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from rnnkit.kernels.gpu._common import (
+    accumulate_dtype,
+    add_rows_times_weight,
+    add_rows_times_weight_t,
+    device_lengths,
+    dot_precision,
+    flat,
+    grid,
+    launch_options,
+    previous_states,
+    tanh,
+    time_index,
+)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def rnn_forward_kernel(
+    xp_ptr,  # (T, B, H) input projection with both biases
+    w_hh_ptr,  # (H, H)
+    lengths_ptr,  # (B,) int32
+    h_buf_ptr,  # (2, B, H) accumulate dtype: ping-pong hidden state, [0] holds h0
+    out_ptr,  # (T, B, H)
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    acc_dtype = h_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    for step in range(T):
+        time = time_index(step, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        source = (step % 2) * B * H
+        target = ((step + 1) % 2) * B * H
+        h_rows = source + rows * H
+        for n_start in range(0, H, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
+            keep = valid[:, None] & col_ok[None, :]
+            out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
+            pre = tl.load(xp_ptr + out_offsets, mask=mask, other=0.0).to(acc_dtype)
+            pre = add_rows_times_weight_t(
+                pre, h_buf_ptr, h_rows, row_ok, H, w_hh_ptr, 0, H, cols, col_ok, BLOCK_K, PRECISION
+            )
+            if RELU:
+                h_new = tl.maximum(pre, 0.0)
+            else:
+                h_new = tanh(pre)
+            state_offsets = rows[:, None] * H + cols[None, :]
+            h_prev = tl.load(
+                h_buf_ptr + source + state_offsets, mask=mask, other=0.0, cache_modifier=".cg"
+            )
+            tl.store(h_buf_ptr + target + state_offsets, tl.where(keep, h_new, h_prev), mask=mask)
+            h_out = tl.where(keep, h_new, 0.0)
+            tl.store(out_ptr + out_offsets, h_out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def rnn_backward_kernel(
+    dout_ptr,  # (T, B, H) accumulate dtype
+    dh_buf_ptr,  # (2, B, H): ping-pong hidden gradient, [0] holds dh_n; dh0 on exit at [T % 2]
+    out_ptr,  # (T, B, H) the forward's output
+    w_hh_ptr,  # (H, H)
+    lengths_ptr,
+    dpre_ptr,  # (T, B, H) out: gradient of the pre-activations (zero at padding)
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    acc_dtype = dh_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    for back in range(T):
+        step = T - 1 - back
+        time = time_index(step, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        source = (back % 2) * B * H
+        target = ((back + 1) % 2) * B * H
+        pre_rows = (time * B + rows) * H
+        for n_start in range(0, H, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
+            keep = valid[:, None] & col_ok[None, :]
+            state_offsets = rows[:, None] * H + cols[None, :]
+            out_offsets = pre_rows[:, None] + cols[None, :]
+            dh = tl.load(
+                dh_buf_ptr + source + state_offsets, mask=mask, other=0.0, cache_modifier=".cg"
+            )
+            dh += tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+            h = tl.load(out_ptr + out_offsets, mask=keep, other=0.0).to(acc_dtype)
+            if RELU:
+                dpre = tl.where(h > 0.0, dh, 0.0)
+            else:
+                dpre = dh * (1.0 - h * h)
+            tl.store(dpre_ptr + out_offsets, tl.where(keep, dpre, 0.0), mask=mask)
+        tl.debug_barrier()
+        for m_start in range(0, H, BLOCK_N):
+            cols = m_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
+            keep = valid[:, None] & col_ok[None, :]
+            state_offsets = rows[:, None] * H + cols[None, :]
+            dh_prev = tl.zeros((BLOCK_B, BLOCK_N), dtype=acc_dtype)
+            dh_prev = add_rows_times_weight(
+                dh_prev,
+                dpre_ptr,
+                pre_rows,
+                row_ok,
+                H,
+                w_hh_ptr,
+                0,
+                H,
+                cols,
+                col_ok,
+                BLOCK_K,
+                PRECISION,
+            )
+            dh_old = tl.load(
+                dh_buf_ptr + source + state_offsets, mask=mask, other=0.0, cache_modifier=".cg"
+            )
+            tl.store(
+                dh_buf_ptr + target + state_offsets, tl.where(keep, dh_prev, dh_old), mask=mask
+            )
+        tl.debug_barrier()
+
+
+class RNNFunction(torch.autograd.Function):
+    """(T, B, I) x, (B, H) h0 and the weights -> (T, B, H) output, h_n."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save):
+        steps, batch, _ = x.shape
+        hidden = w_hh.size(1)
+        acc = accumulate_dtype(x.dtype)
+        bias = None if b_ih is None else b_ih + b_hh
+        xp = F.linear(x, w_ih, bias).contiguous()
+        w_hh = w_hh.contiguous()
+        h_buf = torch.empty(2, batch, hidden, device=x.device, dtype=acc)
+        h_buf[0] = h0
+        out = torch.empty(steps, batch, hidden, device=x.device, dtype=x.dtype)
+        lengths_on_device = device_lengths(lengths, steps, batch, x.device)
+        rnn_forward_kernel[grid(batch)](
+            xp,
+            w_hh,
+            lengths_on_device,
+            h_buf,
+            out,
+            steps,
+            batch,
+            hidden,
+            REVERSE=reverse,
+            RELU=relu,
+            PRECISION=dot_precision(x.dtype),
+            **launch_options(hidden),
+        )
+        if save:
+            ctx.save_for_backward(x, h0, w_ih, w_hh, out, lengths_on_device)
+            ctx.lengths = lengths
+            ctx.reverse = reverse
+            ctx.relu = relu
+            ctx.has_bias = b_ih is not None
+        return out, h_buf[steps % 2].to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_h_n):
+        x, h0, w_ih, w_hh, out, lengths_on_device = ctx.saved_tensors
+        steps, batch, _ = x.shape
+        hidden = w_hh.size(1)
+        acc = accumulate_dtype(x.dtype)
+        dh_buf = torch.zeros(2, batch, hidden, device=x.device, dtype=acc)
+        if d_h_n is not None:
+            dh_buf[0] = d_h_n
+        if d_out is None:
+            d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
+        d_out = d_out.to(acc).contiguous()
+        dpre = torch.empty(steps, batch, hidden, device=x.device, dtype=acc)
+        rnn_backward_kernel[grid(batch)](
+            d_out,
+            dh_buf,
+            out,
+            w_hh,
+            lengths_on_device,
+            dpre,
+            steps,
+            batch,
+            hidden,
+            REVERSE=ctx.reverse,
+            RELU=ctx.relu,
+            PRECISION=dot_precision(x.dtype),
+            **launch_options(hidden),
+        )
+        need = ctx.needs_input_grad
+        dx = dpre.to(x.dtype) @ w_ih if need[0] else None
+        dh0 = dh_buf[steps % 2].to(h0.dtype) if need[1] else None
+        dw_ih = (flat(dpre).T @ flat(x).to(acc)).to(w_ih.dtype) if need[2] else None
+        dw_hh = None
+        if need[3]:
+            h_prev = previous_states(out.to(acc), h0.to(acc), ctx.lengths, ctx.reverse)
+            dw_hh = (flat(dpre).T @ flat(h_prev)).to(w_hh.dtype)
+        db = dpre.sum((0, 1)).to(w_ih.dtype) if ctx.has_bias and (need[4] or need[5]) else None
+        return dx, dh0, dw_ih, dw_hh, db, db, None, None, None, None
+
+
+def run_direction(
+    x: Tensor,
+    state: tuple[Tensor],
+    weights: tuple[Tensor | None, ...],
+    lengths: Tensor | None,
+    reverse: bool,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, tuple[Tensor]]:
+    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, (h_n,)."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    w_ih, w_hh, b_ih, b_hh = weights[:4]
+    (h0,) = state
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
+    )
+    relu = nonlinearity == "relu"
+    output, h_n = RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save)
+    return output, (h_n,)

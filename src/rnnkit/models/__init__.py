@@ -1,0 +1,14 @@
+"""Models built from rnnkit layers: one config dataclass per model, forward reads like the math."""
+
+from rnnkit.models.classifier import SequenceClassifier, SequenceClassifierConfig
+from rnnkit.models.forecaster import Forecaster, ForecasterConfig
+from rnnkit.models.language_model import LanguageModel, LanguageModelConfig
+
+__all__ = [
+    "SequenceClassifier",
+    "SequenceClassifierConfig",
+    "LanguageModel",
+    "LanguageModelConfig",
+    "Forecaster",
+    "ForecasterConfig",
+]

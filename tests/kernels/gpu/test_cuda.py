@@ -1,0 +1,159 @@
+"""The compiled Triton kernels on a CUDA device: parity with cuDNN (torch.nn) and the reference.
+
+Skipped without a CUDA device. TF32 is switched off for both sides so float32 parity is tight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip(
+        "TRITON_INTERPRET=1 is set: the kernels would be interpreted", allow_module_level=True
+    )
+pytest.importorskip("triton", reason="Triton is not installed: the gpu kernels cannot run")
+
+CUDA = torch.device("cuda")
+TORCH_CELLS = {
+    "lstm": lambda **kw: nn.LSTM(**kw),
+    "gru": lambda **kw: nn.GRU(**kw),
+    "rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw),
+    "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
+}
+ALL_CELLS = {
+    "lstm": (rnnkit.LSTM, {}),
+    "gru": (rnnkit.GRU, {}),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}),
+    "rnn_tanh": (rnnkit.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+}
+# (batch, steps, input_size, hidden_size): one tile, several column tiles, several programs.
+SIZES = [(1, 5, 3, 8), (5, 7, 4, 33), (37, 4, 6, 130)]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def outputs_and_gradients(layer, x, lengths, hx):
+    """Output data, final states and the gradients of input, hx and parameters."""
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    output, state = layer(packed, hx)
+    states = state if isinstance(state, tuple) else (state,)
+    generator = torch.Generator(device=CUDA).manual_seed(1)
+    loss = (output.data * torch.randn(output.data.shape, generator=generator, device=CUDA)).sum()
+    for part in states:
+        loss = loss + (part * torch.randn(part.shape, generator=generator, device=CUDA)).sum()
+    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
+    grads = torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])
+    return [output.data, *states, *grads]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
+def test_packed_bidirectional_two_layers_match_cudnn(cell, size):
+    batch, steps, inputs, hidden = size
+    torch.manual_seed(0)
+    options = {"input_size": inputs, "hidden_size": hidden, "num_layers": 2}
+    theirs = TORCH_CELLS[cell](**options, bidirectional=True, batch_first=True).to(CUDA)
+    mine = rnnkit.from_torch(theirs, backend="gpu")
+    x = torch.randn(batch, steps, inputs, device=CUDA, requires_grad=True)
+    lengths = torch.randint(1, steps + 1, (batch,))
+    lengths[0] = steps
+    make = lambda: torch.randn(4, batch, hidden, device=CUDA, requires_grad=True)  # noqa: E731
+    hx = (make(), make()) if cell == "lstm" else make()
+    got = outputs_and_gradients(mine, x, lengths, hx)
+    expected = outputs_and_gradients(theirs, x, lengths, hx)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=2e-4, rtol=2e-4), (index, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_matches_reference_float64(cell):
+    layer_class, cell_options = ALL_CELLS[cell]
+    torch.manual_seed(0)
+    options = {"input_size": 5, "hidden_size": 70, "bidirectional": True, "dtype": torch.float64}
+    mine = layer_class(**options, **cell_options, backend="gpu", device=CUDA)
+    reference = layer_class(**options, **cell_options, backend="reference", device=CUDA)
+    reference.load_state_dict(mine.state_dict())
+    x = torch.randn(20, 6, 5, dtype=torch.float64, device=CUDA, requires_grad=True)
+    lengths = torch.tensor([6, 1, 3] * 6 + [2, 5])
+    results = []
+    for layer in (mine, reference):
+        output, state = layer(x.transpose(0, 1), lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = output.square().sum() + sum(part.sum() for part in states)
+        results.append([output, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_gradcheck_float64(cell):
+    from rnnkit.kernels.gpu import gru, lstm, rnn
+
+    if cell == "lstm":
+        run_direction, options, gates = lstm.run_direction, {}, 4
+    elif cell.startswith("gru"):
+        run_direction, options, gates = gru.run_direction, {"reset_after": cell == "gru"}, 3
+    else:
+        run_direction, options, gates = rnn.run_direction, {"nonlinearity": cell[4:]}, 1
+    hidden, inputs = 3, 2
+    torch.manual_seed(2)
+    make = lambda *shape: torch.randn(  # noqa: E731
+        *shape, dtype=torch.float64, device=CUDA, requires_grad=True
+    )
+    x = make(4, 3, inputs)
+    state = (make(3, hidden), make(3, hidden)) if cell == "lstm" else (make(3, hidden),)
+    weights = (make(gates * hidden, inputs), make(gates * hidden, hidden))
+    weights += (make(gates * hidden), make(gates * hidden))
+    lengths = torch.tensor([2, 4, 3])
+    extra = (None,) if cell == "lstm" else ()
+
+    for reverse in (False, True):
+
+        def function(x, *tensors, reverse=reverse):
+            state_part, weight_part = tensors[: len(state)], tensors[len(state) :]
+            output, final = run_direction(
+                x, state_part, (*weight_part, *extra), lengths, reverse, **options
+            )
+            return (output, *final)
+
+        assert torch.autograd.gradcheck(function, (x, *state, *weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
+    layer_class, cell_options = ALL_CELLS[cell]
+    torch.manual_seed(0)
+    layer = layer_class(8, 64, **cell_options, backend="gpu", device=CUDA)
+    x = torch.randn(10, 4, 8, device=CUDA)
+    expected, _ = layer(x)
+    with torch.autocast("cuda", dtype=dtype):
+        output, _ = layer(x)
+    assert output.dtype == dtype
+    assert torch.allclose(output.float(), expected, atol=5e-2)
+    output.float().sum().backward()
+    for parameter in layer.parameters():
+        assert parameter.grad.dtype == torch.float32
+        assert torch.isfinite(parameter.grad).all()
+
+
+def test_auto_picks_the_gpu_kernel_for_cuda_tensors():
+    layer = rnnkit.LSTM(3, 4, device=CUDA)
+    text = rnnkit.explain_backend(layer, torch.randn(2, 1, 3, device=CUDA))
+    assert text == "auto: fused gpu kernel for cuda tensors"

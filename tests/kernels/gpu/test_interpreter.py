@@ -1,0 +1,257 @@
+"""The Triton kernels, run by Triton's interpreter on CPU tensors, against the reference loop.
+
+Triton decides when a function is decorated whether it is interpreted, its own library included,
+so TRITON_INTERPRET=1 must be set before triton is first imported in this process. This module
+sets it while importing triton and the kernels, restores it, and sets it again while its own tests
+run (the backend reads it per call). Where a CUDA device is present the compiled kernels are
+tested by test_cuda.py instead: one process cannot hold both kinds of kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed: the gpu kernels cannot run", allow_module_level=True)
+if torch.cuda.is_available():
+    pytest.skip(
+        "a CUDA device is present: the compiled kernels are tested by test_cuda.py",
+        allow_module_level=True,
+    )
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip(
+        "triton was imported in this process before TRITON_INTERPRET=1 could be set",
+        allow_module_level=True,
+    )
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton  # noqa: F401
+
+    from rnnkit.kernels.gpu import _common, gru, lstm, rnn
+finally:
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+
+CELLS = {
+    "lstm": (rnnkit.LSTM, {}),
+    "gru": (rnnkit.GRU, {}),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}),
+    "rnn_tanh": (rnnkit.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def make_pair(cell: str, dtype: torch.dtype, **options):
+    """The same layer twice: on the gpu kernels and on the reference loop."""
+    layer_class, cell_options = CELLS[cell]
+    torch.manual_seed(0)
+    fused = layer_class(dtype=dtype, backend="gpu", **cell_options, **options)
+    reference = layer_class(dtype=dtype, backend="reference", **cell_options, **options)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def run_and_differentiate(layer, x, hx, lengths=None):
+    """Output, final state and the gradients of a random projection of both."""
+    output, state = layer(x, hx, lengths=lengths) if lengths is not None else layer(x, hx)
+    states = state if isinstance(state, tuple) else (state,)
+    generator = torch.Generator().manual_seed(1)
+    loss = (output * torch.randn(output.shape, generator=generator, dtype=output.dtype)).sum()
+    for part in states:
+        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=part.dtype)).sum()
+    inputs = [
+        x,
+        *(hx if isinstance(hx, tuple) else (hx,) if hx is not None else ()),
+        *layer.parameters(),
+    ]
+    grads = torch.autograd.grad(loss, inputs)
+    return [output, *states, *grads]
+
+
+def assert_all_close(got, expected, tolerance):
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape, index
+        assert torch.allclose(a, b, atol=tolerance, rtol=tolerance), (index, (a - b).abs().max())
+
+
+def initial_state(cell: str, shape, dtype):
+    make = lambda: torch.randn(shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    return (make(), make()) if cell == "lstm" else make()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bidirectional_with_lengths_and_hx_matches_reference_float64(cell):
+    fused, reference = make_pair(
+        cell, torch.float64, input_size=4, hidden_size=6, bidirectional=True
+    )
+    x = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    hx = initial_state(cell, (2, 3, 6), torch.float64)
+    lengths = torch.tensor([3, 4, 1])
+    got = run_and_differentiate(fused, x, hx, lengths)
+    expected = run_and_differentiate(reference, x, hx, lengths)
+    assert_all_close(got, expected, 1e-9)
+    assert got[0][3:, 0].abs().max() == 0 and got[0][1:, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_batch_first_without_bias_matches_reference(cell):
+    options = {"input_size": 3, "hidden_size": 16, "bias": False, "batch_first": True}
+    fused, reference = make_pair(cell, torch.float32, **options)
+    x = torch.randn(3, 6, 3, requires_grad=True)
+    got = run_and_differentiate(fused, x, None)
+    expected = run_and_differentiate(reference, x, None)
+    assert_all_close(got, expected, 1e-4)
+    with torch.no_grad():
+        inference_output, _ = fused(x)
+    assert torch.allclose(inference_output, expected[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_several_column_tiles_and_programs_match_reference(cell, monkeypatch):
+    # 16-wide tiles make hidden size 20 span two column tiles, batch 17 two programs.
+    monkeypatch.setattr(_common, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(_common, "MAX_BLOCK_K", 16)
+    assert _common.launch_options(20)["BLOCK_N"] == _common.launch_options(20)["BLOCK_K"] == 16
+    fused, reference = make_pair(
+        cell, torch.float64, input_size=2, hidden_size=20, bidirectional=True
+    )
+    x = torch.randn(2, 17, 2, dtype=torch.float64, requires_grad=True)
+    hx = initial_state(cell, (2, 17, 20), torch.float64)
+    lengths = torch.tensor([2, 1] * 8 + [2])
+    got = run_and_differentiate(fused, x, hx, lengths)
+    expected = run_and_differentiate(reference, x, hx, lengths)
+    assert_all_close(got, expected, 1e-9)
+
+
+def direction_function(cell: str):
+    if cell == "lstm":
+        return lstm.run_direction, {}
+    if cell.startswith("gru"):
+        return gru.run_direction, {"reset_after": cell == "gru"}
+    return rnn.run_direction, {"nonlinearity": cell.removeprefix("rnn_")}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_reverse_with_lengths(cell):
+    run_direction, options = direction_function(cell)
+    gates = {"lstm": 4, "gru": 3}.get(cell.split("_")[0], 1)
+    steps, batch, inputs, hidden = 3, 2, 2, 3
+    shapes = [(steps, batch, inputs)] + [(batch, hidden)] * (2 if cell == "lstm" else 1)
+    shapes += [
+        (gates * hidden, inputs),
+        (gates * hidden, hidden),
+        (gates * hidden,),
+        (gates * hidden,),
+    ]
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    lengths = torch.tensor([2, 3])
+
+    # One flat input and one flat output keep the interpreted launches gradcheck makes to a few.
+    def function(packed):
+        x, *tensors = [part.view(shape) for part, shape in zip(packed.split(sizes), shapes)]
+        state, weights = tensors[: len(shapes) - 5], tensors[len(shapes) - 5 :]
+        extra = (None,) if cell == "lstm" else ()
+        output, final = run_direction(x, tuple(state), (*weights, *extra), lengths, True, **options)
+        return torch.cat([output.flatten(), *(part.flatten() for part in final)])
+
+    torch.manual_seed(2)
+    packed = torch.randn(sum(sizes), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(function, (packed,), fast_mode=True)
+
+
+def test_packed_two_layer_lstm_matches_reference():
+    fused, reference = make_pair("lstm", torch.float64, input_size=3, hidden_size=5, num_layers=2)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, [2, 4, 3], enforce_sorted=False)
+    got, (h_got, c_got) = fused(packed)
+    expected, (h_expected, c_expected) = reference(packed)
+    assert torch.allclose(got.data, expected.data, atol=1e-9)
+    assert torch.allclose(h_got, h_expected, atol=1e-9)
+    assert torch.allclose(c_got, c_expected, atol=1e-9)
+
+
+def test_single_step_and_empty_batch():
+    fused, reference = make_pair("gru", torch.float64, input_size=2, hidden_size=4)
+    x = torch.randn(1, 2, 2, dtype=torch.float64)
+    assert torch.allclose(fused(x)[0], reference(x)[0], atol=1e-12)
+    output, h_n = fused(torch.randn(3, 0, 2, dtype=torch.float64))
+    assert output.shape == (3, 0, 4) and h_n.shape == (1, 0, 4)
+
+
+def test_explicit_gpu_backend_explains_itself_and_auto_keeps_cpu_tensors_off_it():
+    layer = rnnkit.GRU(2, 4, backend="gpu")
+    x = torch.randn(3, 1, 2)
+    assert rnnkit.explain_backend(layer, x) == "backend='gpu' was requested"
+    layer.backend = "auto"
+    assert "gpu" not in rnnkit.explain_backend(layer, x)
+
+
+def test_projected_lstm_is_refused_with_a_reason():
+    layer = rnnkit.LSTM(2, 4, proj_size=2, backend="gpu")
+    with pytest.raises(RuntimeError, match="proj_size"):
+        layer(torch.randn(3, 1, 2))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float16_autocast_runs_in_float16_close_to_float32(cell):
+    layer_class, cell_options = CELLS[cell]
+    torch.manual_seed(0)
+    layer = layer_class(4, 16, **cell_options, backend="gpu")
+    x = torch.randn(4, 2, 4)
+    expected, _ = layer(x)
+    expected_grads = torch.autograd.grad(expected.sum(), list(layer.parameters()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        output, _ = layer(x)
+    assert output.dtype == torch.float16
+    assert torch.allclose(output.float(), expected, atol=2e-3)
+    grads = torch.autograd.grad(output.float().sum(), list(layer.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32
+        assert torch.allclose(grad, expected_grad, atol=2e-2, rtol=1e-2)
+
+
+def test_bfloat16_is_refused_under_the_interpreter():
+    layer = rnnkit.RNN(2, 4, backend="gpu", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        layer(torch.randn(3, 1, 2, dtype=torch.bfloat16))
+
+
+def test_environment_is_set_for_this_module_only():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_warmup_runs_every_cell_forward_and_backward(monkeypatch):
+    from rnnkit.kernels import gpu
+
+    calls = []
+    for module in (gru, lstm, rnn):
+        function = module.run_direction
+        monkeypatch.setattr(
+            module,
+            "run_direction",
+            lambda *args, _function=function, _name=module.__name__, **kwargs: (
+                calls.append(_name) or _function(*args, **kwargs)
+            ),
+        )
+    gpu.warmup("cpu", hidden_sizes=(4,))
+    # five cells, two directions, an inference and a training forward each
+    assert len(calls) == 20
