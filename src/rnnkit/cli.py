@@ -397,11 +397,18 @@ def forecast_command(run_dir: Path, horizon: int | None) -> None:
 @main.command("warmup")
 @handle_errors
 def warmup_command() -> None:
-    """Compile the fused CPU kernels now (numba caches them for later runs)."""
+    """Compile the fused kernels now (numba and Triton cache them on disk for later runs)."""
+    import torch
+
     from rnnkit.kernels.cpu import warmup
 
     warmup()
     click.echo("CPU kernels compiled.")
+    if torch.cuda.is_available():
+        from rnnkit.kernels.gpu import warmup as gpu_warmup
+
+        gpu_warmup()
+        click.echo("GPU kernels compiled.")
 
 
 @main.command("experiment")

@@ -130,13 +130,16 @@ def test_matches_reference_and_torch_float64(
         _assert_all_close(_run_packed(fused, padded, lengths, hx), expected, torch.float64)
 
 
+@pytest.mark.parametrize("steps", [5, 12])
 @pytest.mark.parametrize("proj_size", [0, 24])
-def test_float32_matches_torch_on_blas_sizes(proj_size):
-    # Batch 9, hidden 64: large enough that every product goes through BLAS (packed with MKL).
+def test_float32_matches_torch_on_blas_sizes(proj_size, steps):
+    # Batch 9, hidden 64: large enough that every product goes through BLAS; from
+    # lstm._PACK_MIN_STEPS steps on, with MKL's packed weights.
+    assert 5 < lstm._PACK_MIN_STEPS <= 12
     torch.manual_seed(0)
     theirs = nn.LSTM(20, 64, num_layers=2, bidirectional=True, proj_size=proj_size)
     fused = rnnkit.from_torch(theirs, backend="cpu")
-    inputs = torch.randn(7, 9, 20)
+    inputs = torch.randn(steps, 9, 20)
     _assert_all_close(_run(fused, inputs, None), _run(theirs, inputs, None), torch.float32)
 
 

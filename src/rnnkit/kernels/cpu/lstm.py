@@ -83,6 +83,9 @@ def _find_blas(preferred: str) -> tuple[str, dict[str, int]]:
 
 BLAS_LIBRARY, _addresses = _find_blas(os.environ.get("RNNKIT_CPU_BLAS", "mkl").lower())
 PACKED_GEMM = "sgemm_pack" in _addresses
+# Packing costs about as much as a few products with the weight; below this many steps (a
+# streaming call, say) plain products are faster.
+_PACK_MIN_STEPS = 8
 for _name in _MKL_SYMBOLS:
     # Without MKL the packing symbols point at sgemm; PACKED_GEMM=False keeps them uncalled.
     llvm.add_symbol(f"rnnkit_{_name}64", _addresses.get(_name, _addresses["sgemm"]))
@@ -567,7 +570,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
                 _numpy(saved_gates) if save else unsaved,
                 _numpy(saved_cells) if save else unsaved,
                 save,
-                PACKED_GEMM,
+                PACKED_GEMM and steps >= _PACK_MIN_STEPS,
             )
         )
         outputs.append(output)
@@ -638,7 +641,7 @@ class LSTMDirection(torch.autograd.Function):
                     lengths is None or not reverse,
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
-                    PACKED_GEMM,
+                    PACKED_GEMM and steps >= _PACK_MIN_STEPS,
                 )
             )
             per_part.append((part, gate_grads, grad_hidden, cell_outputs, part_grad_h, part_grad_c))
