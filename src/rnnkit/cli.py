@@ -393,6 +393,101 @@ def forecast_command(run_dir: Path, horizon: int | None) -> None:
     click.echo(f"plot: {run_dir / 'forecast_future.png'}", err=True)
 
 
+@main.command("stream")
+@RUN_DIR
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Predictions shown per line (the likeliest first).",
+)
+@click.option(
+    "--newlines",
+    is_flag=True,
+    help="lm runs: feed each line's newline too (the lines continue one text, as in a file).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@handle_errors
+def stream_command(run_dir: Path, top_k: int, newlines: bool, as_json: bool) -> None:
+    """Read standard input line by line and print a prediction after each line, the model's
+    state carried from line to line: lm, the likeliest next characters; music, the next notes
+    (a line holds note tokens); classify, the class probabilities of all read so far (a line
+    is text, or for digits one row of 8 pixel values in [0, 1]). A blank line starts anew."""
+    import torch
+
+    from rnnkit import Stream
+    from rnnkit.train.runs import load_run
+    from rnnkit.train.serving import stream_input_encoder, top_predictions
+
+    torch.set_num_threads(1)
+    run = load_run(run_dir, expect=("lm", "music", "classify"))
+    encode, names = stream_input_encoder(run, newlines)
+    stream = Stream(run.model)
+    stdin = click.get_text_stream("stdin")
+    for number, line in enumerate(iter(stdin.readline, ""), start=1):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            stream.reset()
+            click.echo(json.dumps({"line": number, "reset": True}) if as_json else "")
+            continue
+        output = stream.step(encode(text, number))
+        probabilities = torch.softmax(output[0, -1].float(), dim=-1)
+        top = top_predictions(probabilities, names, top_k)
+        if as_json:
+            entries = [{"prediction": name, "probability": p} for name, p in top]
+            click.echo(json.dumps({"line": number, "steps": stream.steps, "top": entries}))
+        else:
+            shown = [name if run.task == "classify" else json.dumps(name) for name, _ in top]
+            click.echo("\t".join(f"{name} {p:.3f}" for name, (_, p) in zip(shown, top)))
+
+
+@main.command("export")
+@RUN_DIR
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="ONNX file to write.",
+)
+@click.option(
+    "--opset", type=click.IntRange(9, 20), default=17, show_default=True, help="ONNX opset."
+)
+@click.option("--force", is_flag=True, help="Replace an existing --onnx file.")
+@handle_errors
+def export_command(run_dir: Path, onnx_path: Path, opset: int, force: bool) -> None:
+    """Export a trained run's model to an ONNX file. Its recurrent layers become the standard
+    ONNX RNN/LSTM/GRU operators; batch size and (but for forecasters) sequence length are
+    dynamic; lm models also take and return their state (h0[, c0] -> h_n[, c_n])."""
+    from rnnkit.export import export_onnx
+    from rnnkit.train.rundir import RunError
+    from rnnkit.train.runs import load_run
+    from rnnkit.train.serving import onnx_signature
+
+    if onnx_path.exists() and not force:
+        raise RunError(f"--onnx {onnx_path} already exists; pass --force to replace it")
+    if not onnx_path.parent.is_dir():
+        raise RunError(f"--onnx {onnx_path}: directory {onnx_path.parent} does not exist")
+    run = load_run(run_dir)
+    example, names = onnx_signature(run.model)
+    inputs, outputs, axes = names
+    export_onnx(
+        run.model,
+        example,
+        onnx_path,
+        lengths="lengths" in inputs,
+        opset=opset,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=axes,
+    )
+    click.echo(f"wrote {onnx_path} (inputs: {', '.join(inputs)}; outputs: {', '.join(outputs)})")
+    for name in ("vocab.json", "preprocessing.json"):
+        if (run_dir / name).is_file():
+            click.echo(f"its input preprocessing: {run_dir / name}")
+
+
 # -- other parts of rnnkit --------------------------------------------------------------------
 @main.command("warmup")
 @handle_errors

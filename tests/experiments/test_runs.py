@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rnnkit.experiments import EXPERIMENTS, run_experiment
 
@@ -48,11 +49,14 @@ def _check_vanishing(results):
 
 def _check_memory(results):
     lengths = [str(t) for t in results["config"]["lengths"]]
-    assert list(results["adding"]) == lengths and list(results["copy"]) == lengths
+    delays = [str(t) for t in results["config"]["copy_lengths"] or results["config"]["lengths"]]
+    assert list(results["adding"]) == lengths and list(results["copy"]) == delays
     for length in lengths:
         for cell in ("RNN", "LSTM", "GRU"):
             adding = results["adding"][length][cell]
             assert adding["mse"] >= 0 and adding["baseline_mse"] > 0
+    for length in delays:
+        for cell in ("RNN", "LSTM", "GRU"):
             copy = results["copy"][length][cell]
             assert 0 <= copy["recall_accuracy"] <= 1
             assert copy["chance_cross_entropy"] == pytest.approx(
@@ -114,3 +118,14 @@ def test_results_have_the_expected_shape(smoke_run):
 def test_unknown_experiment_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="name must be one of"):
         run_experiment("attention", True, tmp_path)
+
+
+def test_run_experiment_uses_one_thread_and_restores_the_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_experiment("bidirectional", False, tmp_path, smoke=True)
+        assert results["machine"]["torch_threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

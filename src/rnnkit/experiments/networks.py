@@ -31,6 +31,7 @@ class RecurrentReadout(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = False,
         per_step: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -43,6 +44,7 @@ class RecurrentReadout(nn.Module):
             num_layers=num_layers,
             bidirectional=bidirectional,
             batch_first=True,
+            backend=backend,
         )
         directions = 2 if bidirectional else 1
         self.readout = nn.Linear(directions * hidden_size, output_size)

@@ -5,6 +5,10 @@ o, h_n = RNN(x, lengths)                            o: (B, T, D*H), h_n: (L*D, B
 z = [h_n forward ; h_n backward] of the last layer   ("last", as the classic LSTMClassifier)
   | mean of o over valid steps | max of o over valid steps
 logits = W dropout(z) + b                           (B, num_classes)
+
+Streaming (unidirectional only): `stream_step` reads the next chunk and returns, for every step
+in it, the logits of the prefix read so far, with the pooling carried as a running sum and
+count (mean) or a running maximum (max); "last" pools the newest output of the last layer.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnkit.models.common import check_choice, check_positive_int, recurrent_layer
+from rnnkit.models.common import (
+    check_choice,
+    check_positive_int,
+    recurrent_layer,
+    zero_state,
+)
 
 POOLINGS = ("last", "mean", "max")
 
@@ -84,7 +93,8 @@ class SequenceClassifier(nn.Module):
         outputs, state = self.rnn(x, lengths=lengths)
         h_n = state[0] if isinstance(state, tuple) else state
         if self.config.pooling == "last":
-            summary = torch.cat(list(h_n[-self.directions :]), dim=-1)
+            # (D, B, H) final states of the last layer -> (B, D*H), forward direction first.
+            summary = h_n[-self.directions :].transpose(0, 1).flatten(1)
         else:
             steps = torch.arange(outputs.size(1), device=outputs.device)
             if lengths is None:
@@ -97,3 +107,47 @@ class SequenceClassifier(nn.Module):
             else:
                 summary = outputs.masked_fill(~valid, float("-inf")).amax(1)
         return self.head(self.dropout(summary))
+
+    def initial_state(self, batch_size: int) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
+        """The state before the first step: the encoder's zero state and the empty pooling."""
+        self._check_streamable("initial_state")
+        check_positive_int("SequenceClassifier.initial_state", batch_size=batch_size)
+        rnn_state = zero_state(self.rnn, batch_size)
+        h = rnn_state[0] if isinstance(rnn_state, tuple) else rnn_state
+        state = {"rnn": rnn_state}
+        if self.config.pooling == "mean":
+            state["sum"] = h.new_zeros(batch_size, self.config.hidden_size)
+            state["count"] = h.new_zeros(batch_size, 1)
+        elif self.config.pooling == "max":
+            state["max"] = h.new_full((batch_size, self.config.hidden_size), float("-inf"))
+        return state
+
+    def stream_step(self, inputs: Tensor, state: dict) -> tuple[Tensor, dict]:
+        """(B, t) ids or (B, t, I) features, state -> (B, t, C) logits of each prefix, state.
+
+        Row k of the output equals `forward` on everything read up to and including step k.
+        """
+        self._check_streamable("stream_step")
+        x = self.embedding(inputs) if self.embedding is not None else inputs
+        outputs, rnn_state = self.rnn(x, state["rnn"])
+        pooling = self.config.pooling
+        if pooling == "last":
+            summaries, new_state = outputs, {"rnn": rnn_state}
+        elif pooling == "mean":
+            sums = state["sum"].unsqueeze(1) + outputs.cumsum(1)
+            steps = torch.arange(1, outputs.size(1) + 1, dtype=sums.dtype, device=sums.device)
+            counts = state["count"].unsqueeze(1) + steps.view(1, -1, 1)
+            summaries = sums / counts
+            new_state = {"rnn": rnn_state, "sum": sums[:, -1], "count": counts[:, -1]}
+        else:
+            carried = state["max"].unsqueeze(1)
+            summaries = torch.cat([carried, outputs], dim=1).cummax(1).values[:, 1:]
+            new_state = {"rnn": rnn_state, "max": summaries[:, -1]}
+        return self.head(self.dropout(summaries)), new_state
+
+    def _check_streamable(self, method: str) -> None:
+        if self.config.bidirectional:
+            raise ValueError(
+                f"SequenceClassifier.{method}: streaming needs a unidirectional encoder (the "
+                "backward direction reads the whole sequence first), got bidirectional=True"
+            )

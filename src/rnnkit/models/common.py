@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from rnnkit.layers import GRU, LSTM, RNN
 
@@ -28,6 +29,14 @@ def recurrent_layer(
         bidirectional=bidirectional,
         dropout=dropout if num_layers > 1 else 0.0,
     )
+
+
+def zero_state(layer: nn.Module, batch_size: int) -> Tensor | tuple[Tensor, Tensor]:
+    """A layer's zero initial state for `batch_size` sequences: (L*D, B, H), (h, c) for LSTM."""
+    weight = layer.weight_hh_l0
+    shapes = [shape for _, shape in layer._state_shapes(batch_size)]
+    zeros = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for shape in shapes]
+    return tuple(zeros) if layer.mode == "LSTM" else zeros[0]
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnkit.models.common import check_positive_int, recurrent_layer
+from rnnkit.models.common import check_positive_int, recurrent_layer, zero_state
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -60,6 +60,15 @@ class LanguageModel(nn.Module):
         """(B, T) ids, state from the previous chunk or None -> (B, T, V) logits, final state."""
         outputs, state = self.rnn(self.embedding(tokens), state)
         return self.head(self.dropout(outputs)), state
+
+    def initial_state(self, batch_size: int) -> State:
+        """The zero state before the first token: (L, B, H), or (h, c) of those for an LSTM."""
+        check_positive_int("LanguageModel.initial_state", batch_size=batch_size)
+        return zero_state(self.rnn, batch_size)
+
+    def stream_step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """(B, t) ids, the state after the tokens before -> (B, t, V) logits, the next state."""
+        return self(tokens, state)
 
     @torch.no_grad()
     def generate(
