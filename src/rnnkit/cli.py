@@ -523,5 +523,6 @@ def experiment_command(name: str, quick: bool, out: Path | None) -> None:
 
     if name not in EXPERIMENTS:
         raise RunError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
-    result = run_experiment(name, quick, out or Path("runs") / "experiments" / name)
-    _echo_json(result)
+    out_dir = out or Path("runs") / "experiments" / name
+    run_experiment(name, quick, out_dir)
+    click.echo(f"report, plots and results.json in {out_dir}")

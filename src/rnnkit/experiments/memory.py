@@ -62,7 +62,7 @@ CONFIGS = {
     # 2000 updates at every length would take over an hour on 2 cores; the documented full run
     # uses 300, and the copy task (which no cell leaves chance on in so few updates) only up to 20.
     "full": Config(updates=300, copy_lengths=(5, 10, 20)),
-    "quick": Config(lengths=(10, 50), updates=250, eval_batch=256),
+    "quick": Config(lengths=(10, 50), copy_lengths=(10,), updates=250, eval_batch=256),
     "smoke": Config(
         lengths=(4, 8), copy_lengths=(4,), hidden_size=8, batch=4, updates=2, eval_batch=16
     ),
