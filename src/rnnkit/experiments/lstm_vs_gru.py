@@ -14,7 +14,6 @@ yet), the same hidden size, updates, batch, learning rate and clipping for both 
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import rnnkit
 from rnnkit.experiments import memory, reporting
 from rnnkit.experiments.networks import CELLS, parameter_count
 from rnnkit.experiments.tasks import copy_chance_cross_entropy
+from rnnkit.experiments.training import median_ms
 
 COMPARED = ("LSTM", "GRU")
 
@@ -69,16 +69,6 @@ CONFIGS = {
 }
 
 
-def _median_seconds(work, repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def speed(cell: str, shape: tuple[int, int, int, int], repeats: int, seed: int) -> dict:
     """Median ms of a training step and of an inference pass of one layer at (B, T, I, H)."""
     batch, steps, inputs, hidden = shape
@@ -95,8 +85,8 @@ def speed(cell: str, shape: tuple[int, int, int, int], repeats: int, seed: int) 
             layer(x)
 
     return {
-        "train_ms": 1e3 * _median_seconds(training_step, repeats),
-        "inference_ms": 1e3 * _median_seconds(inference, repeats),
+        "train_ms": median_ms(training_step, repeats),
+        "inference_ms": median_ms(inference, repeats),
         "backend": rnnkit.explain_backend(layer, x),
     }
 

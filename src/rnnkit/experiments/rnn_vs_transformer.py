@@ -24,7 +24,6 @@ Streaming: the largest difference between step-by-step outputs and the whole-seq
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from rnnkit.experiments import reporting
 from rnnkit.experiments.networks import CausalTransformer, RecurrentReadout, parameter_count
 from rnnkit.experiments.tasks import adding_problem
-from rnnkit.experiments.training import train
+from rnnkit.experiments.training import median_ms, train
 
 
 @dataclass(frozen=True)
@@ -81,16 +80,6 @@ CONFIGS = {
 }
 
 
-def _median_ms(work, repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -105,16 +94,16 @@ def generation_cost(
         torch.randn(1, 1, config.rnn_hidden) for _ in range(2 if config.rnn_cell == "LSTM" else 1)
     )
     rnn_state = kept if len(kept) == 2 else kept[0]
-    rnn_ms = _median_ms(lambda: rnn.recurrent(token, rnn_state), config.timed_tokens)
+    rnn_ms = median_ms(lambda: rnn.recurrent(token, rnn_state), config.timed_tokens)
 
     head_width = config.width // config.heads
     cache = [(torch.randn(1, config.heads, context, head_width),) * 2 for _ in range(config.layers)]
-    cached_ms = _median_ms(
+    cached_ms = median_ms(
         lambda: transformer.step(token[:, 0], context, cache), config.timed_tokens
     )
 
     prefix = torch.rand(1, context, 2)
-    recompute_ms = _median_ms(lambda: transformer.encode(prefix), config.recompute_repeats)
+    recompute_ms = median_ms(lambda: transformer.encode(prefix), config.recompute_repeats)
     return {
         "rnn_ms": rnn_ms,
         "cached_ms": cached_ms,

@@ -7,6 +7,7 @@ batch, learning rate, clipping) in its config and nothing else changes it.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,3 +75,14 @@ def train(
     log.seconds = time.perf_counter() - start
     model.eval()
     return log
+
+
+def median_ms(work: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `work()` in milliseconds over `repeats` runs, after one warm-up run."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
