@@ -23,7 +23,6 @@ steps (batch size and lengths stay dynamic).
 from __future__ import annotations
 
 import os
-import tempfile
 import types
 import warnings
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit.io import atomic_path
 from rnnkit.layers import RNNBase
 from rnnkit.scan import run_layer_reference
 from rnnkit.spec import LayerSpec
@@ -99,30 +99,22 @@ def export_onnx(
         input_names = [f"input_{i}" for i in range(count)] if input_names is None else input_names
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with _exporting(module), warnings.catch_warnings():
-            # The TorchScript exporter is deprecated since torch 2.9 but still shipped; it is
-            # the one where an autograd Function's `symbolic` emits an ONNX operator (torch.export
-            # would need each layer registered as a custom op with an onnxscript translation).
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                module,
-                args + ((kwargs,) if kwargs else ()),
-                temp_name,
-                dynamo=False,
-                opset_version=opset,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
-            )
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, _exporting(module), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated since torch 2.9 but still shipped; it is
+        # the one where an autograd Function's `symbolic` emits an ONNX operator (torch.export
+        # would need each layer registered as a custom op with an onnxscript translation).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            module,
+            args + ((kwargs,) if kwargs else ()),
+            str(temporary),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
     return path
 
 

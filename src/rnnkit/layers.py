@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit import dispatch
+from rnnkit.cells.base import check_tensor
 from rnnkit.spec import LayerSpec
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -205,12 +206,12 @@ class RNNBase(nn.Module):
             if lengths is not None:
                 raise ValueError(f"{name}: lengths must be None when input is a PackedSequence")
             packed = input
-            _check_tensor(name, "input.data", input.data, self._flat_weights[0])
+            check_tensor(name, "input.data", input.data, self._flat_weights[0])
             x, packed_lengths = pad_packed_sequence(input)
             lengths_tensor = packed_lengths.to(torch.int64)
             batched = True
         elif isinstance(input, Tensor):
-            _check_tensor(name, "input", input, self._flat_weights[0])
+            check_tensor(name, "input", input, self._flat_weights[0])
             if input.dim() not in (2, 3):
                 raise ValueError(
                     f"{name}: input must be 3-D (batched) or 2-D (unbatched), "
@@ -268,7 +269,7 @@ class RNNBase(nn.Module):
             parts = (hx,)
         state = []
         for (label, shape), part in zip(shapes, parts):
-            _check_tensor(name, label, part, x)
+            check_tensor(name, label, part, x)
             expected = shape if prepared.batched else (shape[0], shape[2])
             if tuple(part.shape) != expected:
                 raise ValueError(
@@ -292,23 +293,6 @@ class RNNBase(nn.Module):
         from rnnkit.convert import to_torch
 
         return to_torch(self)
-
-
-def _check_tensor(name: str, label: str, tensor, like: Tensor) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name}: {label} must be a Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(
-            f"{name}: {label} must be a floating-point tensor, got dtype {tensor.dtype}"
-        )
-    if tensor.dtype != like.dtype:
-        raise TypeError(
-            f"{name}: {label}.dtype must match the weights' dtype {like.dtype}, got {tensor.dtype}"
-        )
-    if tensor.device != like.device:
-        raise ValueError(
-            f"{name}: {label} must be on the weights' device {like.device}, got {tensor.device}"
-        )
 
 
 def _check_lengths(name: str, lengths, batch: int, steps: int) -> Tensor:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
+from rnnkit.io import atomic_write_bytes
 from rnnkit.layers import RNNBase
 from rnnkit.scan import step_function
 
@@ -166,21 +166,8 @@ class Stream:
             "module": type(self.module).__name__,
         }
         prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        data = save_safetensors_bytes(prepared, metadata=metadata)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, save_safetensors_bytes(prepared, metadata=metadata))
         return path
 
     def load(self, path: str | os.PathLike) -> None:

@@ -65,7 +65,7 @@ class CellBase(nn.Module):
             raise ValueError(
                 f"{name}: input.size(-1) must be input_size={self.input_size}, got {input.size(-1)}"
             )
-        _check_float_like(name, "input", input, self.weight_ih)
+        check_tensor(name, "input", input, self.weight_ih)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         state_shape = (x.size(0), self.hidden_size)
@@ -76,7 +76,7 @@ class CellBase(nn.Module):
             state = []
             for index, part in enumerate(parts):
                 label = "hx" if self.state_count == 1 else f"hx[{index}]"
-                _check_float_like(name, label, part, self.weight_ih)
+                check_tensor(name, label, part, self.weight_ih)
                 expected = state_shape if batched else state_shape[1:]
                 if tuple(part.shape) != expected:
                     raise ValueError(
@@ -106,7 +106,8 @@ def _as_tuple(name: str, hx, count: int) -> tuple[Tensor, ...]:
     return tuple(hx)
 
 
-def _check_float_like(name: str, label: str, tensor: Tensor, weight: Tensor) -> None:
+def check_tensor(name: str, label: str, tensor, weight: Tensor) -> None:
+    """Raise where `tensor` is not a floating tensor of `weight`'s dtype and device."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name}: {label} must be a Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 from rnnkit.data.builtin import builtin_file
+from rnnkit.io import atomic_path
 
 TICKS_PER_QUARTER = 480
 REST = "rest"
@@ -85,13 +85,10 @@ def write_midi(
     midi = mido.MidiFile(ticks_per_beat=TICKS_PER_QUARTER)
     midi.tracks.append(track)
     target = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=target.parent or ".", prefix=target.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            midi.save(file=handle)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a MIDI file is meant to be shared
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # A MIDI file is meant to be shared: world-readable, unlike mkstemp's 0600.
+    with (
+        atomic_path(target, suffix=".mid", mode=0o644) as temporary,
+        open(temporary, "wb") as handle,
+    ):
+        midi.save(file=handle)
     return target

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -16,22 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import rnnkit  # noqa: E402
+from rnnkit.io import atomic_path  # noqa: E402
 
 _FILE_MODE = 0o644  # mkstemp creates 0600; results are meant to be read by others
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to `path` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, _FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, mode=_FILE_MODE) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def _json_safe(value):
@@ -51,16 +43,9 @@ def write_json(path: Path, results: dict) -> None:
 
 def save_figure(figure: plt.Figure, path: Path) -> None:
     """Save a matplotlib figure as a small PNG, atomically, and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=80, bbox_inches="tight")
-        os.chmod(temporary, _FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png", mode=_FILE_MODE) as temporary:
+            figure.savefig(temporary, dpi=80, bbox_inches="tight")
     finally:
         plt.close(figure)
 
