@@ -71,6 +71,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_kernel_blas() -> str:
+    """The BLAS library behind the fused CPU kernels' products (RNNKIT_CPU_BLAS picks it)."""
+    from rnnkit.kernels.cpu import blas
+
+    return blas.LIBRARY
+
+
 def machine_info(device: str) -> dict:
     """What ran the benchmark: CPU, threads, library versions, GPU if any."""
     info = {
@@ -80,6 +87,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rnnkit": rnnkit.__version__,
+        "cpu_kernel_blas": cpu_kernel_blas(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -446,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_gflops(args.device, dtype, args.timer, 512 if args.quick else 2048)
     print(
         f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), torch {info['torch']} "
-        f"with {info['torch_threads']} threads" + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        f"with {info['torch_threads']} threads"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        + f"; fused CPU kernels' BLAS: {info['cpu_kernel_blas']}"
     )
     print(
         f"device {args.device}, {args.dtype}, timer {args.timer}, median of {args.repeats}; "

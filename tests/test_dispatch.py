@@ -43,3 +43,11 @@ def test_reverse_padded_reverses_within_lengths_only():
 
 def test_backend_names():
     assert dispatch.BACKENDS == ("auto", "reference", "cpu", "gpu")
+
+
+@pytest.mark.parametrize("make", [rnnkit.MinGRU, rnnkit.MinLSTM, rnnkit.IndRNN])
+def test_explain_backend_covers_the_element_wise_variants(make):
+    x = torch.randn(5, 2, 3)
+    assert rnnkit.explain_backend(make(3, 4), x) == "auto: fused cpu kernel for cpu tensors"
+    reference = make(3, 4, backend="reference")
+    assert rnnkit.explain_backend(reference, x) == "backend='reference' was requested"

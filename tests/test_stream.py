@@ -235,3 +235,22 @@ def test_hundred_thousand_steps_run_in_constant_memory():
     assert stream.steps == 100_000
     growth = resident_bytes() - baseline
     assert growth < 4 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 90k steps"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rnnkit.LayerNormLSTM(3, 5, num_layers=2),
+        lambda: rnnkit.LayerNormGRU(3, 5, num_layers=2),
+        lambda: rnnkit.LSTM(3, 5, zoneout=(0.3, 0.1)),
+        lambda: rnnkit.GRU(3, 5, zoneout=0.2),
+    ],
+)
+def test_layer_norm_and_zoneout_layers_stream_like_their_whole_sequence(make):
+    torch.manual_seed(0)
+    layer = make().double().eval()
+    x = torch.randn(9, 2, 3, dtype=torch.float64)
+    expected, _ = layer(x)
+    stream = Stream(layer)
+    outputs = [stream.step(x[t : t + 1]) for t in range(x.size(0))]
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=0, atol=1e-12)

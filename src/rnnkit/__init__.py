@@ -7,6 +7,7 @@ from rnnkit.dispatch import explain_backend
 from rnnkit.export import export_onnx
 from rnnkit.layers import GRU, LSTM, RNN
 from rnnkit.stream import Stream
+from rnnkit.variants import IndRNN, LayerNormGRU, LayerNormLSTM, MinGRU, MinLSTM
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,11 @@ __all__ = [
     "RNNCell",
     "LSTMCell",
     "GRUCell",
+    "LayerNormLSTM",
+    "LayerNormGRU",
+    "MinGRU",
+    "MinLSTM",
+    "IndRNN",
     "from_torch",
     "to_torch",
     "explain_backend",

@@ -2,7 +2,8 @@
 
 Bad input (missing or unusable data, a run directory that would be overwritten) prints one
 line on stderr and exits with 2; an interrupted training run exits with 130 after saving a
-checkpoint; anything unexpected exits with 1 (set RNNKIT_DEBUG=1 to see the traceback).
+checkpoint; anything unexpected exits with 1. `rnnkit --debug ...` (or RNNKIT_DEBUG=1) prints the
+traceback of any error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from rnnkit.train.classify import ClassifySettings
 from rnnkit.train.forecast import ForecastSettings
 from rnnkit.train.lm import LanguageModelSettings
 from rnnkit.train.music import MusicSettings
+from rnnkit.train.seq2seq import Seq2SeqSettings
+from rnnkit.train.tag import TagSettings
 
 EXIT_BAD_INPUT = 2
 EXIT_UNEXPECTED = 1
@@ -46,6 +49,8 @@ def handle_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (DataError, RunError) as error:
+            if _debugging():
+                traceback.print_exc()
             _fail(str(error), EXIT_BAD_INPUT)
         except TrainingInterrupted as error:
             click.echo(f"rnnkit: {error}; continue with --resume", err=True)
@@ -59,14 +64,21 @@ def handle_errors(command: Callable) -> Callable:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as error:
-            if os.environ.get("RNNKIT_DEBUG"):
+            if _debugging():
                 traceback.print_exc()
             _fail(
-                f"unexpected {type(error).__name__}: {error} (RNNKIT_DEBUG=1 shows the traceback)",
+                f"unexpected {type(error).__name__}: {error} (--debug shows the traceback)",
                 EXIT_UNEXPECTED,
             )
 
     return wrapper
+
+
+def _debugging() -> bool:
+    """Whether `rnnkit --debug` or RNNKIT_DEBUG=1 asked for tracebacks."""
+    context = click.get_current_context(silent=True)
+    flag = context is not None and bool(context.find_root().params.get("debug"))
+    return flag or os.environ.get("RNNKIT_DEBUG", "") not in ("", "0")
 
 
 def _echo_json(value: Any) -> None:
@@ -75,7 +87,8 @@ def _echo_json(value: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rnnkit")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of any error (or RNNKIT_DEBUG=1).")
+def main(debug: bool) -> None:
     """rnnkit: recurrent networks (RNN, LSTM, GRU) from their equations, trained on real data."""
 
 
@@ -100,7 +113,7 @@ def common_train_options(command: Callable) -> Callable:
         click.option(
             "--bidirectional/--no-bidirectional",
             default=None,
-            help="Read sequences both ways (classify).",
+            help="Read sequences both ways (classify, tag).",
         ),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs at most."),
         click.option(
@@ -140,6 +153,13 @@ def common_train_options(command: Callable) -> Callable:
             help="Torch CPU threads per process (small recurrent steps run best on 1).",
         ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option(
+            "--on-nan",
+            type=click.Choice(["skip", "stop"]),
+            default=None,
+            help="On a NaN/inf loss or gradient: skip the step and halve the learning rate "
+            "(reported, counted in metrics.json), or save the last good state and stop (exit 2).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -273,6 +293,80 @@ def train_forecast(**options) -> None:
     _train("forecast", options)
 
 
+@show_task_defaults(TagSettings)
+@train.command("tag")
+@common_train_options
+@click.option(
+    "--tagset",
+    type=click.Choice(["upos", "xpos", "ner"]),
+    default=None,
+    help="Tags: universal or Penn POS (UD English-EWT, or a CoNLL-U file's column), or "
+    "entities (Universal NER English-EWT, or a column file's IOB2 tags).",
+)
+@click.option("--crf/--no-crf", default=None, help="Linear-chain CRF output, Viterbi decoding.")
+@click.option(
+    "--max-train-sentences",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on the first N training sentences only.",
+)
+@handle_errors
+def train_tag(**options) -> None:
+    """Sequence tagging (a tag per token): UD English-EWT part-of-speech tags by default,
+    `--tagset ner` for entities, or a CoNLL-U / column (token tag) file with --data.
+    Epochs default to 5 for part-of-speech tags and 20 for ner (a smaller training set)."""
+    _train("tag", options)
+
+
+@show_task_defaults(Seq2SeqSettings)
+@train.command("seq2seq")
+@common_train_options
+@click.option(
+    "--attention",
+    type=click.Choice(["bahdanau", "luong-dot", "luong-general"]),
+    default=None,
+    help="Attention: additive (Bahdanau) or multiplicative (Luong dot / general).",
+)
+@click.option(
+    "--source-tokens",
+    type=click.Choice(["char", "space"]),
+    default=None,
+    help="Source tokens: characters, or space-separated tokens.",
+)
+@click.option(
+    "--target-tokens",
+    type=click.Choice(["char", "space"]),
+    default=None,
+    help="Target tokens: characters, or space-separated tokens.",
+)
+@click.option(
+    "--teacher-forcing",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Teacher-forcing ratio at the first step (decays linearly to --teacher-forcing-end).",
+)
+@click.option(
+    "--teacher-forcing-end",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Teacher-forcing ratio at the last step.",
+)
+@click.option(
+    "--beam", type=click.IntRange(min=1), default=None, help="Beam size for the test scores."
+)
+@click.option(
+    "--length-penalty",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GNMT length penalty alpha for beam search.",
+)
+@handle_errors
+def train_seq2seq(**options) -> None:
+    """Sequence to sequence with attention: CMUdict spelling -> pronunciation by default, or a
+    UTF-8 file of `source<TAB>target` lines with --data."""
+    _train("seq2seq", options)
+
+
 # -- using a finished run ---------------------------------------------------------------------
 RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
 
@@ -291,13 +385,46 @@ def eval_command(run_dir: Path, data: str | None) -> None:
 @main.command("predict")
 @RUN_DIR
 @click.argument("texts", nargs=-1, required=True)
+@click.option(
+    "--beam",
+    type=click.IntRange(min=1),
+    default=None,
+    help="seq2seq: beam size [default: the run's].",
+)
+@click.option(
+    "--attention",
+    "attention_png",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="seq2seq: write the attention weights of each text to this PNG.",
+)
 @handle_errors
-def predict_command(run_dir: Path, texts: tuple[str, ...]) -> None:
-    """Classify TEXTS with a trained `classify` run: label and probability per text."""
+def predict_command(
+    run_dir: Path, texts: tuple[str, ...], beam: int | None, attention_png: Path | None
+) -> None:
+    """Classify TEXTS with a trained `classify` run: label and probability per text; or tag
+    them with a `tag` run: token/TAG per token (split on whitespace and punctuation); or
+    translate them with a `seq2seq` run: output and score per text (--beam, --attention PNG)."""
     from rnnkit.train.classify import predict_texts
     from rnnkit.train.runs import load_run
 
-    run = load_run(run_dir, expect="classify")
+    run = load_run(run_dir, expect=("classify", "tag", "seq2seq"))
+    if run.task == "seq2seq":
+        from rnnkit.train.seq2seq import predict_seq2seq
+
+        for line in predict_seq2seq(run, list(texts), beam, attention_png):
+            click.echo(line)
+        return
+    if beam is not None or attention_png is not None:
+        from rnnkit.train.rundir import RunError
+
+        raise RunError(f"--beam and --attention need a `seq2seq` run; {run_dir} is `{run.task}`")
+    if run.task == "tag":
+        from rnnkit.train.tag import tag_texts
+
+        for tagged in tag_texts(run.model, run.state, list(texts)):
+            click.echo(" ".join(f"{token}/{tag}" for token, tag in tagged))
+        return
     for result in predict_texts(run.model, run.state, list(texts)):
         click.echo(f"{result['label']}\t{result['probability']:.3f}\t{result['text']}")
 
@@ -442,6 +569,77 @@ def stream_command(run_dir: Path, top_k: int, newlines: bool, as_json: bool) -> 
             click.echo("\t".join(f"{name} {p:.3f}" for name, (_, p) in zip(shown, top)))
 
 
+@main.command("serve")
+@RUN_DIR
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Save sessions here (idle ones, every --persist-every steps, all on SIGTERM) and "
+    "restore them after a restart [default: sessions live in memory only].",
+)
+@click.option("--max-sessions", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--token", default=None, help="Require `Authorization: Bearer TOKEN` on every /v1 route."
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="How long a step waits for steps of other sessions to batch with.",
+)
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--persist-every",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Save a session after this many steps since its last save (0: only when idle or "
+    "on shutdown).",
+)
+@click.option("--idle-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True)
+@click.option(
+    "--session-lifetime",
+    type=click.FloatRange(min=0, min_open=True),
+    default=86400.0,
+    show_default=True,
+    help="Seconds after which a session is closed.",
+)
+@click.option("--max-message-bytes", type=click.IntRange(min=64), default=65536, show_default=True)
+@click.option(
+    "--max-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
+    help="Most steps in one message.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@handle_errors
+def serve_command(run_dir: Path, host: str, port: int, **options) -> None:
+    """Serve a trained run over HTTP and WebSocket to many concurrent streams, with a live
+    page at /. The API is in docs/serve.md."""
+    from rnnkit.serve import Limits, ServeOptions, serve
+
+    limits = Limits(
+        max_sessions=options["max_sessions"],
+        max_chunk=options["max_chunk"],
+        max_message_bytes=options["max_message_bytes"],
+        session_lifetime_s=options["session_lifetime"],
+        idle_seconds=options["idle_seconds"],
+        persist_every=options["persist_every"],
+    )
+    serve_options = ServeOptions(
+        limits=limits,
+        token=options["token"],
+        state_dir=options["state_dir"],
+        max_batch=options["max_batch"],
+        max_wait_ms=options["max_wait_ms"],
+        top_k=options["top_k"],
+    )
+    serve(run_dir, host, port, serve_options, threads=options["threads"])
+
+
 @main.command("export")
 @RUN_DIR
 @click.option(
@@ -470,6 +668,11 @@ def export_command(run_dir: Path, onnx_path: Path, opset: int, force: bool) -> N
     if not onnx_path.parent.is_dir():
         raise RunError(f"--onnx {onnx_path}: directory {onnx_path.parent} does not exist")
     run = load_run(run_dir)
+    if run.task in ("tag", "seq2seq"):
+        raise RunError(
+            f"export: {run_dir} is a `train {run.task}` run; ONNX export covers lm, music, "
+            "classify and forecast runs (rnnkit.export_onnx exports any rnnkit layer)"
+        )
     example, names = onnx_signature(run.model)
     inputs, outputs, axes = names
     export_onnx(
@@ -489,6 +692,40 @@ def export_command(run_dir: Path, onnx_path: Path, opset: int, force: bool) -> N
 
 
 # -- other parts of rnnkit --------------------------------------------------------------------
+@main.command("import-torch")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="safetensors file to write.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow reading SOURCE, a pickle (torch.save's .pt/.pth): unpickling can run code "
+    "hidden in the file, so pass this only for files from a source you trust.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@handle_errors
+def import_torch_command(source: Path, out: Path, trust_pickle: bool, force: bool) -> None:
+    """Convert a torch.nn state_dict saved with torch.save (e.g. an nn.LSTM's) to safetensors,
+    which rnnkit's layers of the same shape load: `layer.load_state_dict(load_file(OUT))`."""
+    from rnnkit.convert import load_torch_state_dict
+    from rnnkit.train.io import atomic_save_tensors
+    from rnnkit.train.rundir import RunError
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise RunError(f"--out {out} must be a file in an existing directory")
+    if out.exists() and not force:
+        raise RunError(f"--out {out} already exists; pass --force to replace it")
+    state_dict = load_torch_state_dict(source, trust_pickle=trust_pickle)
+    atomic_save_tensors(out, {name: t.clone() for name, t in state_dict.items()})
+    for name, tensor in state_dict.items():
+        click.echo(f"{name}\t{tuple(tensor.shape)}\t{str(tensor.dtype).removeprefix('torch.')}")
+    click.echo(f"wrote {out} ({len(state_dict)} tensors)", err=True)
+
+
 @main.command("warmup")
 @handle_errors
 def warmup_command() -> None:

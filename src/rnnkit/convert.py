@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+import os
+import pickle
+
+import torch
+from torch import Tensor, nn
 
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.layers import GRU, LSTM, RNN, RNNBase
@@ -90,3 +94,41 @@ def to_torch(module: nn.Module) -> nn.Module:
     theirs.load_state_dict(module.state_dict())
     theirs.train(module.training)
     return theirs
+
+
+def load_torch_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """A state_dict (name -> CPU tensor) from a safetensors file, or from a torch.save pickle
+    (.pt/.pth) only when `trust_pickle=True`: unpickling can run code hidden in the file."""
+    from rnnkit.data._files import existing_file
+    from rnnkit.data.errors import DataError
+    from rnnkit.train.io import load_tensors
+
+    file = existing_file(path, "path")
+    if file.suffix.lower() == ".safetensors":
+        return load_tensors(file)
+    if not trust_pickle:
+        raise DataError(
+            f"{file}: torch.save files are Python pickles, and unpickling a file can run any "
+            "code its author put in it, so rnnkit reads them only when asked: pass "
+            "trust_pickle=True (--trust-pickle) for a file from a source you trust, or convert "
+            "it where it was made with safetensors.torch.save_file(model.state_dict(), PATH)"
+        )
+    try:
+        # Trusted or not, only tensors and plain containers are unpickled (weights_only).
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{file}: not a readable torch.save file ({message})") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not loaded:
+        raise DataError(
+            f"{file}: holds a {type(loaded).__name__}, expected a non-empty state_dict "
+            "(torch.save(module.state_dict(), PATH))"
+        )
+    bad = [name for name, value in loaded.items() if not isinstance(value, Tensor)]
+    if bad or not all(isinstance(name, str) for name in loaded):
+        raise DataError(
+            f"{file}: the state_dict holds entries that are not named tensors: {bad[:5]}"
+        )
+    return {name: value.detach().cpu() for name, value in loaded.items()}

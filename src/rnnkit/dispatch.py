@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Sequence
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from rnnkit.scan import State, run_layer_reference
@@ -26,6 +27,12 @@ from rnnkit.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "cpu", "gpu")
 _KERNEL_MODULES = {"cpu": "rnnkit.kernels.cpu", "gpu": "rnnkit.kernels.gpu"}
+# Cells beyond torch.nn's three bring their own kernel modules: mode -> {backend: module}. A backend
+# missing here does not cover that mode (auto then runs the reference loop and says so).
+_VARIANT_KERNEL_MODULES = {
+    "LN_LSTM": {"cpu": "rnnkit.kernels.cpu.layer_norm"},
+    "LN_GRU": {"cpu": "rnnkit.kernels.cpu.layer_norm"},
+}
 
 
 class Backend(Protocol):
@@ -63,33 +70,55 @@ def check_backend_name(owner: str, backend: str) -> str:
     return backend
 
 
-def _load(name: str) -> Backend | str:
-    """The backend object, or a string saying why it cannot be used here."""
-    if name not in _loaded:
+def _load(name: str, mode: str = "") -> Backend | str:
+    """The backend object for this mode, or a string saying why it cannot be used here."""
+    if name == "reference":
+        return _loaded[name]
+    module_name = _KERNEL_MODULES[name]
+    if mode in _VARIANT_KERNEL_MODULES:
+        if name not in _VARIANT_KERNEL_MODULES[mode]:
+            return f"there is no {name} kernel for {mode}"
+        module_name = _VARIANT_KERNEL_MODULES[mode][name]
+    key = name if module_name == _KERNEL_MODULES[name] else module_name
+    if key not in _loaded:
         try:
-            module = importlib.import_module(_KERNEL_MODULES[name])
-            _loaded[name] = module.backend
+            module = importlib.import_module(module_name)
+            _loaded[key] = module.backend
         except ImportError as error:
-            _loaded[name] = f"the {name} kernels could not be imported ({error})"
+            _loaded[key] = f"the {name} kernels could not be imported ({error})"
         except AttributeError:
-            _loaded[name] = f"the {name} kernels are not implemented in this version"
-    return _loaded[name]
+            _loaded[key] = f"the {name} kernels are not implemented in this version"
+    return _loaded[key]
+
+
+def _reference_only_reason(spec: LayerSpec) -> str | None:
+    """Why only the reference loop can run this layer (regularisers inside the recurrence)."""
+    if spec.training and spec.recurrent_dropout > 0:
+        return f"recurrent_dropout={spec.recurrent_dropout} in training runs in the reference loop"
+    if any(spec.zoneout):
+        return f"zoneout={spec.zoneout} (hidden, cell) runs in the reference loop"
+    return None
 
 
 def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
     """(backend name, reason) for running this layer on this input."""
     if requested == "reference":
         return "reference", "backend='reference' was requested"
+    only_reference = _reference_only_reason(spec)
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
-        backend = _load(candidate)
+        if only_reference is not None:
+            return "reference", f"auto: {only_reference}"
+        backend = _load(candidate, spec.mode)
         if isinstance(backend, str):
             return "reference", f"auto: {backend}; using the reference loop"
         reason = backend.unsupported_reason(spec, x, lengths)
         if reason is not None:
             return "reference", f"auto: the {candidate} kernel does not cover this: {reason}"
         return candidate, f"auto: fused {candidate} kernel for {x.device.type} tensors"
-    backend = _load(requested)
+    if only_reference is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run this layer: {only_reference}")
+    backend = _load(requested, spec.mode)
     if isinstance(backend, str):
         raise RuntimeError(f"backend={requested!r} is unavailable: {backend}")
     reason = backend.unsupported_reason(spec, x, lengths)
@@ -108,10 +137,31 @@ def run_layer(
 ) -> tuple[Tensor, list[State]]:
     """Run one layer (all directions) on the backend that `resolve` picks."""
     name, _ = resolve(requested, spec, x, lengths)
-    return _loaded[name].run_layer(spec, x, hx, weights, lengths)
+    return _load(name, spec.mode).run_layer(spec, x, hx, weights, lengths)
+
+
+def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str]:
+    """(backend name, reason) for the layers with an element-wise recurrence (MinGRU, MinLSTM,
+    IndRNN): their fused kernels run float32/float64 CPU tensors, the reference loop the rest."""
+    supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if requested == "reference":
+        return "reference", "backend='reference' was requested"
+    if requested == "auto":
+        if supported:
+            return "cpu", "auto: fused cpu kernel for cpu tensors"
+        return "reference", f"auto: no fused kernel for {x.dtype} on {x.device}; reference loop"
+    if requested == "cpu" and supported:
+        return "cpu", "backend='cpu' was requested"
+    raise RuntimeError(
+        f"{owner}: backend={requested!r} needs a float32/float64 CPU input for this layer, "
+        f"got {x.dtype} on {x.device}"
+    )
 
 
 def explain_backend(module, input, lengths: Tensor | None = None) -> str:
     """Which backend `module(input)` would run on, and why."""
+    if hasattr(module, "dispatch_input"):
+        x = module.dispatch_input(input, lengths)
+        return resolve_elementwise(type(module).__name__, module.backend, x)[1]
     spec, x, lengths = module.layer_inputs(input, lengths)
     return resolve(module.backend, spec, x, lengths)[1]

@@ -20,7 +20,15 @@ from rnnkit import dispatch
 from rnnkit.cells.base import check_tensor
 from rnnkit.spec import LayerSpec
 
-_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")
+
+
+def _regularization():
+    """rnnkit.variants.regularization, imported on use: rnnkit.variants imports this module."""
+    from rnnkit.variants import regularization
+
+    return regularization
 
 
 @dataclass
@@ -52,9 +60,16 @@ class RNNBase(nn.Module):
         *,
         reset_after: bool = True,
         backend: str = "auto",
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.regularizers = _regularization().check_regularizers(
+            name, mode, input_dropout, recurrent_dropout, zoneout, weight_drop
+        )
         for arg, value, low in (
             ("input_size", input_size, 1),
             ("hidden_size", hidden_size, 1),
@@ -145,6 +160,9 @@ class RNNBase(nn.Module):
             reset_after=self.reset_after,
             bias=self.bias,
             bidirectional=self.bidirectional,
+            recurrent_dropout=self.regularizers.recurrent_dropout,
+            zoneout=self.regularizers.zoneout,
+            training=self.training,
         )
 
     def extra_repr(self) -> str:
@@ -162,6 +180,9 @@ class RNNBase(nn.Module):
         for key, default in defaults.items():
             if getattr(self, key) != default:
                 text += f", {key}={getattr(self, key)!r}"
+        for key, value in vars(self.regularizers).items():
+            if value not in (0.0, (0.0, 0.0)):
+                text += f", {key}={value!r}"
         return text
 
     # -- forward ------------------------------------------------------------------------------
@@ -184,11 +205,19 @@ class RNNBase(nn.Module):
         state = self._initial_state(hx, prepared)
         x = prepared.x
         spec = self.spec
+        rates = self.regularizers
+        regularization = _regularization()
         finals: list[tuple[Tensor, ...]] = []
         for layer in range(self.num_layers):
             first = layer * self.directions
             layer_hx = [tuple(part[first + d] for part in state) for d in range(self.directions)]
-            weights = [self.cell_weights(layer, d) for d in range(self.directions)]
+            weights = [
+                regularization.drop_weights(
+                    self.cell_weights(layer, d), rates.weight_drop, self.training
+                )
+                for d in range(self.directions)
+            ]
+            x = regularization.drop_input(x, rates.input_dropout, self.training)
             x, layer_finals = dispatch.run_layer(
                 self.backend, spec, x, layer_hx, weights, prepared.lengths
             )
@@ -244,7 +273,7 @@ class RNNBase(nn.Module):
     def _state_shapes(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
         layers = self.num_layers * self.directions
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if self.mode == "LSTM":
+        if self.mode in _CELL_STATE_MODES:
             return [
                 ("hx[0]", (layers, batch, out_size)),
                 ("hx[1]", (layers, batch, self.hidden_size)),
@@ -257,7 +286,7 @@ class RNNBase(nn.Module):
         shapes = self._state_shapes(x.size(1))
         if hx is None:
             return tuple(x.new_zeros(shape) for _, shape in shapes)
-        if self.mode == "LSTM":
+        if self.mode in _CELL_STATE_MODES:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise TypeError(
                     f"{name}: hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx).__name__}"
@@ -286,7 +315,7 @@ class RNNBase(nn.Module):
             state = tuple(s.squeeze(1) for s in state)
         elif self.batch_first:
             output = output.transpose(0, 1)
-        return output, (state if self.mode == "LSTM" else state[0])
+        return output, (state if self.mode in _CELL_STATE_MODES else state[0])
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn module with the same weights."""
@@ -353,6 +382,7 @@ class RNN(RNNBase):
         dtype=None,
         *,
         backend: str = "auto",
+        **regularizers: float,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -369,6 +399,7 @@ class RNN(RNNBase):
             device=device,
             dtype=dtype,
             backend=backend,
+            **regularizers,
         )
 
     def extra_repr(self) -> str:
@@ -393,6 +424,7 @@ class LSTM(RNNBase):
         dtype=None,
         *,
         backend: str = "auto",
+        **regularizers: float,
     ) -> None:
         super().__init__(
             "LSTM",
@@ -407,6 +439,7 @@ class LSTM(RNNBase):
             device=device,
             dtype=dtype,
             backend=backend,
+            **regularizers,
         )
 
 
@@ -427,6 +460,7 @@ class GRU(RNNBase):
         *,
         reset_after: bool = True,
         backend: str = "auto",
+        **regularizers: float,
     ) -> None:
         super().__init__(
             "GRU",
@@ -441,4 +475,5 @@ class GRU(RNNBase):
             dtype=dtype,
             reset_after=reset_after,
             backend=backend,
+            **regularizers,
         )

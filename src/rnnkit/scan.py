@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.cells import gru_step, lstm_step, rnn_step
+from rnnkit.cells.layer_norm import ln_gru_step, ln_lstm_step
 from rnnkit.spec import LayerSpec
 
 State = tuple[Tensor, ...]
@@ -23,6 +24,10 @@ def step_function(spec: LayerSpec) -> Step:
     """The cell step that a layer spec names."""
     if spec.mode == "LSTM":
         return lstm_step
+    if spec.mode == "LN_LSTM":
+        return ln_lstm_step
+    if spec.mode == "LN_GRU":
+        return ln_gru_step
     if spec.mode == "GRU":
         return partial(gru_step, reset_after=spec.reset_after)
     return partial(rnn_step, nonlinearity="tanh" if spec.mode == "RNN_TANH" else "relu")
@@ -52,8 +57,9 @@ def scan_direction(
     if reverse:
         x = reverse_padded(x, lengths)
     outputs = []
-    for t in range(x.size(0)):
-        new_state = step(x[t], state, *weights)
+    # unbind, not x[t]: the backward of T separate indexings writes T full-size gradients.
+    for t, x_t in enumerate(x.unbind(0)):
+        new_state = step(x_t, state, *weights)
         if lengths is None:
             state = new_state
             outputs.append(new_state[0])
@@ -75,11 +81,19 @@ def run_layer_reference(
     lengths: Tensor | None,
 ) -> tuple[Tensor, list[State]]:
     """(T, B, I) -> (T, B, D * H_out) and one final state per direction, by autograd."""
+    # Imported here: rnnkit.variants imports the layers, which import this module.
+    from rnnkit.variants.regularization import regularized_step
+
     step = step_function(spec)
     outputs, finals = [], []
     for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
         output, final = scan_direction(
-            step, x, state, direction_weights, lengths, reverse=direction == 1
+            regularized_step(step, spec, state),
+            x,
+            state,
+            direction_weights,
+            lengths,
+            reverse=direction == 1,
         )
         outputs.append(output)
         finals.append(final)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU", "LN_LSTM", "LN_GRU")
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,10 @@ class LayerSpec:
 
     Weights per direction are `(w_ih, w_hh, b_ih, b_hh)` plus `w_hr` for LSTM (None without
     projection); biases are None when `bias=False`. States per direction are `(h,)` or `(h, c)`.
+    The layer-normalised cells (LN_LSTM, LN_GRU) add their gains and shifts after the four
+    (`rnnkit.cells.layer_norm`). `recurrent_dropout` and `zoneout` (hidden, cell) change the
+    recurrence itself (`rnnkit.variants.regularization`); `training` says whether they sample
+    masks or take their evaluation form.
     """
 
     mode: str
@@ -21,6 +25,9 @@ class LayerSpec:
     reset_after: bool = True
     bias: bool = True
     bidirectional: bool = False
+    recurrent_dropout: float = 0.0
+    zoneout: tuple[float, float] = (0.0, 0.0)
+    training: bool = False
 
     @property
     def output_size(self) -> int:

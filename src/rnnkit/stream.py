@@ -35,7 +35,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from rnnkit.io import atomic_write_bytes
-from rnnkit.layers import RNNBase
+from rnnkit.layers import _CELL_STATE_MODES, RNNBase
 from rnnkit.scan import step_function
 
 State = Any
@@ -221,7 +221,20 @@ class Stream:
             for _, shape in self.module._state_shapes(batch_size if batched else 1):
                 full = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
                 parts.append(full if batched else full[:, 0])
-            return tuple(parts) if self.module.mode == "LSTM" else parts[0]
+            return tuple(parts) if self.module.mode in _CELL_STATE_MODES else parts[0]
+
+
+_SINGLE_STEP_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def _deterministic_step(layer: RNNBase) -> bool:
+    """Whether one step of `layer` is its plain cell equation (no zoneout, no active dropout)."""
+    rates = layer.regularizers
+    if any(rates.zoneout):
+        return False
+    return not layer.training or (
+        rates.input_dropout == rates.recurrent_dropout == rates.weight_drop == 0
+    )
 
 
 class _SingleStep:
@@ -250,6 +263,8 @@ class _SingleStep:
             return False  # the layer's forward raises the error that names the mismatch
         if chunk.size(-1) != layer.input_size or (layer.training and layer.dropout > 0):
             return False
+        if layer.mode not in _SINGLE_STEP_MODES or not _deterministic_step(layer):
+            return False  # layer-normalised cells and regularised steps run the layer itself
         if chunk.dim() == 2:
             return chunk.size(0) == 1
         time_dim, batch_dim = (1, 0) if layer.batch_first else (0, 1)
@@ -277,7 +292,7 @@ class _SingleStep:
 
     def cell_states(self, state: State, batched: bool) -> list[tuple[Tensor, ...]]:
         """The layer's state -> one (h,) or (h, c) of (B, H) tensors per stacked layer."""
-        parts = state if self.layer.mode == "LSTM" else (state,)
+        parts = state if self.layer.mode in _CELL_STATE_MODES else (state,)
         if batched:
             return [tuple(part[i] for part in parts) for i in range(self.layer.num_layers)]
         return [tuple(part[i : i + 1] for part in parts) for i in range(self.layer.num_layers)]
@@ -286,7 +301,7 @@ class _SingleStep:
         """The inverse of `cell_states`: (L, B, H) tensors, or (L, H) unbatched."""
         join = torch.stack if batched else torch.cat
         parts = tuple(join(list(layer_parts)) for layer_parts in zip(*cells))
-        return parts if self.layer.mode == "LSTM" else parts[0]
+        return parts if self.layer.mode in _CELL_STATE_MODES else parts[0]
 
     def __call__(
         self, chunk: Tensor, cells: list[tuple[Tensor, ...]], batched: bool

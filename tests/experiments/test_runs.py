@@ -67,10 +67,33 @@ def _check_memory(results):
 def _check_lstm_vs_gru(results):
     for counts in results["parameters"].values():
         assert counts["GRU"] / counts["LSTM"] == pytest.approx(0.75)
-    for cell in ("LSTM", "GRU"):
-        assert results["speed"][cell]["train_ms"] > 0
-        assert results["speed"][cell]["inference_ms"] > 0
-        assert "mse" in results["adding"][cell] and "recall_accuracy" in results["copy"][cell]
+    config = results["config"]
+    assert list(results["speed"]) == [
+        "fused, BLAS as installed",
+        "fused, BLAS 1 thread",
+        "reference loop",
+    ]
+    for condition, cells in results["speed"].items():
+        for cell in ("LSTM", "GRU"):
+            assert cells[cell]["train_ms"] > 0 and cells[cell]["inference_ms"] > 0
+            assert ("reference" in cells[cell]["backend"]) == (condition == "reference loop")
+    assert list(results["tasks"]) == ["surnames", "shakespeare"]
+    budgets = {"surnames": config["surname_updates"], "shakespeare": config["text_updates"]}
+    for task, outcome in results["tasks"].items():
+        lstm, gru = outcome["cells"]["LSTM"], outcome["cells"]["GRU"]
+        assert gru["parameters"] < lstm["parameters"]
+        for summary in (lstm, gru):
+            assert [run["seed"] for run in summary["runs"]] == config["seeds"]
+            values = [run["test"][outcome["metric"]] for run in summary["runs"]]
+            assert summary["mean"] == pytest.approx(sum(values) / len(values))
+            for run in summary["runs"]:
+                assert run["steps"] == budgets[task]
+                assert run["train_ms_per_step"] > 0 and run["test_seconds"] > 0
+                assert math.isfinite(run["baseline"])
+    for summary in results["tasks"]["surnames"]["cells"].values():
+        assert all(0 <= run["test"]["accuracy"] <= 1 for run in summary["runs"])
+    for summary in results["tasks"]["shakespeare"]["cells"].values():
+        assert all(run["test"]["bits_per_char"] > 0 for run in summary["runs"])
 
 
 def _check_rnn_vs_transformer(results):

@@ -11,6 +11,10 @@ from pathlib import Path
 from rnnkit.data.errors import DataError
 
 _BOM = "\ufeff"
+# Users' files are read a line at a time, and a data set is held in memory, so both are capped:
+# a longer line or a larger file is a DataError rather than an exhausted memory.
+MAX_LINE_BYTES = 4 * 2**20
+MAX_FILE_BYTES = 512 * 2**20
 
 
 def existing_file(path: str | os.PathLike, argument: str = "path") -> Path:
@@ -40,12 +44,28 @@ def base_suffix(file: Path) -> str:
 def iter_lines(file: Path) -> Iterator[str]:
     """Decoded lines of a UTF-8 (optionally gzip) file, newline kept; one line in memory at a time.
 
-    Raises DataError naming the line for invalid UTF-8 or NUL bytes (binary files, UTF-16).
+    Raises DataError naming the line for invalid UTF-8 or NUL bytes (binary files, UTF-16), a
+    line over MAX_LINE_BYTES, or more than MAX_FILE_BYTES in all (uncompressed).
     """
     opener = gzip.open if file.suffix.lower() == ".gz" else open
+    total = 0
     try:
         with opener(file, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
+            for line_number, raw in enumerate(
+                iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1
+            ):
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise DataError(
+                        f"{file}: line {line_number} is longer than {MAX_LINE_BYTES:,} bytes, "
+                        "the most rnnkit reads as one line; is this a text file with line breaks?"
+                    )
+                total += len(raw)
+                if total > MAX_FILE_BYTES:
+                    raise DataError(
+                        f"{file}: more than {MAX_FILE_BYTES // 2**20} MiB of text (at line "
+                        f"{line_number}); rnnkit holds a data set in memory, so use a sample "
+                        "or a part of the file"
+                    )
                 if b"\x00" in raw:
                     raise DataError(
                         f"{file}: line {line_number} contains NUL bytes; this looks like a binary "

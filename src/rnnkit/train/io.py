@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from rnnkit.data.errors import DataError
 from rnnkit.io import atomic_write_bytes
 
 
@@ -22,8 +24,11 @@ def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """The JSON value stored in `path`."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON value stored in `path`; DataError naming the file if it is not UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"{path}: not a valid JSON file ({error})") from None
 
 
 def atomic_save_tensors(
@@ -37,8 +42,11 @@ def atomic_save_tensors(
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The named CPU tensors of a safetensors file."""
-    return load_safetensors_bytes(Path(path).read_bytes())
+    """The named CPU tensors of a safetensors file; DataError naming the file if it is corrupt."""
+    try:
+        return load_safetensors_bytes(Path(path).read_bytes())
+    except SafetensorError as error:
+        raise DataError(f"{path}: not a valid safetensors file ({error})") from None
 
 
 def atomic_save_figure(path: str | os.PathLike, figure) -> None:

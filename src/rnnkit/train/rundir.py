@@ -107,6 +107,10 @@ def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> torch.nn.
             f"{run_dir} has no model.safetensors (training did not finish); "
             f"continue it with: rnnkit train <task> --resume {run_dir}"
         )
-    model.load_state_dict(load_tensors(path))
+    from rnnkit.train.checkpoint import check_weights  # checkpoint imports this module
+
+    weights = load_tensors(path)
+    check_weights(model, weights, str(path))
+    model.load_state_dict(weights)
     model.eval()
     return model

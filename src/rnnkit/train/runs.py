@@ -24,8 +24,12 @@ from rnnkit.models import (
     LanguageModelConfig,
     SequenceClassifier,
     SequenceClassifierConfig,
+    SequenceTagger,
+    SequenceTaggerConfig,
 )
-from rnnkit.train import classify, forecast, lm, music
+from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from rnnkit.train import classify, forecast, lm, music, tag
+from rnnkit.train import seq2seq as seq2seq_task
 from rnnkit.train.checkpoint import has_checkpoint
 from rnnkit.train.distributed import setup_distributed, teardown_distributed
 from rnnkit.train.io import atomic_write_json, read_json
@@ -47,15 +51,21 @@ APPLICATIONS: dict[str, tuple[ModuleType, type[Settings]]] = {
     "lm": (lm, lm.LanguageModelSettings),
     "forecast": (forecast, forecast.ForecastSettings),
     "music": (music, music.MusicSettings),
+    "tag": (tag, tag.TagSettings),
+    "seq2seq": (seq2seq_task, seq2seq_task.Seq2SeqSettings),
 }
 MODELS = {
     "SequenceClassifier": (SequenceClassifier, SequenceClassifierConfig),
     "LanguageModel": (LanguageModel, LanguageModelConfig),
     "Forecaster": (Forecaster, ForecasterConfig),
+    "SequenceTagger": (SequenceTagger, SequenceTaggerConfig),
+    "Seq2Seq": (Seq2Seq, Seq2SeqConfig),
 }
 PREPROCESSING_FILES = ("vocab.json", "preprocessing.json")
-# Options that may change when a run is resumed: they extend or shorten the budget only.
-BUDGET_OPTIONS = ("epochs", "max_steps")
+# Options that may change when a run is resumed: the budget, and what to do on NaN.
+BUDGET_OPTIONS = ("epochs", "max_steps", "on_nan")
+# What a corrupt or hand-edited config.json can make building its settings or model raise.
+CONFIG_ERRORS = (TypeError, KeyError, ValueError, RuntimeError, OverflowError)
 
 
 def make_settings(task: str, options: dict[str, Any]) -> Settings:
@@ -81,10 +91,16 @@ def resumed_settings(task: str, config: dict[str, Any], options: dict[str, Any])
         if name in saved and saved[name] != value:
             raise RunError(
                 f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
-                f"{saved[name]}; only --epochs and --max-steps may change when resuming"
+                f"{saved[name]}; only --epochs and --max-steps (and --on-nan) may change "
+                "when resuming"
             )
     saved.update({k: options[k] for k in BUDGET_OPTIONS if options.get(k) is not None})
-    return APPLICATIONS[task][1](**saved)
+    try:
+        return APPLICATIONS[task][1](**saved)
+    except RunError:
+        raise
+    except CONFIG_ERRORS as error:
+        raise RunError(f"--resume: config.json holds unusable settings ({error})") from None
 
 
 def _barrier(enabled: bool) -> None:
@@ -162,6 +178,9 @@ def train_run(
             "stop_reason": state.stop_reason,
             "best_step": state.best_step,
             f"best_valid_{metric}": state.best_metric,
+            "skipped_steps": state.skipped_steps,
+            "clipped_steps": state.clipped_steps,
+            "nonfinite_events": state.nonfinite_events,
             **results,
             "history": state.history,
         }
@@ -196,9 +215,14 @@ def load_run(run_dir: str | Path, expect: str | tuple[str, ...] | None = None) -
     if expected is not None and task not in expected:
         wanted = " or ".join(f"`{name}`" for name in expected)
         raise RunError(f"{run_dir} is a `{task}` run; this command needs a {wanted} run")
-    settings = APPLICATIONS[task][1](**config["settings"])
-    model_class, config_class = MODELS[config["model"]["class"]]
-    model = model_class(config_class(**config["model"]["config"]))
+    try:
+        settings = APPLICATIONS[task][1](**config["settings"])
+        model_class, config_class = MODELS[config["model"]["class"]]
+        model = model_class(config_class(**config["model"]["config"]))
+    except CONFIG_ERRORS as error:
+        raise RunError(
+            f"{run_dir / 'config.json'} does not describe a model rnnkit can build ({error})"
+        ) from None
     load_model_weights(run_dir, model)
     state: dict[str, Any] = {}
     for name in PREPROCESSING_FILES:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rnnkit.models.common import CELLS
 from rnnkit.train.rundir import RunError
-from rnnkit.train.trainer import TrainerConfig
+from rnnkit.train.trainer import ON_NAN_POLICIES, TrainerConfig
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Settings:
     patience: int | None = 3
     checkpoint_every: int | None = 200
     eval_every: int | None = None
+    on_nan: str = "skip"
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -40,6 +41,8 @@ class Settings:
             raise RunError(f"--max-steps must be an int >= 1, got {self.max_steps!r}")
         if not self.learning_rate > 0:
             raise RunError(f"--learning-rate must be > 0, got {self.learning_rate!r}")
+        if self.on_nan not in ON_NAN_POLICIES:
+            raise RunError(f"--on-nan must be one of {ON_NAN_POLICIES}, got {self.on_nan!r}")
 
     def trainer_config(self, progress: bool = True) -> TrainerConfig:
         """The optimisation part of these settings."""
@@ -50,6 +53,7 @@ class Settings:
             patience=self.patience,
             checkpoint_every=self.checkpoint_every,
             eval_every=self.eval_every,
+            on_nan=self.on_nan,
             warmup_steps=min(20, max(1, (self.max_steps or 10**9) // 10)),
             progress=progress,
         )

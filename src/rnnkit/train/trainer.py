@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,13 +25,18 @@ from tqdm.auto import tqdm
 from rnnkit.train.checkpoint import (
     Carry,
     TrainingState,
+    fault_pause,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from rnnkit.train.distributed import DistributedContext, any_process, mean_over_processes
+from rnnkit.train.rundir import RunError
 
 Batch = tuple[Tensor, ...]
+ON_NAN_POLICIES = ("skip", "stop")
+# Each skipped non-finite step multiplies the learning rate (for the rest of the run) by this.
+NAN_LR_FACTOR = 0.5
 
 
 @dataclass
@@ -52,8 +58,14 @@ class TrainerConfig:
     checkpoint_every: int | None = 200
     eval_every: int | None = None
     progress: bool = True
+    # A non-finite loss or gradient: "skip" the step and halve the learning rate, or "stop".
+    on_nan: str = "skip"
 
     def __post_init__(self) -> None:
+        if self.on_nan not in ON_NAN_POLICIES:
+            raise ValueError(
+                f"TrainerConfig: on_nan must be one of {ON_NAN_POLICIES}, got {self.on_nan!r}"
+            )
         for name in ("epochs", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name == "epochs" else 0):
@@ -96,6 +108,10 @@ class TrainingTask(Protocol):
     def loss(self, model: nn.Module, batch: Batch, carry: Carry) -> StepOutput: ...
 
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+class NonFiniteTraining(RunError):
+    """The loss or a gradient was NaN/inf with on_nan="stop"; the last good state is saved."""
 
 
 class TrainingInterrupted(Exception):
@@ -161,6 +177,8 @@ class _EpochTotals:
     clipped: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    skipped: int = 0
+    grad_norm_max: float = 0.0
 
 
 @dataclass
@@ -204,6 +222,9 @@ class Trainer:
         if self.checkpoint_dir is None or not has_checkpoint(self.checkpoint_dir):
             raise FileNotFoundError(f"no checkpoint to resume in {self.checkpoint_dir}")
         loaded = load_checkpoint(self.checkpoint_dir)
+        unknown = set(loaded.state.epoch_totals) - set(_EpochTotals.__dataclass_fields__)
+        if unknown:
+            raise RunError(f"{loaded.source}: unknown epoch totals {sorted(unknown)}")
         self.carry, self.best_weights = loaded.restore(
             self.model, self.optimizer, self.context.device
         )
@@ -252,22 +273,31 @@ class Trainer:
                     if state.step >= total:
                         break
                     started = time.perf_counter()
-                    loss, tokens, grad_norm = self._train_step(batch, state.step, total)
+                    loss, tokens, grad_norm, finite = self._train_step(batch, state.step, total)
+                    if not finite:
+                        state.epoch_totals = totals.__dict__.copy()
+                        self._handle_nonfinite(loss, grad_norm, bar)
+                        totals.skipped += 1
                     state.step += 1
                     state.batch_in_epoch = index + 1
-                    totals.loss_sum += loss
-                    totals.steps += 1
-                    totals.grad_norm_sum += grad_norm
-                    clip = config.clip_grad_norm
-                    totals.clipped += int(clip is not None and grad_norm > clip)
+                    if finite:
+                        totals.loss_sum += loss
+                        totals.steps += 1
+                        totals.grad_norm_sum += grad_norm
+                        totals.grad_norm_max = max(totals.grad_norm_max, grad_norm)
+                        clip = config.clip_grad_norm
+                        clipped = clip is not None and grad_norm > clip
+                        totals.clipped += int(clipped)
+                        state.clipped_steps += int(clipped)
+                        smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
                     totals.tokens += tokens * self.context.world_size
                     totals.seconds += time.perf_counter() - started
-                    smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
                     bar.update(1)
                     bar.set_postfix(
-                        loss=f"{smoothed:.3f}",
+                        loss=f"{smoothed if smoothed is not None else math.nan:.3f}",
                         tok_s=f"{totals.tokens / max(totals.seconds, 1e-9):,.0f}",
                         gnorm=f"{grad_norm:.2f}",
+                        **({"skipped": state.skipped_steps} if state.skipped_steps else {}),
                     )
                     mid_epoch = state.batch_in_epoch < self.task.steps_per_epoch()
                     if config.eval_every and state.step % config.eval_every == 0 and mid_epoch:
@@ -275,6 +305,7 @@ class Trainer:
                         totals = _EpochTotals()
                     if self.on_step is not None:
                         self.on_step(self, state.step)
+                    fault_pause(f"step:{state.step}")
                     state.epoch_totals = totals.__dict__.copy()
                     if any_process(self.stop_requested, self.context):
                         self.save_checkpoint()
@@ -284,7 +315,7 @@ class Trainer:
                     if state.finished:
                         break
                 epoch_done = state.batch_in_epoch >= self.task.steps_per_epoch()
-                if epoch_done or totals.steps > 0:
+                if epoch_done or totals.steps + totals.skipped > 0:
                     self._evaluate_and_record(totals, partial=not epoch_done)
                 totals = _EpochTotals()
                 state.epoch_totals = {}
@@ -301,9 +332,11 @@ class Trainer:
             state.stop_reason = "max_steps" if capped else "epochs"
         self.save_checkpoint()
 
-    def _train_step(self, batch: Batch, step: int, total: int) -> tuple[float, int, float]:
+    def _train_step(self, batch: Batch, step: int, total: int) -> tuple[float, int, float, bool]:
+        """One optimizer step -> (loss, tokens, gradient norm before clipping, whether finite);
+        a non-finite loss or gradient norm (on any process) leaves the weights untouched."""
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, total, self.config)
+            group["lr"] = learning_rate_at(step, total, self.config) * self.state.lr_scale
         self.train_model.train()
         local = shard_batch(tuple(t.to(self.context.device) for t in batch), self.context)
         output = self.task.loss(self.train_model, local, self.carry)
@@ -313,9 +346,40 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(
             self.parameters, limit if limit is not None else math.inf
         )
+        loss, grad_norm = float(output.loss.detach()), float(grad_norm)
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if any_process(bad, self.context):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, int(output.tokens), grad_norm, False
         self.optimizer.step()
         self.carry = detach_state(output.carry)
-        return float(output.loss.detach()), int(output.tokens), float(grad_norm)
+        return loss, int(output.tokens), grad_norm, True
+
+    def _handle_nonfinite(self, loss: float, grad_norm: float, bar: tqdm) -> None:
+        """Report a skipped step and lower the learning rate, or save and stop (on_nan="stop")."""
+        state = self.state
+        step = state.step + 1
+        what = f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
+        if self.config.on_nan == "stop":
+            self.save_checkpoint()
+            saved = self.checkpoint_dir is not None
+            where = f"; the last good state is saved in {self.checkpoint_dir}" if saved else ""
+            raise NonFiniteTraining(
+                f"{what} with --on-nan stop{where}. Lower --learning-rate, check the data, or "
+                "resume with --on-nan skip"
+            )
+        self.carry = None  # the chunk's state may hold NaN: the next chunk starts afresh
+        state.skipped_steps += 1
+        state.lr_scale *= NAN_LR_FACTOR
+        state.nonfinite_events.append(
+            {"step": step, "loss": loss, "grad_norm": grad_norm, "lr_scale": state.lr_scale}
+        )
+        del state.nonfinite_events[:-100]
+        if self.context.is_main:
+            bar.write(
+                f"rnnkit: {what}; skipped the step, learning rate now x{state.lr_scale:g}",
+                file=sys.stderr,
+            )
 
     def _evaluate_and_record(self, totals: _EpochTotals, partial: bool) -> None:
         state, config = self.state, self.config
@@ -331,7 +395,9 @@ class Trainer:
             "train_loss": mean_over_processes(totals.loss_sum / steps, self.context),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "grad_norm_mean": totals.grad_norm_sum / steps,
+            "grad_norm_max": totals.grad_norm_max,
             "clipped_fraction": totals.clipped / steps,
+            "skipped_steps": totals.skipped,
             "tokens_per_second": totals.tokens / max(totals.seconds, 1e-9),
             "seconds": totals.seconds,
         }

@@ -154,12 +154,16 @@ def test_float32_lengths_match_reference_on_blas_sizes():
     _assert_all_close(_run(fused, inputs, None, lengths), expected, torch.float32)
 
 
-def test_batch_split_over_threads_matches_reference():
-    # With two torch threads a batch of 10 runs as two concurrent parts of 5 (MKL builds).
+def test_batch_split_over_threads_matches_reference(monkeypatch):
+    # With two torch threads a batch of 10 runs as two concurrent parts of 5 (MKL builds) once the
+    # step's product is large enough; the threshold is lowered so that this small case splits.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    split = 2 if lstm.BLAS_LIBRARY.startswith("MKL") else 1
     try:
-        assert len(lstm._batch_parts(10)) == (2 if lstm.BLAS_LIBRARY.startswith("MKL") else 1)
+        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK)) == split
+        assert len(lstm._batch_parts(10, lstm._MIN_PART_STEP_WORK)) == 1
+        monkeypatch.setattr(lstm, "_MIN_PART_STEP_WORK", 1)
         torch.manual_seed(5)
         reference = rnnkit.LSTM(6, 48, bidirectional=True, proj_size=12, dtype=torch.float64)
         reference.backend = "reference"

@@ -35,6 +35,7 @@ class CPUBackend:
         lengths: Tensor | None,
     ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
         """(T, B, I) -> (T, B, D * H_out) and one final state tuple per direction."""
+        check_kernel_inputs(spec, x, hx, weights, lengths)
         outputs, finals = [], []
         for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
             reverse = direction == 1
@@ -55,10 +56,76 @@ class CPUBackend:
         return output, finals
 
 
+def check_kernel_inputs(
+    spec: LayerSpec,
+    x: Tensor,
+    hx: list[tuple[Tensor, ...]],
+    weights: list[tuple[Tensor | None, ...]],
+    lengths: Tensor | None,
+) -> None:
+    """Raise ValueError/TypeError unless every array the compiled kernels index fits the layout.
+
+    The numba kernels do no bounds checks of their own, so a caller that bypasses the layer's
+    validation (calling the dispatch directly) must not be able to make them read out of bounds.
+    """
+    if x.dim() != 3 or x.dtype not in _DTYPES or x.device.type != "cpu":
+        raise TypeError(
+            f"cpu kernel: x must be a 3-D float32/float64 CPU tensor, got {x.dim()}-D {x.dtype} "
+            f"on {x.device}"
+        )
+    steps, batch, inputs = x.shape
+    hidden, out = spec.hidden_size, spec.output_size
+    rows = {"LSTM": 4, "GRU": 3}.get(spec.mode, 1) * hidden
+    if len(hx) != spec.directions or len(weights) != spec.directions:
+        raise ValueError(
+            f"cpu kernel: hx and weights must hold {spec.directions} direction(s), "
+            f"got {len(hx)} and {len(weights)}"
+        )
+    state_shapes = [(batch, out), (batch, hidden)][: 2 if spec.mode == "LSTM" else 1]
+    expected = {
+        "w_ih": (rows, inputs),
+        "w_hh": (rows, out),
+        "b_ih": (rows,) if spec.bias else None,
+        "b_hh": (rows,) if spec.bias else None,
+        "w_hr": (spec.proj_size, hidden) if spec.proj_size else None,
+    }
+    for direction in range(spec.directions):
+        named = list(zip(("h", "c"), hx[direction])) + list(zip(expected, weights[direction]))
+        if len(hx[direction]) != len(state_shapes):
+            raise ValueError(
+                f"cpu kernel: hx[{direction}] must hold {len(state_shapes)} tensor(s), "
+                f"got {len(hx[direction])}"
+            )
+        shapes = dict(zip(("h", "c"), state_shapes)) | expected
+        for label, tensor in named:
+            shape = shapes[label]
+            got = None if tensor is None else tuple(tensor.shape)
+            if got != shape:
+                raise ValueError(
+                    f"cpu kernel: {label} of direction {direction} must have shape {shape}, "
+                    f"got {got}"
+                )
+            if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
+                raise TypeError(
+                    f"cpu kernel: {label} must be {x.dtype} on {x.device}, "
+                    f"got {tensor.dtype} on {tensor.device}"
+                )
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.numel() != batch or lengths.is_floating_point():
+            raise ValueError(
+                f"cpu kernel: lengths must be a ({batch},) integer tensor, "
+                f"got {tuple(lengths.shape)} {lengths.dtype}"
+            )
+        if batch and not bool(((lengths >= 1) & (lengths <= steps)).all()):
+            raise ValueError(f"cpu kernel: lengths must lie in [1, {steps}], got {lengths.tolist()}")
+
+
 backend = CPUBackend()
 
 
 def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
-    for cell in (lstm, gru, rnn):
+    from rnnkit.kernels.cpu import indrnn, layer_norm, minimal
+
+    for cell in (lstm, gru, rnn, layer_norm, minimal, indrnn):
         cell.warmup()

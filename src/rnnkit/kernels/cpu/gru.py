@@ -17,6 +17,9 @@ from the next step):
 The backward, also one numba call, produces these per step (one recurrent matmul each), then the
 weight gradients as a few large matmuls over all T*B rows (dx = dA W_ih, dW_ih = dA^T X,
 dW_hh = dA_h^T H_prev, the biases column sums).
+
+Every product goes through `blas` (torch's MKL, on torch's own threads); per-step products use
+MKL's packed weight from _PACK_MIN_STEPS steps on.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-# Below this many multiply-adds a hand loop beats a BLAS call's fixed overhead (measured at
-# batch 1, H=64: one (1, 64) x (64, 192) product).
-_SMALL_MATMUL = 1 << 15
+from rnnkit.kernels.cpu import blas
+
+# Packing a weight costs about as much as a few products with it; below this many steps plain
+# products are faster.
+_PACK_MIN_STEPS = 8
 
 # error_model="numpy": no ZeroDivisionError checks, which would stop the gate loops vectorizing.
 _jit = njit(cache=True, nogil=True, error_model="numpy")
@@ -179,26 +184,6 @@ def _tanh_overload(v):
 # Rows are (T*B) flattened time-major positions. Saved activations live at each step's input
 # position (t forward, lengths[b]-1-s reverse); padding positions hold zeros so that the
 # weight-gradient matmuls ignore them. Without saving, the save arrays are (1, B, .) scratch rows.
-# Every matmul runs on scipy's OpenBLAS through numba: on this project's AMD machine it measured
-# 10-35% faster than torch's MKL for these shapes (single thread).
-
-
-@_jit
-def _matmul(a, b, out):
-    """(M, K) x (K, N) -> out (M, N), by hand below BLAS's break-even size."""
-    m, k = a.shape
-    n = b.shape[1]
-    if m * k * n > _SMALL_MATMUL:
-        np.dot(a, b, out)
-        return
-    for i in range(m):
-        out_row = out[i]
-        out_row[:] = 0
-        for p in range(k):
-            a_ip = a[i, p]
-            b_row = b[p]
-            for j in range(n):
-                out_row[j] += a_ip * b_row[j]
 
 
 @_jit
@@ -214,50 +199,24 @@ def _column_sums(rows, out):
 
 
 @_jit
-def _step_matmul(a, b, b_t, out, out_t):
-    """(M, K) x (K, N) -> out (M, N) for one time step. b_t is b transposed (N, K), out_t an
-    (N, M) scratch."""
-    m, k = a.shape
-    n = b.shape[1]
-    if m * k * n <= _SMALL_MATMUL or m < 32:
-        _matmul(a, b, out)
-        return
-    # From batch 32 up, OpenBLAS runs these products about 1.2-1.4x faster as (N, K) x (K, M)
-    # (measured for K, N = 128..1536; slower at batch 16), so compute out^T and transpose back.
-    np.dot(b_t, a.T, out_t)
-    if m * n < 1 << 15:
-        for j in range(n):
-            column = out_t[j]
-            for i in range(m):
-                out[i, j] = column[i]
-        return
-    # Large outputs: transpose in column tiles so that the writes stay within cache lines.
-    for j_start in range(0, n, 16):
-        j_stop = min(j_start + 16, n)
-        for i in range(m):
-            out_row = out[i]
-            for j in range(j_start, j_stop):
-                out_row[j] = out_t[j, i]
-
-
-@_jit
 def _forward_reset_after(
-    x_rows, w_ih_t, bias, w_hh, w_hh_t, b_hn, h0, lengths, reverse, save, output, h_last,
-    saved_gates,
+    x_rows, w_ih, bias, w_hh, b_hn, h0, lengths, reverse, save, output, h_last, saved_gates,
+    use_packing,
 ):  # fmt: skip
-    """Torch's form. x_rows (T*B, I); w_ih_t (I, 3H); bias (3H,) = b_ih + [b_hr, b_hz, 0];
-    w_hh (3H, H) and w_hh_t its transpose; b_hn (H,). Writes output (T, B, H), h_last (B, H)
-    and, when `save`, saved_gates [r, z, n, W_hn h + b_hn] (T, B, 4H).
+    """Torch's form. x_rows (T*B, I); w_ih (3H, I); bias (3H,) = b_ih + [b_hr, b_hz, 0];
+    w_hh (3H, H); b_hn (H,). Writes output (T, B, H), h_last (B, H) and, when `save`,
+    saved_gates [r, z, n, W_hn h + b_hn] (T, B, 4H).
     """
     steps, batch, hidden = output.shape
+    work = blas.workspace(h0)
     x_gates = np.empty((steps * batch, 3 * hidden), dtype=h0.dtype)
-    _matmul(x_rows, w_ih_t, x_gates)
+    blas.gemm(x_rows, w_ih, x_gates, False, True, False, work)
     x_gates = x_gates.reshape((steps, batch, 3 * hidden))
     h = h0.copy()
     h_gates = np.empty((batch, 3 * hidden), dtype=h0.dtype)
-    h_gates_t = np.empty((3 * hidden, batch), dtype=h0.dtype)
+    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     for s in range(steps):
-        _step_matmul(h, w_hh_t, w_hh, h_gates, h_gates_t)
+        blas.gemm_weight(h, weight, transposed, packed, h_gates, False, work)
         for b in range(batch):
             length = lengths[b]
             if s >= length:
@@ -287,24 +246,24 @@ def _forward_reset_after(
 
 @_jit
 def _forward_reset_before(
-    x_rows, w_ih_t, bias, w_rz, w_rz_t, w_n, w_n_t, h0, lengths, reverse, save, output, h_last,
-    saved_gates,
+    x_rows, w_ih, bias, w_rz, w_n, h0, lengths, reverse, save, output, h_last, saved_gates,
+    use_packing,
 ):  # fmt: skip
-    """Cho et al.'s form. x_rows (T*B, I); w_ih_t (I, 3H); bias (3H,) = b_ih + b_hh; w_rz (2H, H)
-    and w_n (H, H) with their transposes. Writes output, h_last and, when `save`, saved_gates
-    [r, z, n] (T, B, 3H)."""
+    """Cho et al.'s form. x_rows (T*B, I); w_ih (3H, I); bias (3H,) = b_ih + b_hh; w_rz (2H, H)
+    and w_n (H, H). Writes output, h_last and, when `save`, saved_gates [r, z, n] (T, B, 3H)."""
     steps, batch, hidden = output.shape
+    work = blas.workspace(h0)
     x_gates = np.empty((steps * batch, 3 * hidden), dtype=h0.dtype)
-    _matmul(x_rows, w_ih_t, x_gates)
+    blas.gemm(x_rows, w_ih, x_gates, False, True, False, work)
     x_gates = x_gates.reshape((steps, batch, 3 * hidden))
     h = h0.copy()
     rz = np.empty((batch, 2 * hidden), dtype=h0.dtype)
     reset_h = np.zeros((batch, hidden), dtype=h0.dtype)
     h_n = np.empty((batch, hidden), dtype=h0.dtype)
-    rz_t = np.empty((2 * hidden, batch), dtype=h0.dtype)
-    h_n_t = np.empty((hidden, batch), dtype=h0.dtype)
+    rz_weight, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, True, use_packing, work)
+    n_weight, n_transposed, n_packed = blas.prepare_weight(batch, w_n, True, use_packing, work)
     for s in range(steps):
-        _step_matmul(h, w_rz_t, w_rz, rz, rz_t)
+        blas.gemm_weight(h, rz_weight, rz_transposed, rz_packed, rz, False, work)
         for b in range(batch):
             if s >= lengths[b]:
                 reset_h[b, :] = 0
@@ -315,7 +274,7 @@ def _forward_reset_before(
                 rz_row[j] = _sigmoid(x_row[j] + bias[j] + rz_row[j])
             for j in range(hidden):
                 reset_row[j] = rz_row[j] * h_row[j]
-        _step_matmul(reset_h, w_n_t, w_n, h_n, h_n_t)
+        blas.gemm_weight(reset_h, n_weight, n_transposed, n_packed, h_n, False, work)
         for b in range(batch):
             length = lengths[b]
             if s >= length:
@@ -346,22 +305,19 @@ def _times_previous_state(d, output, h0, lengths, reverse, out):
     step earlier in processing order, or h0 at each sequence's first step."""
     steps, batch, width = d.shape
     hidden = output.shape[2]
-    shifted = (steps - 1) * batch
+    rows = steps * batch
+    d_rows = d.reshape((rows, width))
+    output_rows = output.reshape((rows, hidden))
+    work = blas.workspace(out)
     # Rows whose previous state is h0 meet a zero padding output (or none) in this product.
     if reverse:
-        _matmul(
-            d[: steps - 1].reshape((shifted, width)).T, output[1:].reshape((shifted, hidden)), out
-        )
+        blas.gemm(d_rows[: rows - batch], output_rows[batch:], out, True, False, False, work)
     else:
-        _matmul(
-            d[1:].reshape((shifted, width)).T, output[: steps - 1].reshape((shifted, hidden)), out
-        )
+        blas.gemm(d_rows[batch:], output_rows[: rows - batch], out, True, False, False, work)
     first = np.empty((batch, width), dtype=d.dtype)
     for b in range(batch):
         first[b] = d[lengths[b] - 1 if reverse else 0, b]
-    from_h0 = np.empty_like(out)
-    _matmul(first.T, h0, from_h0)
-    out += from_h0
+    blas.gemm(first, h0, out, True, False, True, work)
 
 
 @_jit
@@ -378,18 +334,12 @@ def _weight_gradients(
     rows = steps * batch
     d_rz_rows = d_rz.reshape((rows, two_hidden))
     d_n_rows = d_n.reshape((rows, hidden))
+    work = blas.workspace(dw_ih)
     if need_dx:
-        _matmul(d_rz_rows, w_ih_rz, dx_rows)
-        # Add the n block's share in slices, so the peak memory holds no second (R, I) array.
-        rows = dx_rows.shape[0]
-        dx_from_n = np.empty((min(rows, 1024), dx_rows.shape[1]), dtype=dx_rows.dtype)
-        for start in range(0, rows, 1024):
-            stop = min(start + 1024, rows)
-            part = dx_from_n[: stop - start]
-            _matmul(d_n_rows[start:stop], w_ih_n, part)
-            dx_rows[start:stop] += part
-    _matmul(d_rz_rows.T, x_rows, dw_ih[:two_hidden])
-    _matmul(d_n_rows.T, x_rows, dw_ih[two_hidden:])
+        blas.gemm(d_rz_rows, w_ih_rz, dx_rows, False, False, False, work)
+        blas.gemm(d_n_rows, w_ih_n, dx_rows, False, False, True, work)
+    blas.gemm(d_rz_rows, x_rows, dw_ih[:two_hidden], True, False, False, work)
+    blas.gemm(d_n_rows, x_rows, dw_ih[two_hidden:], True, False, False, work)
     _column_sums(d_rz_rows, db_ih[:two_hidden])
     _column_sums(d_n_rows, db_ih[two_hidden:])
     db_hh[:two_hidden] = db_ih[:two_hidden]
@@ -403,14 +353,15 @@ def _weight_gradients(
         _times_previous_state(d_n, output, h0, lengths, reverse, dw_hh[two_hidden:])
         _column_sums(d_n_rows, db_hh[two_hidden:])
     else:
-        _matmul(d_n_rows.T, reset_h.reshape((rows, hidden)), dw_hh[two_hidden:])
+        reset_rows = reset_h.reshape((rows, hidden))
+        blas.gemm(d_n_rows, reset_rows, dw_hh[two_hidden:], True, False, False, work)
         db_hh[two_hidden:] = db_ih[two_hidden:]
 
 
 @_jit
 def _backward_reset_after(
-    d_output, dh_last, saved_gates, output, h0, x_rows, w_ih_rz, w_ih_n, w_hh, w_hh_t, lengths,
-    reverse, need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh, dh0,
+    d_output, dh_last, saved_gates, output, h0, x_rows, w_ih_rz, w_ih_n, w_hh, lengths, reverse,
+    need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh, dh0, use_packing,
 ):  # fmt: skip
     """BPTT for torch's form, then the weight gradients over all T*B rows.
 
@@ -425,7 +376,8 @@ def _backward_reset_after(
     d_n = np.empty((steps, batch, hidden), dtype=dh0.dtype)
     d_step = np.empty((batch, 3 * hidden), dtype=dh0.dtype)
     dh_through_w = np.empty((batch, hidden), dtype=dh0.dtype)
-    dh_through_w_t = np.empty((hidden, batch), dtype=dh0.dtype)
+    work = blas.workspace(dh0)
+    weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     for s in range(steps - 1, -1, -1):
         for b in range(batch):
             length = lengths[b]
@@ -455,7 +407,7 @@ def _backward_reset_after(
                 step_row[hidden + j] = da_z
                 step_row[2 * hidden + j] = da_n * r
                 dh_row[j] = g * z
-        _step_matmul(d_step, w_hh, w_hh_t, dh_through_w, dh_through_w_t)
+        blas.gemm_weight(d_step, weight, transposed, packed, dh_through_w, False, work)
         for b in range(batch):
             if s < lengths[b]:
                 dh_row, through_row = dh[b], dh_through_w[b]
@@ -470,8 +422,8 @@ def _backward_reset_after(
 
 @_jit
 def _backward_reset_before(
-    d_output, dh_last, saved_gates, output, h0, x_rows, w_ih_rz, w_ih_n, w_rz, w_rz_t, w_n,
-    w_n_t, lengths, reverse, need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh, dh0,
+    d_output, dh_last, saved_gates, output, h0, x_rows, w_ih_rz, w_ih_n, w_rz, w_n, lengths,
+    reverse, need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh, dh0, use_packing,
 ):  # fmt: skip
     """BPTT for Cho et al.'s form, then the weight gradients over all T*B rows.
 
@@ -489,7 +441,9 @@ def _backward_reset_before(
     d_n_step = np.empty((batch, hidden), dtype=dh0.dtype)
     d_reset_h = np.empty((batch, hidden), dtype=dh0.dtype)
     dh_through_w = np.empty((batch, hidden), dtype=dh0.dtype)
-    hidden_by_batch = np.empty((hidden, batch), dtype=dh0.dtype)
+    work = blas.workspace(dh0)
+    rz_weight, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, False, use_packing, work)
+    n_weight, n_transposed, n_packed = blas.prepare_weight(batch, w_n, False, use_packing, work)
     for s in range(steps - 1, -1, -1):
         for b in range(batch):
             length = lengths[b]
@@ -517,7 +471,7 @@ def _backward_reset_before(
                 drz_step[hidden + j] = da_z
                 dn_step[j] = da_n
                 dh_row[j] = g * z
-        _step_matmul(d_n_step, w_n, w_n_t, d_reset_h, hidden_by_batch)
+        blas.gemm_weight(d_n_step, n_weight, n_transposed, n_packed, d_reset_h, False, work)
         for b in range(batch):
             length = lengths[b]
             if s >= length:
@@ -534,7 +488,7 @@ def _backward_reset_before(
                 drz_step[j] = da_r
                 reset_row[j] = r * prev_row[j]
                 dh_row[j] += drh_row[j] * r
-        _step_matmul(d_rz_step, w_rz, w_rz_t, dh_through_w, hidden_by_batch)
+        blas.gemm_weight(d_rz_step, rz_weight, rz_transposed, rz_packed, dh_through_w, False, work)
         for b in range(batch):
             if s < lengths[b]:
                 dh_row, through_row = dh[b], dh_through_w[b]
@@ -550,9 +504,13 @@ def _backward_reset_before(
 # -- the autograd function -----------------------------------------------------------------------
 
 
-def _with_transpose(weight: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """A (R, C) weight as C-contiguous arrays in both layouts, (R, C) and (C, R)."""
-    return weight.contiguous().numpy(), weight.T.contiguous().numpy()
+def _array(tensor: Tensor) -> np.ndarray:
+    """A C-contiguous numpy view (or copy) of a detached tensor."""
+    return tensor.contiguous().numpy()
+
+
+def _use_packing(steps: int) -> bool:
+    return blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
 
 
 def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int, reset_after: bool, dtype):
@@ -586,7 +544,7 @@ def _run_forward(x_rows, h0, w_ih, w_hh, b_ih, b_hh, lengths, steps, reverse, re
     saved_gates = torch.empty(saved_steps, batch, gate_width, dtype=dtype)
     common_head = (
         x_rows.numpy(),
-        w_ih.T.contiguous().numpy(),
+        _array(w_ih),
         _input_bias(b_ih, b_hh, hidden, reset_after, dtype),
     )
     common_tail = (
@@ -597,18 +555,14 @@ def _run_forward(x_rows, h0, w_ih, w_hh, b_ih, b_hh, lengths, steps, reverse, re
         output.numpy(),
         h_last.numpy(),
         saved_gates.numpy(),
+        _use_packing(steps),
     )
     if reset_after:
         b_hn = torch.zeros(hidden, dtype=dtype) if b_hh is None else b_hh[2 * hidden :]
-        _forward_reset_after(
-            *common_head, *_with_transpose(w_hh), b_hn.contiguous().numpy(), *common_tail
-        )
+        _forward_reset_after(*common_head, _array(w_hh), _array(b_hn), *common_tail)
     else:
         _forward_reset_before(
-            *common_head,
-            *_with_transpose(w_hh[: 2 * hidden]),
-            *_with_transpose(w_hh[2 * hidden :]),
-            *common_tail,
+            *common_head, _array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]), *common_tail
         )
     return output, h_last, saved_gates
 
@@ -672,15 +626,13 @@ class GRUFunction(torch.autograd.Function):
             db_ih.numpy(),
             db_hh.numpy(),
             dh0.numpy(),
+            _use_packing(steps),
         )
         if ctx.reset_after:
-            _backward_reset_after(*head, *_with_transpose(w_hh), *tail)
+            _backward_reset_after(*head, _array(w_hh), *tail)
         else:
             _backward_reset_before(
-                *head,
-                *_with_transpose(w_hh[: 2 * hidden]),
-                *_with_transpose(w_hh[2 * hidden :]),
-                *tail,
+                *head, _array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]), *tail
             )
         return (
             dx,

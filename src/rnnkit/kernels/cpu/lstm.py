@@ -15,162 +15,28 @@ The saved activations are left intact (a retained graph can run backward again);
 gradients are then large matmuls over all T * B rows: dW_ih = dpre^T x, dW_hh = dpre^T h_prev,
 dW_hr = dh^T (o tanh(c)).
 
-BLAS: MKL from torch's wheel by default; RNNKIT_CPU_BLAS=openblas picks numpy's OpenBLAS.
+Products: `blas` (torch's MKL by default), weights read through gemm's transpose flag, never
+copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on where that pays.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-import llvmlite.binding as llvm
 import numpy as np
 import torch
 from numba import njit, types
 from numba.extending import overload
 from torch import Tensor
 
-# ---------------------------------------------------------------------------------------------
-# BLAS from inside numba. torch's x86 wheels carry MKL (the BLAS behind torch.mm, sharing torch's
-# thread pool); numpy's wheels carry OpenBLAS. Both export the Fortran ILP64 gemm, registered here
-# under one name so that the compiled, disk-cached code links to whichever is present. MKL also
-# packs a weight once per sequence for all its steps' products (10-30% faster per step, measured).
+from rnnkit.kernels.cpu import blas
 
-_MKL_SYMBOLS = {
-    "sgemm": "SGEMM_64",
-    "dgemm": "DGEMM_64",
-    "sgemm_pack_size": "SGEMM_PACK_GET_SIZE_64",
-    "sgemm_pack": "SGEMM_PACK_64",
-    "sgemm_compute": "SGEMM_COMPUTE_64",
-}
-_OPENBLAS_SYMBOLS = {"sgemm": "scipy_sgemm_64_", "dgemm": "scipy_dgemm_64_"}
-
-
-def _symbol_addresses(path: str, symbols: dict[str, str]) -> dict[str, int] | None:
-    if not os.path.exists(path):
-        return None
-    library = ctypes.CDLL(path)
-    if not all(hasattr(library, name) for name in symbols.values()):
-        return None
-    return {
-        key: ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-        for key, name in symbols.items()
-    }
-
-
-def _find_blas(preferred: str) -> tuple[str, dict[str, int]]:
-    """(library name, {function: address}) of an ILP64 Fortran BLAS that torch or numpy ships;
-    preferred is "mkl" or "openblas" (the other is the fallback)."""
-    torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    numpy_libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    openblas = [
-        os.path.join(numpy_libs, name)
-        for name in (sorted(os.listdir(numpy_libs)) if os.path.isdir(numpy_libs) else [])
-        if "openblas" in name
-    ]
-    candidates = [("MKL (torch)", torch_library, _MKL_SYMBOLS)]
-    candidates += [("OpenBLAS (numpy)", path, _OPENBLAS_SYMBOLS) for path in openblas]
-    if preferred == "openblas":
-        candidates = candidates[1:] + candidates[:1]
-    for label, path, symbols in candidates:
-        found = _symbol_addresses(path, symbols)
-        if found is not None:
-            return label, found
-    raise ImportError("no ILP64 BLAS gemm found in torch's MKL or numpy's OpenBLAS")
-
-
-BLAS_LIBRARY, _addresses = _find_blas(os.environ.get("RNNKIT_CPU_BLAS", "mkl").lower())
-PACKED_GEMM = "sgemm_pack" in _addresses
+BLAS_LIBRARY = blas.LIBRARY
+PACKED_GEMM = blas.PACKED_GEMM
 # Packing costs about as much as a few products with the weight; below this many steps (a
 # streaming call, say) plain products are faster.
 _PACK_MIN_STEPS = 8
-for _name in _MKL_SYMBOLS:
-    # Without MKL the packing symbols point at sgemm; PACKED_GEMM=False keeps them uncalled.
-    llvm.add_symbol(f"rnnkit_{_name}64", _addresses.get(_name, _addresses["sgemm"]))
-_P = types.voidptr
-_sgemm = types.ExternalFunction("rnnkit_sgemm64", types.void(*([_P] * 13)))
-_dgemm = types.ExternalFunction("rnnkit_dgemm64", types.void(*([_P] * 13)))
-_sgemm_pack_size = types.ExternalFunction("rnnkit_sgemm_pack_size64", types.int64(*([_P] * 4)))
-_sgemm_pack = types.ExternalFunction("rnnkit_sgemm_pack64", types.void(*([_P] * 9)))
-_sgemm_compute = types.ExternalFunction("rnnkit_sgemm_compute64", types.void(*([_P] * 12)))
-
-# Below this many multiply-adds a BLAS call costs more than plain compiled loops.
-_SMALL_GEMM = 1 << 16
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _blas_workspace(dtype_like):
-    """Scratch for the Fortran by-reference arguments: (ints (3,), scalars (2,), chars (3,))."""
-    chars = np.empty(3, np.uint8)
-    chars[0] = 78  # 'N'
-    chars[1] = 65  # 'A': pack the left operand of the column-major product
-    chars[2] = 80  # 'P': that operand is packed
-    return np.empty(3, np.int64), np.empty(2, dtype_like.dtype), chars
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _pack_weight(rows, b, use_packing, ints, scalars, chars):
-    """(K, N) weight -> MKL's packed form for products (rows, K) @ (K, N), or an empty array
-    when packing does not apply (float64, no MKL, or small enough for plain loops)."""
-    k, n = b.shape
-    if not use_packing or b.itemsize != 4 or rows * n * k <= _SMALL_GEMM:
-        return np.empty(0, b.dtype)
-    ints[0] = n
-    ints[1] = rows
-    ints[2] = k
-    scalars[0] = 1
-    size = _sgemm_pack_size(chars[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
-    packed = np.empty(size // b.itemsize + 16, b.dtype)
-    _sgemm_pack(
-        chars[1:].ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-        scalars.ctypes, b.ctypes, ints[0:].ctypes, packed.ctypes,
-    )  # fmt: skip
-    return packed
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _matmul(a, b, packed, c, accumulate, ints, scalars, chars):
-    """(M, K) @ (K, N) -> (M, N), written into or added onto c; all C-contiguous; packed is
-    _pack_weight(M, b, ...)."""
-    m, k = a.shape
-    n = b.shape[1]
-    if m == 0 or n == 0:
-        return
-    if m * n * k <= _SMALL_GEMM:
-        for row in range(m):
-            if not accumulate:
-                c[row, :] = 0
-            for inner in range(k):
-                weight = a[row, inner]
-                for col in range(n):
-                    c[row, col] += weight * b[inner, col]
-        return
-    # Row-major C = A B is column-major C^T = B^T A^T: call gemm with the operands swapped.
-    ints[0] = n
-    ints[1] = m
-    ints[2] = k
-    scalars[0] = 1
-    scalars[1] = 1 if accumulate else 0
-    if packed.size > 0:
-        _sgemm_compute(
-            chars[2:].ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-            packed.ctypes, ints[0:].ctypes, a.ctypes, ints[2:].ctypes, scalars[1:].ctypes,
-            c.ctypes, ints[0:].ctypes,
-        )  # fmt: skip
-    elif c.itemsize == 4:
-        _sgemm(
-            chars.ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-            scalars.ctypes, b.ctypes, ints[0:].ctypes, a.ctypes, ints[2:].ctypes,
-            scalars[1:].ctypes, c.ctypes, ints[0:].ctypes,
-        )  # fmt: skip
-    else:
-        _dgemm(
-            chars.ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-            scalars.ctypes, b.ctypes, ints[0:].ctypes, a.ctypes, ints[2:].ctypes,
-            scalars[1:].ctypes, c.ctypes, ints[0:].ctypes,
-        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,10 +145,10 @@ _CHUNK_ROWS = 512
 @njit(cache=True, nogil=True, error_model="numpy")
 def lstm_forward_loop(
     x,
-    w_ih_t,
+    w_ih,
     bias,
-    w_hh_t,
-    w_hr_t,
+    w_hh,
+    w_hr,
     h,
     c,
     lengths,
@@ -293,18 +159,18 @@ def lstm_forward_loop(
     save,
     use_packing,
 ):
-    """(T, B, I) x, (I, 4H) W_ih^T, (4H,) b_ih + b_hh, (P, 4H) W_hh^T, (H, P) W_hr^T or (0, 0);
+    """(T, B, I) x, (4H, I) W_ih, (4H,) b_ih + b_hh, (4H, P) W_hh, (P, H) W_hr or (0, 0);
     (B, P) h and (B, H) c updated in place to the final state; writes the (T, B, P) output and,
     if save, the (T, B, 4H) gate activations and (T, B, H) cell states at each time position."""
     steps, batch, features = x.shape
-    gate_width = w_hh_t.shape[1]
+    gate_width = w_hh.shape[0]
     hidden = gate_width // 4
-    projected = w_hr_t.shape[0] > 0
+    projected = w_hr.shape[0] > 0
     chunk = max(1, min(steps, _CHUNK_ROWS // batch))
-    ints, scalars, chars = _blas_workspace(x)
-    packed_ih = _pack_weight(chunk * batch, w_ih_t, use_packing, ints, scalars, chars)
-    packed_hh = _pack_weight(batch, w_hh_t, use_packing, ints, scalars, chars)
-    packed_hr = _pack_weight(batch, w_hr_t, use_packing and projected, ints, scalars, chars)
+    work = blas.workspace(x)
+    ih, ih_transposed, packed_ih = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
+    hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, True, use_packing, work)
     inputs = np.zeros((chunk * batch, features), x.dtype)
     gates = np.empty((chunk * batch, gate_width), x.dtype)
     recurrent = np.empty((batch, gate_width), x.dtype)
@@ -315,14 +181,14 @@ def lstm_forward_loop(
         for offset in range(count):
             for b in range(batch):
                 inputs[offset * batch + b, :] = x[_position(first + offset, lengths[b], reverse), b]
-        _matmul(inputs, w_ih_t, packed_ih, gates, False, ints, scalars, chars)
+        blas.gemm_weight(inputs, ih, ih_transposed, packed_ih, gates, False, work)
         for row in range(count * batch):
             gate_row = gates[row]
             for j in range(gate_width):
                 gate_row[j] += bias[j]
         for offset in range(count):
             step = first + offset
-            _matmul(h, w_hh_t, packed_hh, recurrent, False, ints, scalars, chars)
+            blas.gemm_weight(h, hh, hh_transposed, packed_hh, recurrent, False, work)
             for b in range(batch):
                 length = lengths[b]
                 if step >= length:
@@ -339,7 +205,7 @@ def lstm_forward_loop(
                     h[b, :] = cell_output[b]
                     output[time, b, :] = cell_output[b]
             if projected:
-                _matmul(cell_output, w_hr_t, packed_hr, projection, False, ints, scalars, chars)
+                blas.gemm_weight(cell_output, hr, hr_transposed, packed_hr, projection, False, work)
                 for b in range(batch):
                     if step < lengths[b]:
                         h[b, :] = projection[b]
@@ -404,9 +270,9 @@ def lstm_backward_loop(
     out_width = grad_h.shape[1]
     projected = w_hr.shape[0] > 0
     dtype = activations.dtype
-    ints, scalars, chars = _blas_workspace(activations)
-    packed_hh = _pack_weight(batch, w_hh, use_packing, ints, scalars, chars)
-    packed_hr = _pack_weight(batch, w_hr, use_packing and projected, ints, scalars, chars)
+    work = blas.workspace(activations)
+    hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, False, use_packing, work)
     total_h = np.zeros((batch, out_width), dtype)
     grad_cell_output = np.zeros((batch, hidden), dtype)
     gathered = np.zeros((batch, gate_width), dtype)
@@ -431,7 +297,7 @@ def lstm_backward_loop(
             if projected:
                 grad_hidden[time, b, :] = total
         if projected:
-            _matmul(total_h, w_hr, packed_hr, grad_cell_output, False, ints, scalars, chars)
+            blas.gemm_weight(total_h, hr, hr_transposed, packed_hr, grad_cell_output, False, work)
         else:
             grad_cell_output[:, :] = total_h
         for b in range(batch):
@@ -466,7 +332,7 @@ def lstm_backward_loop(
             step_grads = gathered
             for b in range(batch):
                 step_grads[b, :] = gate_grads[_position(step, lengths[b], reverse), b]
-        _matmul(step_grads, w_hh, packed_hh, recurrent, False, ints, scalars, chars)
+        blas.gemm_weight(step_grads, hh, hh_transposed, packed_hh, recurrent, False, work)
         for b in range(batch):
             if step < lengths[b]:
                 grad_h[b, :] = recurrent[b]
@@ -490,34 +356,33 @@ def _empty_matrix(like: Tensor) -> np.ndarray:
     return np.empty((0, 0), _numpy(like).dtype)
 
 
-# Sequences in a batch are independent, so with several torch threads the batch is split into
+# Sequences in a batch are independent, so with several torch threads the batch can be split into
 # parts whose whole time loops run concurrently (numba releases the GIL), each with
-# single-threaded MKL: per-step products of a few rows scale poorly over threads inside BLAS.
+# single-threaded MKL. A part's per-step product must be large enough to pay for the lower
+# efficiency of fewer rows: measured on 2 cores (quiet machine), splitting B=32, H=128 (1M
+# multiply-adds a part) was 20-25% slower than one loop on MKL's own threads, while B=32, H=256
+# (4M) was 25% faster for inference and B=64, H=512 9% faster for training.
 _MIN_PART = 4
+_MIN_PART_STEP_WORK = 1 << 22
 _pool: ThreadPoolExecutor | None = None
-_mkl_local_threads = None
-if BLAS_LIBRARY.startswith("MKL"):
-    _torch_library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    _mkl_local_threads = ctypes.CDLL(_torch_library).MKL_Set_Num_Threads_Local
-    _mkl_local_threads.argtypes = [ctypes.c_int]
-    _mkl_local_threads.restype = ctypes.c_int
 
 
-def _batch_parts(batch: int) -> list[slice]:
-    """Slices of the batch to run concurrently: one per torch thread, at least _MIN_PART each."""
-    parts = min(torch.get_num_threads(), batch // _MIN_PART)
-    if parts < 2 or _mkl_local_threads is None:
+def _batch_parts(batch: int, step_work: int) -> list[slice]:
+    """Slices of the batch to run concurrently: one per torch thread, at least _MIN_PART rows and
+    _MIN_PART_STEP_WORK multiply-adds of the step's recurrent product (step_work in all) each."""
+    parts = min(torch.get_num_threads(), batch // _MIN_PART, step_work // _MIN_PART_STEP_WORK)
+    if parts < 2 or not BLAS_LIBRARY.startswith("MKL"):
         return [slice(0, batch)]
     bounds = [round(batch * index / parts) for index in range(parts + 1)]
     return [slice(bounds[index], bounds[index + 1]) for index in range(parts)]
 
 
 def _single_threaded(function, arguments) -> None:
-    previous = _mkl_local_threads(1)
+    previous = blas.set_local_threads(1)
     try:
         function(*arguments)
     finally:
-        _mkl_local_threads(previous)
+        blas.set_local_threads(previous)
 
 
 def _run_parts(function, argument_lists: list[tuple]) -> None:
@@ -542,14 +407,14 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         if part is not None:
             bias += part.detach()
     weights = (
-        _numpy(w_ih.detach().t().contiguous()),
+        _numpy(w_ih.contiguous()),
         _numpy(bias),
-        _numpy(w_hh.detach().t().contiguous()),
-        _numpy(w_hr.detach().t().contiguous()) if w_hr is not None else _empty_matrix(x),
+        _numpy(w_hh.contiguous()),
+        _numpy(w_hr.contiguous()) if w_hr is not None else _empty_matrix(x),
     )
     unsaved = _empty_matrix(x).reshape(0, 0, 0)
     length_array = _lengths_array(lengths, steps, batch)
-    parts = _batch_parts(batch)
+    parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1])
     outputs, finals_h, finals_c, activations, cells, argument_lists = [], [], [], [], [], []
     for part in parts:
         size = part.stop - part.start

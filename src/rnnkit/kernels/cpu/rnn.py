@@ -7,7 +7,8 @@ backwards producing the pre-activation gradients dP (T, B, H), then the weight a
 gradients are large matmuls over all T*B rows (dW_ih = dP^T X, dW_hh = dP^T H_prev, dX = dP W_ih).
 Only the output (returned anyway) and h0 are kept for the backward: the activation's derivative
 comes from h (tanh' = 1 - h^2; relu' = [h > 0], 0 at 0 as in torch) and h_{t-1} is the output of
-the step before. BLAS inside numba is SciPy's (numba calls scipy.linalg.cython_blas).
+the step before. Every product goes through `blas` (torch's MKL, on torch's own threads); the
+per-step products use MKL's packed weight from _PACK_MIN_STEPS steps on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from numba.extending import overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from rnnkit.kernels.cpu import blas
+
 NONLINEARITIES = ("tanh", "relu")
+# Packing a weight costs about as much as a few products with it; below this many steps plain
+# products are faster.
+_PACK_MIN_STEPS = 8
 
 _LOG2_E = 1.4426950408889634
 _LN_2 = 0.6931471805599453
@@ -115,32 +121,36 @@ def _activate_rows(pre, recurrent, relu):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _forward_kernel(x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final):
+def _forward_kernel(
+    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing
+):  # fmt: skip
     """(T, B, I) x, (B, H) h0 -> output (T, B, H) and final (B, H), written in place.
 
     `lengths` is empty when every sequence has T steps; padding outputs are left at zero.
     """
     steps, batch, _ = x.shape
     hidden = h0.shape[1]
+    work = blas.workspace(output)
     flat_output = output.reshape((steps * batch, hidden))
-    np.dot(x.reshape((steps * batch, x.shape[2])), np.ascontiguousarray(w_ih.T), flat_output)
+    x_rows = x.reshape((steps * batch, x.shape[2]))
+    blas.gemm(x_rows, w_ih, flat_output, False, True, False, work)
     for row in range(steps * batch):
         for j in range(hidden):
             flat_output[row, j] += bias[j]
-    w_hh_t = np.ascontiguousarray(w_hh.T)  # BLAS is slower on a transposed operand at small H
+    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     recurrent = np.empty((batch, hidden), dtype=output.dtype)
     if lengths.size == 0:
         previous = h0
         for step in range(steps):
             t = steps - 1 - step if reverse else step
-            np.dot(previous, w_hh_t, recurrent)
+            blas.gemm_weight(previous, weight, transposed, packed, recurrent, False, work)
             _activate_rows(output[t], recurrent, relu)
             previous = output[t]
         final[:] = previous
         return
     state = h0.copy()
     for step in range(steps):
-        np.dot(state, w_hh_t, recurrent)
+        blas.gemm_weight(state, weight, transposed, packed, recurrent, False, work)
         for b in range(batch):
             length = lengths[b]
             if step >= length:
@@ -160,7 +170,9 @@ def _forward_kernel(x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, fin
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _pre_activation_grads(grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place):
+def _pre_activation_grads(
+    grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place, use_packing
+):  # fmt: skip
     """BPTT time loop -> dP (T, B, H); grad_h enters as dL/dh_final and leaves as dL/dh0.
 
     in_place: write dP over grad_output (each element is read once, just before it is written).
@@ -175,6 +187,8 @@ def _pre_activation_grads(grad_output, grad_h, output, w_hh, lengths, reverse, r
         grad_pre = np.zeros_like(output)
     step_pre = np.zeros((batch, hidden), dtype=output.dtype)
     through = np.empty((batch, hidden), dtype=output.dtype)
+    work = blas.workspace(output)
+    weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     for step in range(steps - 1, -1, -1):
         for b in range(batch):
             length = steps if full else lengths[b]
@@ -192,7 +206,7 @@ def _pre_activation_grads(grad_output, grad_h, output, w_hh, lengths, reverse, r
                     value = total * (1 - h * h)
                 step_pre[b, j] = value
                 grad_pre[t, b, j] = value
-        np.dot(step_pre, w_hh, through)
+        blas.gemm_weight(step_pre, weight, transposed, packed, through, False, work)
         for b in range(batch):
             if full or step < lengths[b]:
                 for j in range(hidden):
@@ -224,18 +238,21 @@ def _backward_kernel(
     need_w_ih,
     need_w_hh,
     need_bias,
+    use_packing,
 ):
     """All gradients of one direction, written in place; grad_h: dL/dh_final in, dL/dh0 out."""
     steps, batch, hidden = output.shape
     grad_pre = _pre_activation_grads(
-        grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place
+        grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place, use_packing
     )
     rows = steps * batch
     flat_pre = grad_pre.reshape((rows, hidden))
+    work = blas.workspace(output)
     if need_x:
-        np.dot(flat_pre, w_ih, grad_x.reshape((rows, x.shape[2])))
+        blas.gemm(flat_pre, w_ih, grad_x.reshape((rows, x.shape[2])), False, False, False, work)
     if need_w_ih:
-        np.dot(flat_pre.T, x.reshape((rows, x.shape[2])), grad_w_ih)
+        x_rows = x.reshape((rows, x.shape[2]))
+        blas.gemm(flat_pre, x_rows, grad_w_ih, True, False, False, work)
     if need_bias:
         grad_bias[:] = 0
         for row in range(rows):
@@ -248,9 +265,9 @@ def _backward_kernel(
     flat_output = output.reshape((rows, hidden))
     if steps > 1:
         if reverse:
-            np.dot(flat_pre[:-batch].T, flat_output[batch:], grad_w_hh)
+            blas.gemm(flat_pre[:-batch], flat_output[batch:], grad_w_hh, True, False, False, work)
         else:
-            np.dot(flat_pre[batch:].T, flat_output[:-batch], grad_w_hh)
+            blas.gemm(flat_pre[batch:], flat_output[:-batch], grad_w_hh, True, False, False, work)
     else:
         grad_w_hh[:] = 0
     first_pre = np.empty((batch, hidden), dtype=output.dtype)
@@ -262,7 +279,7 @@ def _backward_kernel(
         else:
             first = lengths[b] - 1
         first_pre[b] = grad_pre[first, b]
-    grad_w_hh += np.dot(first_pre.T, h0)
+    blas.gemm(first_pre, h0, grad_w_hh, True, False, True, work)
 
 
 def _array(tensor: Tensor) -> np.ndarray:
@@ -303,6 +320,7 @@ def _forward(
         relu,
         output.numpy(),
         final.numpy(),
+        blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
     )
     return output, final
 
@@ -367,6 +385,7 @@ class FusedRNNFunction(torch.autograd.Function):
                 needs[2],
                 needs[3],
                 needs[4] or needs[5],
+                blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
             )
         return (
             grad_x if needs[0] else None,

@@ -1,0 +1,240 @@
+"""Variant layers' speed: each fused variant against its Python autograd loop and torch.nn.
+
+    python benchmarks/bench_variants.py [--sections layer_norm] [--configs 0,1] [--quick]
+        [--repeats N] [--json PATH] [--threads N] [--timer wall|cpu]
+
+Each section is one function in SECTIONS that returns table rows; a row times one variant, one
+(batch, steps, input, hidden) configuration and one mode (inference: forward under
+torch.inference_mode; training: forward + backward of the sum of the outputs, gradients for the
+parameters and the input), unidirectional, batch_first, zero initial state, float32. The
+implementations take turns call by call so that machine noise hits them alike (bench_layers.py's
+timer); the median of the repeats is reported.
+
+layer_norm: LayerNormLSTM / LayerNormGRU with backend="cpu" (the fused kernel) against the same
+layer with backend="reference" (the cell's step in a Python autograd loop; target: fused at least
+5x faster on the training step, geometric mean) and against torch.nn.LSTM / torch.nn.GRU of the
+same size (no layer norm; target: fused within 1.3x of it).
+
+Prints a table per section, writes JSON; asserts no times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import bench_minimal
+import torch
+from bench_layers import (
+    CONFIGS,
+    QUICK_CONFIGS,
+    machine_info,
+    reference_is_slow,
+    step_functions,
+    time_interleaved,
+    write_json,
+)
+from tqdm import tqdm
+
+import rnnkit
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "variants-cpu.json"
+
+
+def geometric_mean(values: list[float]) -> float | None:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def time_rows(variant: str, config, layers: dict, args) -> list[dict]:
+    """Inference and training rows of one variant and configuration: name -> layer timed."""
+    batch, steps, input_size, _ = config
+    torch.manual_seed(1)
+    x = torch.randn(batch, steps, input_size)
+    functions = {name: step_functions(layer, x) for name, layer in layers.items()}
+    rows = []
+    for mode in ("inference", "training"):
+        timed = time_interleaved(
+            {name: fns[mode] for name, fns in functions.items()}, args.repeats, "cpu", args.timer
+        )
+        rows.append(
+            {
+                "variant": variant,
+                "config": list(config),
+                "mode": mode,
+                "times": {k: v for k, v in timed.items() if isinstance(v, float)},
+                "errors": {k: v for k, v in timed.items() if isinstance(v, str)},
+            }
+        )
+    return rows
+
+
+# -- sections ----------------------------------------------------------------------------------
+LAYER_NORM_VARIANTS = {
+    "ln_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM),
+    "ln_gru": (rnnkit.LayerNormGRU, torch.nn.GRU),
+}
+
+
+def bench_layer_norm(args) -> dict:
+    """Fused layer-normalised LSTM/GRU vs their autograd loop and vs torch.nn's LSTM/GRU."""
+    rows = []
+    jobs = [(variant, config) for variant in LAYER_NORM_VARIANTS for config in args.config_list]
+    for variant, config in tqdm(jobs, desc="layer_norm", unit="config", file=sys.stderr):
+        cls, torch_cls = LAYER_NORM_VARIANTS[variant]
+        _, _, input_size, hidden = config
+        torch.manual_seed(0)
+        fused = cls(input_size, hidden, batch_first=True, backend="cpu")
+        layers = {"fused": fused, "torch.nn": torch_cls(input_size, hidden, batch_first=True)}
+        if not reference_is_slow(config):
+            loop = cls(input_size, hidden, batch_first=True, backend="reference")
+            loop.load_state_dict(fused.state_dict())
+            layers["autograd loop"] = loop
+        rows += time_rows(variant, config, layers, args)
+    for row in rows:
+        times = row["times"]
+        if "fused" in times:
+            for other, key in (
+                ("autograd loop", "loop_over_fused"),
+                ("torch.nn", "fused_over_torch"),
+            ):
+                if other in times:
+                    row[key] = (
+                        times[other] / times["fused"]
+                        if key == "loop_over_fused"
+                        else times["fused"] / times[other]
+                    )
+    summary = {}
+    for variant in LAYER_NORM_VARIANTS:
+        for mode in ("inference", "training"):
+            picked = [r for r in rows if r["variant"] == variant and r["mode"] == mode]
+            summary[f"{variant} {mode}"] = {
+                "loop_over_fused": geometric_mean(
+                    [r["loop_over_fused"] for r in picked if "loop_over_fused" in r]
+                ),
+                "fused_over_torch": geometric_mean(
+                    [r["fused_over_torch"] for r in picked if "fused_over_torch" in r]
+                ),
+            }
+    return {
+        "columns": ["fused", "autograd loop", "torch.nn"],
+        "ratios": {
+            "loop_over_fused": "autograd loop / fused (target >= 5 on training)",
+            "fused_over_torch": "fused / torch.nn LSTM or GRU (target <= 1.3)",
+        },
+        "rows": rows,
+        "geometric_means": summary,
+    }
+
+
+# Each section: name -> function(args) -> {"columns", "ratios", "rows", "geometric_means"}.
+# Other variants add their section here.
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "layer_norm": bench_layer_norm,
+    **bench_minimal.SECTIONS,  # indrnn_min, min_scan: see bench_minimal.py
+}
+
+
+# -- output ------------------------------------------------------------------------------------
+def print_section(name: str, result: dict) -> None:
+    columns, ratios = result["columns"], list(result["ratios"])
+    header = f"{'variant':<9} {'B,T,I,H':<16} {'mode':<9} " + " ".join(
+        f"{column + ' ms':>16}" for column in columns
+    )
+    header += " " + " ".join(f"{ratio:>18}" for ratio in ratios)
+    print(f"\n[{name}]")
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        cells = []
+        for column in columns:
+            if column in row["times"]:
+                cells.append(f"{row['times'][column] * 1e3:>16.3f}")
+            else:
+                cells.append(f"{'error' if column in row['errors'] else '-':>16}")
+        ratio_cells = [
+            f"{row[ratio]:>17.2f}x" if ratio in row else f"{'-':>18}" for ratio in ratios
+        ]
+        print(
+            f"{row['variant']:<9} {','.join(map(str, row['config'])):<16} {row['mode']:<9} "
+            + " ".join(cells)
+            + " "
+            + " ".join(ratio_cells)
+        )
+    for row in result["rows"]:
+        for column, text in row["errors"].items():
+            print(f"  error {row['variant']} {row['config']} {row['mode']} {column}: {text}")
+    print("geometric means:")
+    for key, values in result["geometric_means"].items():
+        text = "  ".join(
+            f"{ratio} {value:.2f}x" for ratio, value in values.items() if value is not None
+        )
+        print(f"  {key:<20} {text}")
+    for ratio, meaning in result["ratios"].items():
+        print(f"  {ratio}: {meaning}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"of {list(SECTIONS)}")
+    parser.add_argument(
+        "--configs", default=None, help=f"comma-separated indices into {CONFIGS} (default: all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="3 repeats, configs 0 and 1")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 9)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args(argv)
+    args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for section in args.section_list:
+        if section not in SECTIONS:
+            parser.error(f"--sections: each must be one of {list(SECTIONS)}, got {section!r}")
+    if args.configs is None:
+        indices = QUICK_CONFIGS if args.quick else list(range(len(CONFIGS)))
+    else:
+        try:
+            indices = [int(i) for i in args.configs.split(",") if i.strip()]
+        except ValueError:
+            parser.error(f"--configs: comma-separated integers, got {args.configs!r}")
+        for i in indices:
+            if not 0 <= i < len(CONFIGS):
+                parser.error(f"--configs: indices must be in 0..{len(CONFIGS) - 1}, got {i}")
+    args.config_list = [CONFIGS[i] for i in indices]
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 9
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    info = machine_info("cpu")
+    print(
+        f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), torch {info['torch']} "
+        f"with {info['torch_threads']} threads; float32, timer {args.timer}, "
+        f"median of {args.repeats}"
+    )
+    results = {}
+    for name in args.section_list:
+        results[name] = SECTIONS[name](args)
+        print_section(name, results[name])
+    payload = {
+        "machine": info,
+        "settings": {"repeats": args.repeats, "timer": args.timer, "dtype": "float32"},
+        "sections": results,
+    }
+    write_json(args.json, payload)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

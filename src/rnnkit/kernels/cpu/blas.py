@@ -1,0 +1,287 @@
+"""Matrix products for the compiled kernels: BLAS gemm called from numba, on row-major arrays.
+
+torch's x86 wheels carry MKL, the BLAS behind torch.mm, whose threads are torch's own OpenMP
+pool: calling it keeps every kernel on the threads torch already uses. numpy's wheels carry
+OpenBLAS, whose own spinning thread pool took the cores from torch's threads (4-30x slowdowns of
+small torch ops measured on 2 cores), so it is only the fallback. Both export the Fortran ILP64
+gemm; it is registered under one symbol name, so that numba's disk-cached code links to whichever
+library this process found. Where neither is present (or with RNNKIT_CPU_BLAS=loops), the symbols
+point at compiled loops with the same Fortran signature: slower, but every kernel still runs.
+
+RNNKIT_CPU_BLAS=mkl (default) | openblas | loops picks the first library tried.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+import torch
+from numba import carray, cfunc, njit, types
+
+_MKL_SYMBOLS = {
+    "sgemm": "SGEMM_64",
+    "dgemm": "DGEMM_64",
+    "sgemm_pack_size": "SGEMM_PACK_GET_SIZE_64",
+    "sgemm_pack": "SGEMM_PACK_64",
+    "sgemm_compute": "SGEMM_COMPUTE_64",
+}
+_OPENBLAS_SYMBOLS = {"sgemm": "scipy_sgemm_64_", "dgemm": "scipy_dgemm_64_"}
+CHOICES = ("mkl", "openblas", "loops")
+TORCH_LIBRARY = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+
+
+def _symbol_addresses(path: str, symbols: dict[str, str]) -> dict[str, int] | None:
+    if not os.path.exists(path):
+        return None
+    library = ctypes.CDLL(path)
+    if not all(hasattr(library, name) for name in symbols.values()):
+        return None
+    return {
+        key: ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+        for key, name in symbols.items()
+    }
+
+
+def _gemm_loops(dtype):
+    """A Fortran-convention gemm (column-major, by-reference arguments, no packing) as a C
+    callback: the fallback where no BLAS library is found."""
+    pointer = types.CPointer(dtype)
+    integer = types.CPointer(types.int64)
+    signature = types.void(
+        types.voidptr, types.voidptr, integer, integer, integer, pointer, pointer, integer,
+        pointer, integer, pointer, pointer, integer,
+    )  # fmt: skip
+
+    def gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        transposed_a = carray(trans_a, 1, np.uint8)[0] == 84  # 'T'
+        transposed_b = carray(trans_b, 1, np.uint8)[0] == 84
+        rows, cols, inner = m[0], n[0], k[0]
+        a_cols = rows if transposed_a else inner
+        b_cols = inner if transposed_b else cols
+        a_array = carray(a, (a_cols, lda[0]))
+        b_array = carray(b, (b_cols, ldb[0]))
+        c_array = carray(c, (cols, ldc[0]))
+        for j in range(cols):
+            for i in range(rows):
+                total = dtype(0)
+                for p in range(inner):
+                    left = a_array[i, p] if transposed_a else a_array[p, i]
+                    right = b_array[p, j] if transposed_b else b_array[j, p]
+                    total += left * right
+                previous = c_array[j, i] * beta[0] if beta[0] != 0 else dtype(0)
+                c_array[j, i] = alpha[0] * total + previous
+
+    return cfunc(signature, cache=True)(gemm).address
+
+
+def _find_blas(preferred: str) -> tuple[str, dict[str, int]]:
+    """(library name, {function: address}); preferred is one of CHOICES, the others follow."""
+    if preferred not in CHOICES:
+        raise ValueError(f"RNNKIT_CPU_BLAS must be one of {CHOICES}, got {preferred!r}")
+    numpy_libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    openblas = [
+        os.path.join(numpy_libs, name)
+        for name in (sorted(os.listdir(numpy_libs)) if os.path.isdir(numpy_libs) else [])
+        if "openblas" in name
+    ]
+    candidates = {
+        "mkl": [("MKL (torch)", TORCH_LIBRARY, _MKL_SYMBOLS)],
+        "openblas": [("OpenBLAS (numpy)", path, _OPENBLAS_SYMBOLS) for path in openblas],
+    }
+    order = [preferred] + [choice for choice in ("mkl", "openblas") if choice != preferred]
+    for choice in order:
+        for label, path, symbols in candidates.get(choice, []):
+            found = _symbol_addresses(path, symbols)
+            if found is not None:
+                return label, found
+        if choice == "loops":
+            break
+    loops = {"sgemm": _gemm_loops(types.float32), "dgemm": _gemm_loops(types.float64)}
+    return "compiled loops", loops
+
+
+LIBRARY, _addresses = _find_blas(os.environ.get("RNNKIT_CPU_BLAS", "mkl").strip().lower())
+# MKL packs a weight once for all of a sequence's products with it (10-30% faster per step).
+PACKED_GEMM = "sgemm_pack" in _addresses
+for _name in _MKL_SYMBOLS:
+    # Without MKL the packing symbols point at sgemm; PACKED_GEMM=False keeps them uncalled.
+    llvm.add_symbol(f"rnnkit_{_name}64", _addresses.get(_name, _addresses["sgemm"]))
+_P = types.voidptr
+_sgemm = types.ExternalFunction("rnnkit_sgemm64", types.void(*([_P] * 13)))
+_dgemm = types.ExternalFunction("rnnkit_dgemm64", types.void(*([_P] * 13)))
+_sgemm_pack_size = types.ExternalFunction("rnnkit_sgemm_pack_size64", types.int64(*([_P] * 4)))
+_sgemm_pack = types.ExternalFunction("rnnkit_sgemm_pack64", types.void(*([_P] * 9)))
+_sgemm_compute = types.ExternalFunction("rnnkit_sgemm_compute64", types.void(*([_P] * 12)))
+
+# Below this many multiply-adds a BLAS call's fixed cost exceeds plain compiled loops (measured
+# at batch 1: (1, 64) x (64, 4 * 64) products).
+SMALL_GEMM = 1 << 15
+# Packed weights measured no faster than gemm with the transpose flag for weights up to 1 MiB on
+# this project's AMD machine (MKL takes its AVX2 path there), and up to 25% slower at 4 MiB (past
+# the 2 MiB L2): weights larger than this are not packed.
+PACK_MAX_BYTES = 1 << 19
+
+_set_local_threads = None
+if LIBRARY.startswith("MKL"):
+    _set_local_threads = ctypes.CDLL(TORCH_LIBRARY).MKL_Set_Num_Threads_Local
+    _set_local_threads.argtypes = [ctypes.c_int]
+    _set_local_threads.restype = ctypes.c_int
+
+
+def set_local_threads(count: int) -> int | None:
+    """MKL threads for products called from this thread (0: back to the global setting); the
+    previous value, or None where the library has no such control."""
+    if _set_local_threads is None:
+        return None
+    return _set_local_threads(count)
+
+
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def workspace(like):
+    """Scratch for the Fortran by-reference arguments: (ints (3,), scalars (2,), chars (4,))."""
+    chars = np.empty(4, np.uint8)
+    chars[0] = 78  # 'N'
+    chars[1] = 84  # 'T'
+    chars[2] = 65  # 'A': pack the left operand of the column-major product
+    chars[3] = 80  # 'P': that operand is packed
+    return np.empty(3, np.int64), np.empty(2, like.dtype), chars
+
+
+@_jit
+def _leading(array):
+    """Elements between rows of a 2-D array whose rows are contiguous (at least 1)."""
+    return max(1, array.strides[0] // array.itemsize, array.shape[1])
+
+
+@_jit
+def _small_product(a, b, c, accumulate):
+    """c (M, N) = a (M, K) @ b (K, N), or c += it, by plain loops (rows of b vectorise)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if not accumulate:
+        c[:, :] = 0
+    for row in range(m):
+        out = c[row]
+        for inner in range(k):
+            weight = a[row, inner]
+            b_row = b[inner]
+            for col in range(n):
+                out[col] += weight * b_row[col]
+
+
+@_jit
+def gemm(a, b, c, trans_a, trans_b, accumulate, work):
+    """c (M, N) = op(a) @ op(b), or c += it; op transposes when its flag is set; every array's
+    rows are contiguous (views of row blocks are fine); work is workspace(c)."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    k = a.shape[0] if trans_a else a.shape[1]
+    n = b.shape[0] if trans_b else b.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0 or m * n * k <= SMALL_GEMM:
+        if k == 0 and not accumulate:
+            c[:, :] = 0
+        elif k > 0:
+            # Transposed operands are copied (small by definition): one loop body to compile.
+            left = np.ascontiguousarray(a.T) if trans_a else np.ascontiguousarray(a)
+            right = np.ascontiguousarray(b.T) if trans_b else np.ascontiguousarray(b)
+            _small_product(left, right, c, accumulate)
+        return
+    ints, scalars, chars = work
+    # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: gemm with the operands
+    # swapped, each read as its own transpose.
+    ints[0] = n
+    ints[1] = m
+    ints[2] = k
+    scalars[0] = 1
+    scalars[1] = 1 if accumulate else 0
+    leading = np.empty(3, np.int64)
+    leading[0] = _leading(b)
+    leading[1] = _leading(a)
+    leading[2] = _leading(c)
+    flag_b = chars[1:] if trans_b else chars[0:]
+    flag_a = chars[1:] if trans_a else chars[0:]
+    if c.itemsize == 4:
+        _sgemm(
+            flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+            scalars.ctypes, b.ctypes, leading[0:].ctypes, a.ctypes, leading[1:].ctypes,
+            scalars[1:].ctypes, c.ctypes, leading[2:].ctypes,
+        )  # fmt: skip
+    else:
+        _dgemm(
+            flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+            scalars.ctypes, b.ctypes, leading[0:].ctypes, a.ctypes, leading[1:].ctypes,
+            scalars[1:].ctypes, c.ctypes, leading[2:].ctypes,
+        )  # fmt: skip
+
+
+@_jit
+def matmul(a, b, c):
+    """c (M, N) = a (M, K) @ b (K, N)."""
+    gemm(a, b, c, False, False, False, workspace(c))
+
+
+@_jit
+def prepare_weight(rows, b, trans_b, use_packing, work):
+    """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
+    (b', trans', packed) for gemm_weight. Products small enough for plain loops get a transposed
+    copy (their loops vectorise over rows of b, not over dot products); larger float32 ones get
+    MKL's packed form when use_packing (pass PACKED_GEMM and ...: a global read here would be
+    frozen into the disk cache, and without MKL the packing symbols are plain sgemm)."""
+    k = b.shape[1] if trans_b else b.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    none = np.empty(0, b.dtype)
+    if rows * n * k <= SMALL_GEMM:
+        if trans_b:
+            return np.ascontiguousarray(b.T), False, none
+        return np.ascontiguousarray(b), False, none
+    if not use_packing or b.itemsize != 4 or b.size * b.itemsize > PACK_MAX_BYTES:
+        return np.ascontiguousarray(b), trans_b, none
+    ints, scalars, chars = work
+    ints[0] = n
+    ints[1] = rows
+    ints[2] = k
+    scalars[0] = 1
+    leading = np.empty(1, np.int64)
+    leading[0] = _leading(b)
+    size = _sgemm_pack_size(chars[2:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
+    packed = np.empty(size // b.itemsize + 16, b.dtype)
+    flag_b = chars[1:] if trans_b else chars[0:]
+    _sgemm_pack(
+        chars[2:].ctypes, flag_b.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+        scalars.ctypes, b.ctypes, leading.ctypes, packed.ctypes,
+    )  # fmt: skip
+    return np.ascontiguousarray(b), trans_b, packed
+
+
+@_jit
+def gemm_weight(a, b, trans_b, packed, c, accumulate, work):
+    """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
+    for M rows."""
+    if packed.size == 0:
+        gemm(a, b, c, False, trans_b, accumulate, work)
+        return
+    m, k = a.shape
+    n = c.shape[1]
+    if m == 0 or n == 0:
+        return
+    ints, scalars, chars = work
+    ints[0] = n
+    ints[1] = m
+    ints[2] = k
+    scalars[0] = 1
+    scalars[1] = 1 if accumulate else 0
+    leading = np.empty(2, np.int64)
+    leading[0] = _leading(a)
+    leading[1] = _leading(c)
+    _sgemm_compute(
+        chars[3:].ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+        packed.ctypes, ints[0:].ctypes, a.ctypes, leading[0:].ctypes, scalars[1:].ctypes,
+        c.ctypes, leading[1:].ctypes,
+    )  # fmt: skip

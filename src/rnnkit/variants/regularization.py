@@ -1,0 +1,155 @@
+"""Recurrent regularisers, as layer options of RNN, LSTM, GRU and the layer-normalised layers.
+
+    input_dropout      variational dropout on each layer's input x_t (Gal & Ghahramani 2016):
+                       one Bernoulli mask per sequence and layer, the same at every time step
+    recurrent_dropout  variational dropout on h_{t-1} where it enters the recurrent matmul
+                       W_hh h_{t-1}: one mask per sequence, layer and direction, the same at every
+                       step (the GRU's carry z * h_{t-1} keeps the undropped state, as in the paper)
+    zoneout            (Krueger et al. 2016) each unit of h (and of c for LSTMs) keeps its previous
+                       value with probability p at each step: h_t = d * h_{t-1} + (1 - d) * h~_t,
+                       d ~ Bernoulli(p) per unit and step; in eval mode its expectation,
+                       h_t = p * h_{t-1} + (1 - p) * h~_t. A float applies to h and c, a pair
+                       (p_h, p_c) sets them apart.
+    weight_drop        DropConnect on W_hh (Merity et al. 2017): one mask over the weight's
+                       entries, sampled once per forward and shared by every step and sequence
+
+Dropout masks are scaled by 1 / (1 - p), so that they are the identity in expectation; all of
+them are off in eval mode (zoneout takes its expectation form there). input_dropout and
+weight_drop act outside the recurrence and run with the fused kernels; recurrent_dropout in
+training and zoneout change each step, so `rnnkit.dispatch` sends those layers to the reference
+loop and says so.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rnnkit.cells.layer_norm import ln_gru_gates
+from rnnkit.spec import LayerSpec
+
+Step = Callable[..., tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class Regularizers:
+    """The regularisation options of one layer (probabilities in [0, 1))."""
+
+    input_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    zoneout: tuple[float, float] = (0.0, 0.0)
+    weight_drop: float = 0.0
+
+
+def _probability(owner: str, name: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{owner}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_regularizers(
+    owner: str,
+    mode: str,
+    input_dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, float] = 0.0,
+    weight_drop: float = 0.0,
+) -> Regularizers:
+    """Validate the options where they enter (a layer's constructor)."""
+    has_cell = mode in ("LSTM", "LN_LSTM")
+    if isinstance(zoneout, (tuple, list)):
+        if not has_cell:
+            raise ValueError(
+                f"{owner}: zoneout must be one number for a layer without a cell state, "
+                f"got {zoneout!r}"
+            )
+        if len(zoneout) != 2:
+            raise ValueError(
+                f"{owner}: zoneout must be a number or a pair (hidden, cell), got {zoneout!r}"
+            )
+        pair = (
+            _probability(owner, "zoneout[0]", zoneout[0]),
+            _probability(owner, "zoneout[1]", zoneout[1]),
+        )
+    else:
+        rate = _probability(owner, "zoneout", zoneout)
+        pair = (rate, rate if has_cell else 0.0)
+    return Regularizers(
+        input_dropout=_probability(owner, "input_dropout", input_dropout),
+        recurrent_dropout=_probability(owner, "recurrent_dropout", recurrent_dropout),
+        zoneout=pair,
+        weight_drop=_probability(owner, "weight_drop", weight_drop),
+    )
+
+
+def dropout_mask(like: Tensor, p: float) -> Tensor:
+    """A Bernoulli(1 - p) mask shaped like `like`, scaled by 1 / (1 - p)."""
+    return torch.empty_like(like).bernoulli_(1 - p) / (1 - p)
+
+
+def drop_input(x: Tensor, p: float, training: bool) -> Tensor:
+    """(T, B, I) -> x with one (B, I) mask per sequence, the same at every step (identity in eval)."""
+    if not training or p == 0:
+        return x
+    return x * dropout_mask(x[0], p)
+
+
+def drop_weights(weights: Sequence[Tensor | None], p: float, training: bool) -> tuple:
+    """(w_ih, w_hh, ...) -> the same with a DropConnect mask on w_hh (identity in eval)."""
+    if not training or p == 0:
+        return tuple(weights)
+    w_ih, w_hh, *rest = weights
+    return (w_ih, w_hh * dropout_mask(w_hh, p), *rest)
+
+
+def _update_gate(spec: LayerSpec, x: Tensor, h: Tensor, weights: Sequence[Tensor | None]) -> Tensor:
+    """(B, H) update gate z of a GRU step on input x and recurrent input h."""
+    if spec.mode == "LN_GRU":
+        return ln_gru_gates(x, h, *weights)[1]
+    w_ih, w_hh, b_ih, b_hh = weights
+    hidden = w_hh.size(1)
+    pre = x @ w_ih[hidden : 2 * hidden].T + h @ w_hh[hidden : 2 * hidden].T
+    if b_ih is not None:
+        pre = pre + b_ih[hidden : 2 * hidden] + b_hh[hidden : 2 * hidden]
+    return torch.sigmoid(pre)
+
+
+def regularized_step(step: Step, spec: LayerSpec, state: tuple[Tensor, ...]) -> Step:
+    """The cell step with the spec's recurrent dropout and zoneout; masks for one direction's
+    pass over a batch shaped like `state` are drawn here (recurrent) and per call (zoneout)."""
+    p_recurrent = spec.recurrent_dropout if spec.training else 0.0
+    p_hidden, p_cell = spec.zoneout
+    if p_recurrent == 0 and p_hidden == 0 and p_cell == 0:
+        return step
+    recurrent_mask = dropout_mask(state[0], p_recurrent) if p_recurrent > 0 else None
+    gru = spec.mode in ("GRU", "LN_GRU")
+
+    def regularized(x: Tensor, state: tuple[Tensor, ...], *weights) -> tuple[Tensor, ...]:
+        if recurrent_mask is None:
+            new_state = step(x, state, *weights)
+        else:
+            dropped = state[0] * recurrent_mask
+            new_state = step(x, (dropped, *state[1:]), *weights)
+            if gru:
+                # The step carried the dropped state through z * h; the paper carries h itself.
+                z = _update_gate(spec, x, dropped, weights)
+                new_state = (new_state[0] + z * (state[0] - dropped),)
+        rates = (p_hidden, p_cell)
+        return tuple(
+            _zoneout(old, new, rate, spec.training) if rate > 0 else new
+            for old, new, rate in zip(state, new_state, rates)
+        )
+
+    return regularized
+
+
+def _zoneout(old: Tensor, new: Tensor, p: float, training: bool) -> Tensor:
+    """Each unit keeps its old value with probability p (training) or by the weight p (eval)."""
+    if training:
+        keep_old = torch.empty_like(new).bernoulli_(p)
+        return torch.lerp(new, old, keep_old)
+    return torch.lerp(new, old, p)

@@ -1,0 +1,78 @@
+"""The fused minGRU/minLSTM scan kernel against the torch log-space and step-by-step scans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit.kernels.cpu import minimal as minimal_kernel
+from rnnkit.kernels.cpu.minimal import MinimalScanFunction
+from rnnkit.variants.minimal import parallel_scan, sequential_scan
+
+GATES = {"min_gru": 2, "min_lstm": 3}
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def outputs_and_grads(scan, cell, gates, h0, lengths):
+    output, final = scan(cell, gates, h0, lengths)
+    weights = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view(output.shape)
+    loss = (output * weights).sum() + (final * final).sum()
+    return [output, final, *torch.autograd.grad(loss, (gates, h0))]
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths", [None, [40, 1, 17]])
+def test_fused_scan_matches_both_torch_scans(cell, dtype, lengths):
+    torch.manual_seed(0)
+    gates = (3 * torch.randn(40, 3, GATES[cell] * 6, dtype=dtype)).requires_grad_(True)
+    h0 = torch.randn(3, 6, dtype=dtype, requires_grad=True)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    fused = outputs_and_grads(minimal_kernel.scan_direction, cell, gates, h0, lengths)
+    for scan in (sequential_scan, parallel_scan):
+        # In float32 the log-space scan rounds log h to about eps * |sum of log a| (see its doc).
+        tol = 2e-3 if scan is parallel_scan and dtype == torch.float32 else TOLERANCE[dtype]
+        reference = outputs_and_grads(scan, cell, gates, h0, lengths)
+        for a, b in zip(fused, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_gradcheck_of_the_fused_function(cell):
+    torch.manual_seed(1)
+    gates = torch.randn(5, 2, GATES[cell] * 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    for lengths in (None, torch.tensor([5, 3])):
+        assert torch.autograd.gradcheck(
+            lambda g, h, lengths=lengths: MinimalScanFunction.apply(
+                g, h, lengths, cell == "min_lstm"
+            ),
+            (gates, h0),
+        )
+
+
+def test_saturated_gates_stay_finite_and_exact():
+    # f and i both below float64's smallest number: f / (f + i) is 0/0 unless done in log space.
+    gates = torch.tensor([[[-800.0, -801.0, 2.0]]], dtype=torch.float64, requires_grad=True)
+    h0 = torch.tensor([[4.0]], dtype=torch.float64, requires_grad=True)
+    output, _ = minimal_kernel.scan_direction("min_lstm", gates, h0, None)
+    keep = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))  # f/(f+i) = e/(e+1)
+    expected = keep * 4.0 + (1 - keep) * 2.5
+    torch.testing.assert_close(output[0, 0, 0], expected)
+    output.sum().backward()
+    assert torch.isfinite(gates.grad).all() and torch.isfinite(h0.grad).all()
+
+
+def test_padding_outputs_zero_and_final_is_last_valid_state():
+    torch.manual_seed(2)
+    gates = torch.randn(6, 2, 4, dtype=torch.float64)
+    h0 = torch.randn(2, 2, dtype=torch.float64)
+    output, final = minimal_kernel.scan_direction("min_gru", gates, h0, torch.tensor([6, 2]))
+    assert (output[2:, 1] == 0).all()
+    torch.testing.assert_close(final[1], output[1, 1])
+    torch.testing.assert_close(final[0], output[5, 0])
+
+
+def test_unknown_cell_is_rejected():
+    with pytest.raises(ValueError, match="cell must be one of"):
+        minimal_kernel.scan_direction("gru", torch.zeros(1, 1, 2), torch.zeros(1, 1), None)

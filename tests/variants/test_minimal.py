@@ -1,0 +1,245 @@
+"""MinGRU and MinLSTM against the paper's equations, parallel against sequential, and their API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnkit
+from rnnkit.variants.minimal import MinGRU, MinLSTM, log_space_scan
+
+CLASSES = [MinGRU, MinLSTM]
+PATHS = [
+    ("reference", "parallel"),
+    ("reference", "sequential"),
+    ("cpu", "parallel"),
+    ("cpu", "sequential"),
+]
+
+
+def paper_g(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v >= 0, v + 0.5, torch.sigmoid(v))
+
+
+def paper_step(cls, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
+    """One step written from Feng et al. 2024's equations (sequential form, no log space)."""
+    k = x @ w.T + (b if b is not None else 0)
+    if cls is MinGRU:
+        k_z, k_h = k.chunk(2, dim=-1)
+        z = torch.sigmoid(k_z)
+        return (1 - z) * h + z * paper_g(k_h)
+    k_f, k_i, k_h = k.chunk(3, dim=-1)
+    f, i = torch.sigmoid(k_f), torch.sigmoid(k_i)
+    return f / (f + i) * h + i / (f + i) * paper_g(k_h)
+
+
+def paper_layer(module, x, hx, lengths):
+    """(T, B, I) -> (T, B, D*H), (L*D, B, H): each sequence alone, over its own valid steps."""
+    steps, batch, _ = x.shape
+    directions = 2 if module.bidirectional else 1
+    lengths = [steps] * batch if lengths is None else [int(n) for n in lengths]
+    outputs, finals = [], []
+    for b in range(batch):
+        n = lengths[b]
+        layer_input = x[:n, b]
+        sequence_finals = []
+        for layer in range(module.num_layers):
+            direction_outputs = []
+            for direction in range(directions):
+                w, bias = module.layer_weights(layer, direction)
+                h = hx[layer * directions + direction, b]
+                order = range(n - 1, -1, -1) if direction == 1 else range(n)
+                hs = [None] * n
+                for t in order:
+                    h = paper_step(type(module), layer_input[t], h, w, bias)
+                    hs[t] = h
+                direction_outputs.append(torch.stack(hs))
+                sequence_finals.append(h)
+            layer_input = torch.cat(direction_outputs, dim=-1)
+        padding = layer_input.new_zeros(steps - n, layer_input.size(-1))
+        outputs.append(torch.cat([layer_input, padding]))
+        finals.append(torch.stack(sequence_finals))
+    return torch.stack(outputs, dim=1), torch.stack(finals, dim=1)
+
+
+def loss_and_grads(output, h_n, inputs):
+    weights = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view(output.shape)
+    loss = (output * weights).sum() + (h_n * h_n).sum()
+    return [output, h_n, *torch.autograd.grad(loss, inputs)]
+
+
+def assert_close_all(mine, theirs, tol):
+    for index, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, i=index: f"{i}: {m}")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("backend,mode", PATHS)
+def test_outputs_and_gradients_match_paper_equations(cls, backend, mode):
+    torch.manual_seed(0)
+    module = cls(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
+    x = torch.randn(9, 4, 3, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)  # negative entries too
+    lengths = torch.tensor([9, 4, 1, 6])
+    inputs = [x, hx, *module.parameters()]
+    mine = loss_and_grads(*module(x, hx, lengths=lengths, mode=mode), inputs)
+    theirs = loss_and_grads(*paper_layer(module, x, hx, lengths), inputs)
+    assert_close_all(mine, theirs, 1e-9)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_parallel_equals_sequential_over_4096_steps(cls):
+    torch.manual_seed(1)
+    module = cls(2, 3, dtype=torch.float64, backend="reference")
+    x = torch.randn(4096, 2, 2, dtype=torch.float64)
+    hx = torch.tensor([[[-2.0, 0.0, 3.0], [0.5, -0.1, 1.0]]], dtype=torch.float64)
+    lengths = torch.tensor([4096, 3001])
+    with torch.no_grad():
+        parallel = module(x, hx, lengths=lengths, mode="parallel")
+        sequential = module(x, hx, lengths=lengths, mode="sequential")
+        module.backend = "cpu"
+        fused = module(x, hx, lengths=lengths, mode="parallel")
+    for mine in (parallel, fused):
+        torch.testing.assert_close(mine[0], sequential[0], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(mine[1], sequential[1], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("backend,mode", PATHS)
+def test_gradcheck_on_tiny_sizes(cls, backend, mode):
+    torch.manual_seed(2)
+    module = cls(2, 2, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in module.named_parameters()]
+
+    def run(x, hx, *weights):
+        return torch.func.functional_call(
+            module,
+            dict(zip(names, weights)),
+            (x, hx),
+            {"lengths": torch.tensor([4, 2]), "mode": mode},
+        )
+
+    weights = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    assert torch.autograd.gradcheck(run, (x, hx, *weights))
+
+
+def test_log_space_scan_solves_the_linear_recurrence_with_any_initial_sign():
+    torch.manual_seed(3)
+    a = torch.rand(50, 2, 3, dtype=torch.float64) * 0.9 + 0.05
+    b = torch.rand(50, 2, 3, dtype=torch.float64) + 0.01
+    h0 = torch.tensor([[-3.0, 0.0, 2.0], [1e-3, -1e-3, 7.0]], dtype=torch.float64)
+    h, expected = h0, []
+    for t in range(50):
+        h = a[t] * h + b[t]
+        expected.append(h)
+    torch.testing.assert_close(
+        log_space_scan(a.log(), b.log(), h0), torch.stack(expected), atol=1e-12, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_by_step_streaming_matches_forward(cls):
+    torch.manual_seed(4)
+    module = cls(3, 4, num_layers=2, dtype=torch.float64)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    hx = torch.randn(2, 2, 4, dtype=torch.float64)
+    output, h_n = module(x, hx)
+    state, steps = hx, []
+    for t in range(7):
+        y, state = module.step(x[t], state)
+        steps.append(y)
+    torch.testing.assert_close(torch.stack(steps), output, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, h_n, atol=1e-12, rtol=1e-12)
+    y, state = module.step(x[0, 0])
+    assert y.shape == (4,) and state.shape == (2, 4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_float32_paths_agree(backend):
+    torch.manual_seed(5)
+    module = MinLSTM(4, 8, bidirectional=True, backend=backend)
+    x = torch.randn(300, 3, 4)
+    with torch.no_grad():
+        parallel = module(x, mode="parallel")
+        sequential = module(x, mode="sequential")
+    torch.testing.assert_close(parallel[0], sequential[0], atol=1e-4, rtol=1e-4)
+
+
+def test_layouts_batch_first_unbatched_and_packed_agree():
+    torch.manual_seed(6)
+    module = MinGRU(3, 4, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    output, h_n = module(x, lengths=lengths)
+    module.batch_first = True
+    output_bf, h_n_bf = module(x.transpose(0, 1), lengths=lengths)
+    torch.testing.assert_close(output_bf.transpose(0, 1), output)
+    torch.testing.assert_close(h_n_bf, h_n)
+    packed = pack_padded_sequence(
+        x.transpose(0, 1), lengths, batch_first=True, enforce_sorted=False
+    )
+    output_packed, h_n_packed = module(packed)
+    unpacked, _ = pad_packed_sequence(output_packed, batch_first=True, total_length=5)
+    torch.testing.assert_close(unpacked.transpose(0, 1), output)
+    torch.testing.assert_close(h_n_packed, h_n)
+    module.batch_first = False
+    single, h_single = module(x[:, 0])
+    torch.testing.assert_close(single, output[:, 0])
+    torch.testing.assert_close(h_single, h_n[:, 0])
+    assert (output[2:, 1] == 0).all()
+
+
+def test_exported_from_rnnkit_with_parameter_names_and_shapes():
+    module = rnnkit.MinLSTM(3, 4, num_layers=2, bidirectional=True, bias=False)
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    assert shapes == {
+        "weight_ih_l0": (12, 3),
+        "weight_ih_l0_reverse": (12, 3),
+        "weight_ih_l1": (12, 8),
+        "weight_ih_l1_reverse": (12, 8),
+    }
+    output, h_n = module(torch.randn(5, 2, 3))
+    assert output.shape == (5, 2, 8) and h_n.shape == (4, 2, 4)
+    assert rnnkit.MinGRU(3, 4).weight_ih_l0.shape == (8, 3)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda m: m(torch.randn(5, 2, 3), mode="scan"), "mode must be one of"),
+        (lambda m: m(torch.randn(5, 2, 2)), r"input.size\(-1\) must be input_size=3, got 2"),
+        (
+            lambda m: m(torch.randn(5, 2, 3), torch.zeros(1, 3, 4)),
+            r"hx must have shape \(1, 2, 4\)",
+        ),
+        (lambda m: m(torch.randn(5, 2, 3), lengths=[5, 6]), "lengths must be <= the number"),
+        (lambda m: m(torch.randn(5, 2, 3).double()), "input.dtype must match"),
+        (lambda m: m.step(torch.randn(2, 5)), r"input must be \(B, input_size=3\)"),
+    ],
+)
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(MinGRU(3, 4))
+
+
+def test_bad_constructor_arguments_are_named():
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
+        MinGRU(3, 0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MinLSTM(3, 4, backend="gpu")
+    with pytest.raises(ValueError, match="step needs a unidirectional layer"):
+        MinGRU(3, 4, bidirectional=True).step(torch.randn(2, 3))
+
+
+def test_rnnkit_stream_in_chunks_matches_whole_sequence():
+    torch.manual_seed(7)
+    module = MinLSTM(3, 4, num_layers=2, dtype=torch.float64)
+    x = torch.randn(2, 10, 3, dtype=torch.float64)  # Stream's protocol chunks are batch-first
+    whole, _ = module(x.transpose(0, 1))
+    stream = rnnkit.Stream(module)
+    pieces = [stream.step(x[:, a:b]) for a, b in ((0, 1), (1, 4), (4, 10))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole.transpose(0, 1))
+    assert stream.steps == 10
