@@ -1,7 +1,6 @@
 """Sections of bench_variants.py for MinGRU, MinLSTM and IndRNN (run them from there).
 
-    python benchmarks/bench_variants.py --sections min_scan,indrnn_min --threads 1 --timer cpu \
-        --json benchmarks/results/variants-minimal-cpu.json [--quick] [--repeats N]
+    python benchmarks/bench_variants.py --sections min_scan,indrnn_min --threads 1 --timer cpu
 
 indrnn_min: IndRNN, MinGRU and MinLSTM with backend="cpu" (fused numba kernel) against the same
 layer as a Python autograd loop of its step (IndRNN backend="reference"; MinGRU/MinLSTM

@@ -27,12 +27,8 @@ from rnnkit.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "cpu", "gpu")
 _KERNEL_MODULES = {"cpu": "rnnkit.kernels.cpu", "gpu": "rnnkit.kernels.gpu"}
-# Cells beyond torch.nn's three bring their own kernel modules: mode -> {backend: module}. A backend
-# missing here does not cover that mode (auto then runs the reference loop and says so).
-_VARIANT_KERNEL_MODULES = {
-    "LN_LSTM": {"cpu": "rnnkit.kernels.cpu.layer_norm"},
-    "LN_GRU": {"cpu": "rnnkit.kernels.cpu.layer_norm"},
-}
+# The layer-normalised cells have fused kernels on the CPU only.
+_CPU_ONLY_MODES = ("LN_LSTM", "LN_GRU")
 
 
 class Backend(Protocol):
@@ -72,23 +68,17 @@ def check_backend_name(owner: str, backend: str) -> str:
 
 def _load(name: str, mode: str = "") -> Backend | str:
     """The backend object for this mode, or a string saying why it cannot be used here."""
-    if name == "reference":
-        return _loaded[name]
-    module_name = _KERNEL_MODULES[name]
-    if mode in _VARIANT_KERNEL_MODULES:
-        if name not in _VARIANT_KERNEL_MODULES[mode]:
-            return f"there is no {name} kernel for {mode}"
-        module_name = _VARIANT_KERNEL_MODULES[mode][name]
-    key = name if module_name == _KERNEL_MODULES[name] else module_name
-    if key not in _loaded:
+    if mode in _CPU_ONLY_MODES and name == "gpu":
+        return f"there is no {name} kernel for {mode}"
+    if name not in _loaded:
         try:
-            module = importlib.import_module(module_name)
-            _loaded[key] = module.backend
+            module = importlib.import_module(_KERNEL_MODULES[name])
+            _loaded[name] = module.backend
         except ImportError as error:
-            _loaded[key] = f"the {name} kernels could not be imported ({error})"
+            _loaded[name] = f"the {name} kernels could not be imported ({error})"
         except AttributeError:
-            _loaded[key] = f"the {name} kernels are not implemented in this version"
-    return _loaded[key]
+            _loaded[name] = f"the {name} kernels are not implemented in this version"
+    return _loaded[name]
 
 
 def _reference_only_reason(spec: LayerSpec) -> str | None:

@@ -1,19 +1,29 @@
 """Fused CPU kernels (numba): forward and hand-derived backpropagation through time.
 
-Each cell file exports `run_direction(x, state, weights, lengths, reverse, **options)`:
+Each cell file exports `run_direction(x, state, weights, lengths, reverse, **options)`
+(`layer_norm.run_direction` takes the spec first, for its two cells):
 (T, B, I) input -> ((T, B, H_out) output, final state tuple), differentiable through its own
 torch.autograd.Function. This package turns them into the dispatch's backend.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from numba.core.errors import NumbaIRAssumptionWarning
 from torch import Tensor
 
-from rnnkit.kernels.cpu import gru, lstm, rnn
+from rnnkit.kernels.cpu import gru, layer_norm, lstm, rnn
 from rnnkit.spec import LayerSpec
 
+# Compiling the layer-norm kernels, which inline the GRU file's tanh overload, trips one of
+# numba's internal "pedantic" SSA checks (numba 0.68): a note for numba's developers, printed to
+# users at every cold compile, with no effect on the compiled code (tested against the reference).
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
+
 _DTYPES = (torch.float32, torch.float64)
+_LAYER_NORM_MODES = ("LN_LSTM", "LN_GRU")
 
 
 class CPUBackend:
@@ -39,7 +49,11 @@ class CPUBackend:
         outputs, finals = [], []
         for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
             reverse = direction == 1
-            if spec.mode == "LSTM":
+            if spec.mode in _LAYER_NORM_MODES:
+                output, final = layer_norm.run_direction(
+                    spec, x, state, tuple(direction_weights), lengths, reverse
+                )
+            elif spec.mode == "LSTM":
                 output, final = lstm.run_direction(x, state, direction_weights, lengths, reverse)
             elif spec.mode == "GRU":
                 output, final = gru.run_direction(
@@ -75,21 +89,32 @@ def check_kernel_inputs(
         )
     steps, batch, inputs = x.shape
     hidden, out = spec.hidden_size, spec.output_size
-    rows = {"LSTM": 4, "GRU": 3}.get(spec.mode, 1) * hidden
+    rows = {"LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}.get(spec.mode, 1) * hidden
+    has_cell_state = spec.mode in ("LSTM", "LN_LSTM")
     if len(hx) != spec.directions or len(weights) != spec.directions:
         raise ValueError(
             f"cpu kernel: hx and weights must hold {spec.directions} direction(s), "
             f"got {len(hx)} and {len(weights)}"
         )
-    state_shapes = [(batch, out), (batch, hidden)][: 2 if spec.mode == "LSTM" else 1]
+    state_shapes = [(batch, out), (batch, hidden)][: 2 if has_cell_state else 1]
     expected = {
         "w_ih": (rows, inputs),
         "w_hh": (rows, out),
         "b_ih": (rows,) if spec.bias else None,
         "b_hh": (rows,) if spec.bias else None,
-        "w_hr": (spec.proj_size, hidden) if spec.proj_size else None,
     }
+    if spec.mode == "LSTM":
+        expected["w_hr"] = (spec.proj_size, hidden) if spec.proj_size else None
+    if spec.mode in _LAYER_NORM_MODES:
+        expected |= {"g_ih": (rows,), "g_hh": (rows,)}
+    if spec.mode == "LN_LSTM":
+        expected |= {"g_c": (hidden,), "b_c": (hidden,) if spec.bias else None}
     for direction in range(spec.directions):
+        if len(weights[direction]) < len(expected):
+            raise ValueError(
+                f"cpu kernel: weights[{direction}] must hold {len(expected)} tensors "
+                f"({', '.join(expected)}), got {len(weights[direction])}"
+            )
         named = list(zip(("h", "c"), hx[direction])) + list(zip(expected, weights[direction]))
         if len(hx[direction]) != len(state_shapes):
             raise ValueError(
@@ -117,7 +142,9 @@ def check_kernel_inputs(
                 f"got {tuple(lengths.shape)} {lengths.dtype}"
             )
         if batch and not bool(((lengths >= 1) & (lengths <= steps)).all()):
-            raise ValueError(f"cpu kernel: lengths must lie in [1, {steps}], got {lengths.tolist()}")
+            raise ValueError(
+                f"cpu kernel: lengths must lie in [1, {steps}], got {lengths.tolist()}"
+            )
 
 
 backend = CPUBackend()
@@ -125,7 +152,7 @@ backend = CPUBackend()
 
 def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
-    from rnnkit.kernels.cpu import indrnn, layer_norm, minimal
+    from rnnkit.kernels.cpu import indrnn, minimal
 
     for cell in (lstm, gru, rnn, layer_norm, minimal, indrnn):
         cell.warmup()

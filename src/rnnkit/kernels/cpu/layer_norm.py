@@ -38,7 +38,6 @@ from rnnkit.kernels.cpu.gru import _sigmoid, _tanh
 from rnnkit.spec import LayerSpec
 
 _DTYPES = (torch.float32, torch.float64)
-_MODES = ("LN_LSTM", "LN_GRU")
 # MKL's packed weight pays off from this many steps on (as in the GRU kernel).
 _PACK_MIN_STEPS = 8
 
@@ -575,96 +574,6 @@ def run_direction(
         detached = (None if t is None else t.detach() for t in (x, h0, *weights))
         output, h_n, *_ = _gru_run(*detached, lengths, reverse, save=False)
     return output, (h_n,)
-
-
-def check_inputs(
-    spec: LayerSpec,
-    x: Tensor,
-    hx: list[tuple[Tensor, ...]],
-    weights: list[tuple[Tensor | None, ...]],
-    lengths: Tensor | None,
-) -> None:
-    """Raise ValueError/TypeError unless every array the compiled loops index fits the layout:
-    they do no bounds checks, and a caller may reach them without a layer's validation."""
-    steps, batch, inputs = x.shape
-    hidden = spec.hidden_size
-    rows = (4 if spec.mode == "LN_LSTM" else 3) * hidden
-    shapes = {"w_ih": (rows, inputs), "w_hh": (rows, hidden), "b_ih": (rows,), "b_hh": (rows,)}
-    shapes |= {"g_ih": (rows,), "g_hh": (rows,)}
-    if spec.mode == "LN_LSTM":
-        shapes |= {"g_c": (hidden,), "b_c": (hidden,)}
-    optional = ("b_ih", "b_hh", "b_c") if not spec.bias else ()
-    if len(hx) != spec.directions or len(weights) != spec.directions:
-        raise ValueError(
-            f"{spec.mode} cpu kernel: hx and weights must hold {spec.directions} direction(s), "
-            f"got {len(hx)} and {len(weights)}"
-        )
-    for direction in range(spec.directions):
-        states = hx[direction]
-        if len(states) != (2 if spec.mode == "LN_LSTM" else 1):
-            raise ValueError(f"{spec.mode} cpu kernel: hx[{direction}] has {len(states)} parts")
-        named = list(zip(("h", "c"), states)) + list(zip(shapes, weights[direction]))
-        if len(weights[direction]) != len(shapes):
-            raise ValueError(
-                f"{spec.mode} cpu kernel: weights[{direction}] must hold {len(shapes)} tensors, "
-                f"got {len(weights[direction])}"
-            )
-        for label, tensor in named:
-            expected = (batch, hidden) if label in ("h", "c") else shapes[label]
-            if tensor is None and label in optional:
-                continue
-            got = None if tensor is None else tuple(tensor.shape)
-            if got != expected:
-                raise ValueError(
-                    f"{spec.mode} cpu kernel: {label} of direction {direction} must have shape "
-                    f"{expected}, got {got}"
-                )
-            if tensor.dtype != x.dtype:
-                raise TypeError(
-                    f"{spec.mode} cpu kernel: {label} must be {x.dtype}, got {tensor.dtype}"
-                )
-    if lengths is not None and not (
-        lengths.shape == (batch,) and bool(((lengths >= 1) & (lengths <= steps)).all())
-    ):
-        raise ValueError(
-            f"{spec.mode} cpu kernel: lengths must be ({batch},) in [1, {steps}], got {lengths}"
-        )
-
-
-class LayerNormCPUBackend:
-    """Runs each direction of a layer-normalised LSTM/GRU layer through the fused kernel."""
-
-    def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
-        if spec.mode not in _MODES:
-            return f"mode {spec.mode} is not a layer-normalised cell"
-        if x.device.type != "cpu":
-            return f"input is on {x.device}, not the CPU"
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} is not float32 or float64"
-        return None
-
-    def run_layer(
-        self,
-        spec: LayerSpec,
-        x: Tensor,
-        hx: list[tuple[Tensor, ...]],
-        weights: list[tuple[Tensor | None, ...]],
-        lengths: Tensor | None,
-    ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
-        """(T, B, I) -> (T, B, D * H) and one final state tuple per direction."""
-        check_inputs(spec, x, hx, weights, lengths)
-        outputs, finals = [], []
-        for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
-            output, final = run_direction(
-                spec, x, state, tuple(direction_weights), lengths, reverse=direction == 1
-            )
-            outputs.append(output)
-            finals.append(final)
-        output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-        return output, finals
-
-
-backend = LayerNormCPUBackend()
 
 
 def warmup() -> None:
