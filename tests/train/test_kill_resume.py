@@ -4,7 +4,8 @@ A tiny forecasting run (sunspots, 12 steps per epoch, 3 epochs) is trained once 
 interruption in this process, and once in subprocesses that are killed with SIGKILL: first
 in the middle of the second epoch (after step 18; the last checkpoint is step 12's), then,
 resumed, in the middle of writing step 24's checkpoint (its tensors written to the temporary
-file, not yet renamed). A last --resume (in this process) finishes the run. The final weights and metrics must
+file, not yet renamed), and once more between writing step 24's files and pointing latest.json
+at them. A last --resume (in this process) finishes the run. The final weights and metrics must
 equal the uninterrupted run's bit for bit, and at every kill point every file in the run
 directory must be whole (JSON parses, safetensors loads), temporary files aside.
 """
@@ -102,6 +103,13 @@ def test_killed_mid_epoch_and_mid_checkpoint_then_resumed_equals_an_uninterrupte
     temporaries = assert_every_file_whole(run_dir)
     assert [p.name.startswith(".tensors.safetensors.") for p in temporaries] == [True]
     assert load_checkpoint(run_dir / "checkpoint").state.step == 12  # step 24 never completed
+
+    third = start([*TRAIN[:2], "--resume", str(run_dir), "--quiet"], "checkpoint-latest:24")
+    kill_when_paused(third, "checkpoint-latest:24")
+    assert assert_every_file_whole(run_dir) == []
+    # Step 24's files are whole but latest.json still names step 12: resuming starts there.
+    assert (run_dir / "checkpoint" / "step-00000024").is_dir()
+    assert load_checkpoint(run_dir / "checkpoint").state.step == 12
 
     final = CliRunner().invoke(main, [*TRAIN[:2], "--resume", str(run_dir), "--quiet"])
     assert final.exit_code == 0, final.output
