@@ -166,3 +166,21 @@ def test_rnnkit_stream_in_chunks_matches_whole_sequence():
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole.transpose(0, 1))
     with pytest.raises(ValueError, match="bidirectional layer cannot stream"):
         IndRNN(3, 4, bidirectional=True).stream_step(x.float(), torch.zeros(2, 2, 4))
+
+
+def test_dropout_between_layers_only_in_training():
+    torch.manual_seed(0)
+    plain = IndRNN(3, 4, num_layers=2).double()
+    dropped = IndRNN(3, 4, num_layers=2, dropout=1.0).double()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], rtol=0, atol=0)
+    dropped.train()
+    second = IndRNN(4, 4).double()
+    for name in ("weight_ih", "weight_hh", "bias_ih"):
+        getattr(second, name + "_l0").data.copy_(getattr(plain, name + "_l1").data)
+    expected, _ = second(torch.zeros(6, 2, 4, dtype=torch.float64))
+    torch.testing.assert_close(dropped(x)[0], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="dropout must be a number in"):
+        IndRNN(3, 4, dropout=-0.1)

@@ -243,3 +243,28 @@ def test_rnnkit_stream_in_chunks_matches_whole_sequence():
     pieces = [stream.step(x[:, a:b]) for a, b in ((0, 1), (1, 4), (4, 10))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole.transpose(0, 1))
     assert stream.steps == 10
+
+
+@pytest.mark.parametrize("cls", [MinGRU, MinLSTM])
+def test_dropout_between_layers_only_in_training(cls):
+    torch.manual_seed(0)
+    plain = cls(3, 4, num_layers=2).double()
+    dropped = cls(3, 4, num_layers=2, dropout=1.0).double()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], rtol=0, atol=0)
+    dropped.train()
+    # p = 1 zeroes the first layer's output: the second layer then sees only zeros.
+    second = cls(4, 4).double()
+    second.weight_ih_l0.data.copy_(plain.weight_ih_l1.data)
+    second.bias_ih_l0.data.copy_(plain.bias_ih_l1.data)
+    expected, _ = second(torch.zeros(6, 2, 4, dtype=torch.float64))
+    torch.testing.assert_close(dropped(x)[0], expected, rtol=0, atol=1e-12)
+    stepped, _ = dropped.step(x[0])
+    torch.testing.assert_close(stepped, expected[0], rtol=0, atol=1e-12)
+
+
+def test_dropout_out_of_range_is_named():
+    with pytest.raises(ValueError, match="dropout must be a number in"):
+        MinGRU(3, 4, dropout=1.5)

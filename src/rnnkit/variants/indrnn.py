@@ -30,7 +30,9 @@ from rnnkit.scan import reverse_padded
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     check_choice,
+    check_dropout,
     check_size,
+    dropout_between_layers,
     format_output,
     initial_hidden,
     prepare_input,
@@ -61,6 +63,7 @@ class IndRNN(nn.Module):
         bidirectional: bool = False,
         bias: bool = True,
         recurrent_max_abs: float | None = None,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
         *,
@@ -84,6 +87,7 @@ class IndRNN(nn.Module):
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
+        self.dropout = check_dropout(name, dropout)
         self.backend = check_choice(name, "backend", backend, BACKENDS)
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
@@ -118,6 +122,7 @@ class IndRNN(nn.Module):
             "bidirectional": False,
             "bias": True,
             "recurrent_max_abs": None,
+            "dropout": 0.0,
             "backend": "auto",
         }
         for key, default in defaults.items():
@@ -174,6 +179,7 @@ class IndRNN(nn.Module):
                 outputs.append(reverse_padded(output, lengths) if reverse else output)
                 finals.append(final)
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+            x = dropout_between_layers(self, x, layer)
         return format_output(x, torch.stack(finals), prepared, self.batch_first)
 
     def initial_state(self, batch_size: int) -> Tensor:

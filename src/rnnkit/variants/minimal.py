@@ -50,7 +50,9 @@ from rnnkit.scan import reverse_padded
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     check_choice,
+    check_dropout,
     check_size,
+    dropout_between_layers,
     format_output,
     initial_hidden,
     prepare_input,
@@ -164,6 +166,7 @@ class _MinimalRNN(nn.Module):
         batch_first: bool = False,
         bidirectional: bool = False,
         bias: bool = True,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
         *,
@@ -177,6 +180,7 @@ class _MinimalRNN(nn.Module):
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
+        self.dropout = check_dropout(name, dropout)
         self.backend = check_choice(name, "backend", backend, BACKENDS)
         factory = {"device": device, "dtype": dtype}
         rows = self.gates * hidden_size
@@ -205,6 +209,7 @@ class _MinimalRNN(nn.Module):
             "batch_first": False,
             "bidirectional": False,
             "bias": True,
+            "dropout": 0.0,
             "backend": "auto",
         }
         for key, default in defaults.items():
@@ -253,6 +258,7 @@ class _MinimalRNN(nn.Module):
                 outputs.append(reverse_padded(output, lengths) if reverse else output)
                 finals.append(final)
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+            x = dropout_between_layers(self, x, layer)
         return format_output(x, torch.stack(finals), prepared, self.batch_first)
 
     def _scan(
@@ -312,6 +318,7 @@ class _MinimalRNN(nn.Module):
         for layer in range(self.num_layers):
             x = step(x, hx[layer], *self.layer_weights(layer, 0))
             states.append(x)
+            x = dropout_between_layers(self, x, layer)
         h_n = torch.stack(states)
         return (x, h_n) if batched else (x.squeeze(0), h_n.squeeze(1))
 

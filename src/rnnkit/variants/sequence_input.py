@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
@@ -131,6 +132,20 @@ def uniform_parameters(module: nn.Module, hidden_size: int) -> None:
     bound = 1.0 / math.sqrt(hidden_size)
     for weight in module.parameters():
         nn.init.uniform_(weight, -bound, bound)
+
+
+def check_dropout(name: str, dropout) -> float:
+    """The between-layer dropout probability, or a ValueError naming the argument."""
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout <= 1:
+        raise ValueError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
+    return float(dropout)
+
+
+def dropout_between_layers(module: nn.Module, x: Tensor, layer: int) -> Tensor:
+    """Dropout on every layer's output but the last, in training (as torch.nn's layers)."""
+    if module.training and module.dropout > 0 and layer < module.num_layers - 1:
+        return F.dropout(x, module.dropout, training=True)
+    return x
 
 
 def resolve_backend(name: str, requested: str, x: Tensor) -> str:
