@@ -9,6 +9,8 @@ library this process found. Where neither is present (or with RNNKIT_CPU_BLAS=lo
 point at compiled loops with the same Fortran signature: slower, but every kernel still runs.
 
 RNNKIT_CPU_BLAS=mkl (default) | openblas | loops picks the first library tried.
+
+Also the array copies the kernels share (copy_vector, copy_matrix), written to compile fast.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import llvmlite.binding as llvm
 import numpy as np
 import torch
 from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 
 _MKL_SYMBOLS = {
     "sgemm": "SGEMM_64",
@@ -140,6 +143,36 @@ def set_local_threads(count: int) -> int | None:
 
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
+# Inlined into each caller instead of compiled per call: numba compiles a jitted callee once per
+# argument types, and a constant True/False argument has its own literal type, so each flag
+# combination compiled the whole product again (about 1 s each on a cold cache).
+_inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
+
+
+@intrinsic
+def _runtime(typingctx, flag):
+    """flag typed as a plain bool rather than a literal True/False (see _inline)."""
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], signature.return_type)
+
+    return types.boolean(flag), codegen
+
+
+@_jit
+def copy_vector(source, target):
+    """target (N,) = source (N,). Loops: numba's slice assignment from an array compiles a
+    formatted shape-mismatch message, seconds of string code per process on a cold cache."""
+    for i in range(target.shape[0]):
+        target[i] = source[i]
+
+
+@_jit
+def copy_matrix(source, target):
+    """target (M, N) = source (M, N), by loops (see copy_vector)."""
+    for i in range(target.shape[0]):
+        for j in range(target.shape[1]):
+            target[i, j] = source[i, j]
 
 
 @_jit
@@ -175,8 +208,14 @@ def _small_product(a, b, c, accumulate):
                 out[col] += weight * b_row[col]
 
 
-@_jit
+@_inline
 def gemm(a, b, c, trans_a, trans_b, accumulate, work):
+    """c (M, N) = op(a) @ op(b), or c += it; see _gemm."""
+    _gemm(a, b, c, _runtime(trans_a), _runtime(trans_b), _runtime(accumulate), work)
+
+
+@_jit
+def _gemm(a, b, c, trans_a, trans_b, accumulate, work):
     """c (M, N) = op(a) @ op(b), or c += it; op transposes when its flag is set; every array's
     rows are contiguous (views of row blocks are fine); work is workspace(c)."""
     m = a.shape[1] if trans_a else a.shape[0]
@@ -227,8 +266,14 @@ def matmul(a, b, c):
     gemm(a, b, c, False, False, False, workspace(c))
 
 
-@_jit
+@_inline
 def prepare_weight(rows, b, trans_b, use_packing, work):
+    """(b', trans', packed) for gemm_weight; see _prepare_weight."""
+    return _prepare_weight(rows, b, _runtime(trans_b), _runtime(use_packing), work)
+
+
+@_jit
+def _prepare_weight(rows, b, trans_b, use_packing, work):
     """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
     (b', trans', packed) for gemm_weight. Products small enough for plain loops get a transposed
     copy (their loops vectorise over rows of b, not over dot products); larger float32 ones get
@@ -260,12 +305,18 @@ def prepare_weight(rows, b, trans_b, use_packing, work):
     return np.ascontiguousarray(b), trans_b, packed
 
 
-@_jit
+@_inline
 def gemm_weight(a, b, trans_b, packed, c, accumulate, work):
+    """c (M, N) = a (M, K) @ op(b), or c += it; see _gemm_weight."""
+    _gemm_weight(a, b, _runtime(trans_b), packed, c, _runtime(accumulate), work)
+
+
+@_jit
+def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
     for M rows."""
     if packed.size == 0:
-        gemm(a, b, c, False, trans_b, accumulate, work)
+        _gemm(a, b, c, _runtime(False), trans_b, accumulate, work)
         return
     m, k = a.shape
     n = c.shape[1]

@@ -195,7 +195,7 @@ def _column_sums(rows, out):
         row = rows[i]
         for j in range(rows.shape[1]):
             sums[j] += row[j]
-    out[:] = sums
+    blas.copy_vector(sums, out)
 
 
 @_jit
@@ -241,7 +241,7 @@ def _forward_reset_after(
                 gates_row[3 * hidden + j] = h_n
                 h_row[j] = h_new
                 out_row[j] = h_new
-    h_last[:, :] = h
+    blas.copy_matrix(h, h_last)
 
 
 @_jit
@@ -296,7 +296,7 @@ def _forward_reset_before(
                 gates_row[2 * hidden + j] = n
                 h_row[j] = h_new
                 out_row[j] = h_new
-    h_last[:, :] = h
+    blas.copy_matrix(h, h_last)
 
 
 @_jit
@@ -316,7 +316,7 @@ def _times_previous_state(d, output, h0, lengths, reverse, out):
         blas.gemm(d_rows[batch:], output_rows[: rows - batch], out, True, False, False, work)
     first = np.empty((batch, width), dtype=d.dtype)
     for b in range(batch):
-        first[b] = d[lengths[b] - 1 if reverse else 0, b]
+        blas.copy_vector(d[lengths[b] - 1 if reverse else 0, b], first[b])
     blas.gemm(first, h0, out, True, False, True, work)
 
 
@@ -342,7 +342,7 @@ def _weight_gradients(
     blas.gemm(d_n_rows, x_rows, dw_ih[two_hidden:], True, False, False, work)
     _column_sums(d_rz_rows, db_ih[:two_hidden])
     _column_sums(d_n_rows, db_ih[two_hidden:])
-    db_hh[:two_hidden] = db_ih[:two_hidden]
+    blas.copy_vector(db_ih[:two_hidden], db_hh[:two_hidden])
     _times_previous_state(d_rz, output, h0, lengths, reverse, dw_hh[:two_hidden])
     if reset_h.size == 0:
         for t in range(steps):
@@ -355,7 +355,7 @@ def _weight_gradients(
     else:
         reset_rows = reset_h.reshape((rows, hidden))
         blas.gemm(d_n_rows, reset_rows, dw_hh[two_hidden:], True, False, False, work)
-        db_hh[two_hidden:] = db_ih[two_hidden:]
+        blas.copy_vector(db_ih[two_hidden:], db_hh[two_hidden:])
 
 
 @_jit
@@ -413,7 +413,7 @@ def _backward_reset_after(
                 dh_row, through_row = dh[b], dh_through_w[b]
                 for j in range(hidden):
                     dh_row[j] += through_row[j]
-    dh0[:, :] = dh
+    blas.copy_matrix(dh, dh0)
     _weight_gradients(
         d_rz, d_n, np.empty((0, 0, 0), dtype=dh0.dtype), saved_gates, x_rows, output, h0,
         lengths, reverse, w_ih_rz, w_ih_n, need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh,
@@ -494,7 +494,7 @@ def _backward_reset_before(
                 dh_row, through_row = dh[b], dh_through_w[b]
                 for j in range(hidden):
                     dh_row[j] += through_row[j]
-    dh0[:, :] = dh
+    blas.copy_matrix(dh, dh0)
     _weight_gradients(
         d_rz, d_n, reset_h, saved_gates, x_rows, output, h0, lengths, reverse, w_ih_rz, w_ih_n,
         need_dx, dx_rows, dw_ih, dw_hh, db_ih, db_hh,

@@ -180,7 +180,8 @@ def lstm_forward_loop(
         count = min(chunk, steps - first)
         for offset in range(count):
             for b in range(batch):
-                inputs[offset * batch + b, :] = x[_position(first + offset, lengths[b], reverse), b]
+                source = x[_position(first + offset, lengths[b], reverse), b]
+                blas.copy_vector(source, inputs[offset * batch + b])
         blas.gemm_weight(inputs, ih, ih_transposed, packed_ih, gates, False, work)
         for row in range(count * batch):
             gate_row = gates[row]
@@ -199,17 +200,18 @@ def lstm_forward_loop(
                 _gate_activations(row, recurrent[b], hidden)
                 _cell_update(row, c[b], cell_output[b], hidden)
                 if save:
-                    activations[time, b, :] = row
-                    cells[time, b, :] = c[b]
+                    blas.copy_vector(row, activations[time, b])
+                    blas.copy_vector(c[b], cells[time, b])
                 if not projected:
-                    h[b, :] = cell_output[b]
-                    output[time, b, :] = cell_output[b]
+                    blas.copy_vector(cell_output[b], h[b])
+                    blas.copy_vector(cell_output[b], output[time, b])
             if projected:
                 blas.gemm_weight(cell_output, hr, hr_transposed, packed_hr, projection, False, work)
                 for b in range(batch):
                     if step < lengths[b]:
-                        h[b, :] = projection[b]
-                        output[_position(step, lengths[b], reverse), b, :] = projection[b]
+                        blas.copy_vector(projection[b], h[b])
+                        time = _position(step, lengths[b], reverse)
+                        blas.copy_vector(projection[b], output[time, b])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -295,11 +297,11 @@ def lstm_backward_loop(
             for j in range(out_width):
                 total[j] = incoming[j] + carried[j]
             if projected:
-                grad_hidden[time, b, :] = total
+                blas.copy_vector(total, grad_hidden[time, b])
         if projected:
             blas.gemm_weight(total_h, hr, hr_transposed, packed_hr, grad_cell_output, False, work)
         else:
-            grad_cell_output[:, :] = total_h
+            blas.copy_matrix(total_h, grad_cell_output)
         for b in range(batch):
             length = lengths[b]
             if step >= length:
@@ -331,11 +333,11 @@ def lstm_backward_loop(
         else:
             step_grads = gathered
             for b in range(batch):
-                step_grads[b, :] = gate_grads[_position(step, lengths[b], reverse), b]
+                blas.copy_vector(gate_grads[_position(step, lengths[b], reverse), b], step_grads[b])
         blas.gemm_weight(step_grads, hh, hh_transposed, packed_hh, recurrent, False, work)
         for b in range(batch):
             if step < lengths[b]:
-                grad_h[b, :] = recurrent[b]
+                blas.copy_vector(recurrent[b], grad_h[b])
 
 
 # ---------------------------------------------------------------------------------------------

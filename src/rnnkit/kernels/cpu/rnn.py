@@ -146,7 +146,7 @@ def _forward_kernel(
             blas.gemm_weight(previous, weight, transposed, packed, recurrent, False, work)
             _activate_rows(output[t], recurrent, relu)
             previous = output[t]
-        final[:] = previous
+        blas.copy_matrix(previous, final)
         return
     state = h0.copy()
     for step in range(steps):
@@ -166,7 +166,7 @@ def _forward_kernel(
                 state[b, j] = value
     for b in range(batch):
         output[lengths[b] :, b, :] = 0
-    final[:] = state
+    blas.copy_matrix(state, final)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -278,7 +278,7 @@ def _backward_kernel(
             first = steps - 1
         else:
             first = lengths[b] - 1
-        first_pre[b] = grad_pre[first, b]
+        blas.copy_vector(grad_pre[first, b], first_pre[b])
     blas.gemm(first_pre, h0, grad_w_hh, True, False, True, work)
 
 
