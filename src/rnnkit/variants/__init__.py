@@ -5,4 +5,12 @@ from rnnkit.variants.indrnn import IndRNN
 from rnnkit.variants.layer_norm import LayerNormGRU, LayerNormLSTM
 from rnnkit.variants.minimal import MinGRU, MinLSTM
 
-__all__ = ["LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell", "MinGRU", "MinLSTM", "IndRNN"]
+__all__ = [
+    "LayerNormLSTM",
+    "LayerNormGRU",
+    "LayerNormLSTMCell",
+    "LayerNormGRUCell",
+    "MinGRU",
+    "MinLSTM",
+    "IndRNN",
+]

@@ -26,17 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rnnkit.scan import reverse_padded
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     check_choice,
     check_dropout,
     check_size,
-    dropout_between_layers,
     format_output,
     initial_hidden,
     prepare_input,
     resolve_backend,
+    run_stacked,
     step_loop,
     uniform_parameters,
 )
@@ -155,32 +154,21 @@ class IndRNN(nn.Module):
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
         backend = resolve_backend(name, self.backend, prepared.x)
-        x, lengths = prepared.x, prepared.lengths
-        finals = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.directions):
-                reverse = direction == 1
-                source = reverse_padded(x, lengths) if reverse else x
-                w_ih, u, b_ih = self.layer_weights(layer, direction)
-                pre = F.linear(source, w_ih, b_ih)
-                state = h0[layer * self.directions + direction]
-                if backend == "cpu":
-                    from rnnkit.kernels.cpu import indrnn
+        lengths = prepared.lengths
 
-                    output, final = indrnn.recurrence(pre, state, u, lengths, self.nonlinearity)
-                else:
-                    output, final = step_loop(
-                        lambda pre_t, h, u=u: indrnn_step(pre_t, h, u, self.nonlinearity),
-                        pre,
-                        state,
-                        lengths,
-                    )
-                outputs.append(reverse_padded(output, lengths) if reverse else output)
-                finals.append(final)
-            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-            x = dropout_between_layers(self, x, layer)
-        return format_output(x, torch.stack(finals), prepared, self.batch_first)
+        def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):
+            w_ih, u, b_ih = self.layer_weights(layer, direction)
+            pre = F.linear(source, w_ih, b_ih)
+            if backend == "cpu":
+                from rnnkit.kernels.cpu import indrnn
+
+                return indrnn.recurrence(pre, state, u, lengths, self.nonlinearity)
+            return step_loop(
+                lambda pre_t, h: indrnn_step(pre_t, h, u, self.nonlinearity), pre, state, lengths
+            )
+
+        x, h_n = run_stacked(self, prepared.x, h0, lengths, run_direction)
+        return format_output(x, h_n, prepared, self.batch_first)
 
     def initial_state(self, batch_size: int) -> Tensor:
         """(L, B, H) zeros: the state before a stream's first chunk (rnnkit.Stream's protocol)."""

@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.cells.base import check_tensor
-from rnnkit.scan import reverse_padded
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     check_choice,
@@ -57,6 +56,7 @@ from rnnkit.variants.sequence_input import (
     initial_hidden,
     prepare_input,
     resolve_backend,
+    run_stacked,
     step_loop,
     uniform_parameters,
     valid_mask,
@@ -244,22 +244,14 @@ class _MinimalRNN(nn.Module):
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
         backend = resolve_backend(name, self.backend, prepared.x)
-        x, lengths = prepared.x, prepared.lengths
-        finals = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.directions):
-                reverse = direction == 1
-                source = reverse_padded(x, lengths) if reverse else x
-                gates = F.linear(source, *self.layer_weights(layer, direction))
-                output, final = self._scan(
-                    backend, mode, gates, h0[layer * self.directions + direction], lengths
-                )
-                outputs.append(reverse_padded(output, lengths) if reverse else output)
-                finals.append(final)
-            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-            x = dropout_between_layers(self, x, layer)
-        return format_output(x, torch.stack(finals), prepared, self.batch_first)
+        lengths = prepared.lengths
+
+        def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):
+            gates = F.linear(source, *self.layer_weights(layer, direction))
+            return self._scan(backend, mode, gates, state, lengths)
+
+        x, h_n = run_stacked(self, prepared.x, h0, lengths, run_direction)
+        return format_output(x, h_n, prepared, self.batch_first)
 
     def _scan(
         self, backend: str, mode: str, gates: Tensor, h0: Tensor, lengths: Tensor | None

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from rnnkit.cells.base import check_tensor
 from rnnkit.dispatch import resolve_elementwise
 from rnnkit.layers import _check_lengths, _repack
+from rnnkit.scan import reverse_padded
 
 BACKENDS = ("auto", "reference", "cpu")
 
@@ -146,6 +147,33 @@ def dropout_between_layers(module: nn.Module, x: Tensor, layer: int) -> Tensor:
     if module.training and module.dropout > 0 and layer < module.num_layers - 1:
         return F.dropout(x, module.dropout, training=True)
     return x
+
+
+def run_stacked(
+    module: nn.Module,
+    x: Tensor,
+    h0: Tensor,
+    lengths: Tensor | None,
+    run_direction: Callable[[int, int, Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """(T, B, I) input, (L*D, B, H) h0 -> last layer's (T, B, D*H) output, (L*D, B, H) h_n.
+
+    `run_direction(layer, direction, source, h0)` scans one direction forward in time; a reverse
+    direction gets each sequence reversed within its length, and its output reversed back.
+    """
+    finals = []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(module.directions):
+            reverse = direction == 1
+            source = reverse_padded(x, lengths) if reverse else x
+            state = h0[layer * module.directions + direction]
+            output, final = run_direction(layer, direction, source, state)
+            outputs.append(reverse_padded(output, lengths) if reverse else output)
+            finals.append(final)
+        x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        x = dropout_between_layers(module, x, layer)
+    return x, torch.stack(finals)
 
 
 def resolve_backend(name: str, requested: str, x: Tensor) -> str:
