@@ -2,13 +2,15 @@
 
     python benchmarks/bench_variants.py --sections min_scan,indrnn_min --threads 1 --timer cpu
 
-indrnn_min: IndRNN, MinGRU and MinLSTM with backend="cpu" (fused numba kernel) against the same
+indrnn_min: IndRNN, MinGRU and MinLSTM with backend="cpu" (fused numba kernel; MinGRU/MinLSTM in
+mode="sequential", which is what backend="auto" runs on CPU) against the same
 layer as a Python autograd loop of its step (IndRNN backend="reference"; MinGRU/MinLSTM
 backend="reference", mode="sequential"; target: fused at least 5x faster on the training step)
 and against torch.nn.LSTM of the same size, over bench_layers' configurations.
 
 min_scan: MinGRU at (batch 1 and 8, input 64, hidden 128) and T = 256, 1024, 4096: the parallel
-mode's log-space scan (torch.logcumsumexp, backend="reference") against the sequential mode's loop
+mode's log-space scan, with torch.logcumsumexp (backend="reference") and with the compiled CPU
+logcumsumexp (backend="cpu", rnnkit.kernels.cpu.log_scan), against the sequential mode's loop
 (backend="reference", target: scan at least 10x faster at T = 4096), and the fused CPU kernel
 that backend="auto" runs for both modes on CPU.
 """
@@ -96,7 +98,12 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
         _, _, input_size, hidden = config
         torch.manual_seed(0)
         fused = cls(input_size, hidden, batch_first=True, backend="cpu")
-        layers = {"fused": fused, "torch.nn LSTM": nn.LSTM(input_size, hidden, batch_first=True)}
+        # backend="cpu" runs MinGRU/MinLSTM's parallel mode as the compiled log-space scan.
+        timed_fused = fused if variant == "indrnn" else _WithMode(fused, "sequential")
+        layers = {
+            "fused": timed_fused,
+            "torch.nn LSTM": nn.LSTM(input_size, hidden, batch_first=True),
+        }
         if not reference_is_slow(config):
             loop = cls(input_size, hidden, batch_first=True, backend="reference")
             loop.load_state_dict(fused.state_dict())
@@ -116,7 +123,8 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
 
 
 def bench_min_scan(args: argparse.Namespace) -> dict:
-    """MinGRU's parallel log-space scan vs its sequential step loop, and the fused kernel."""
+    """MinGRU's parallel log-space scan (torch's and the compiled logcumsumexp) vs its sequential
+    step loop, and the fused kernel."""
     steps_list = SCAN_STEPS[:2] if args.quick else SCAN_STEPS
     jobs = [(shape, steps) for shape in SCAN_SHAPES for steps in steps_list]
     rows = []
@@ -126,27 +134,32 @@ def bench_min_scan(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         scan = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="reference")
         loop = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="reference")
-        fused = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="cpu")
-        for layer in (loop, fused):
+        compiled = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="cpu")
+        fused = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="auto")
+        for layer in (loop, compiled, fused):
             layer.load_state_dict(scan.state_dict())
         layers = {
             "log-space scan": _WithMode(scan, "parallel"),
+            "compiled scan": _WithMode(compiled, "parallel"),
             "step loop": _WithMode(loop, "sequential"),
-            "fused": fused,
+            "fused": _WithMode(fused, "parallel"),
         }
         # The step loop's training step takes seconds at T = 4096: fewer samples there.
         repeats = max(1, min(args.repeats, 3)) if steps >= 4096 else args.repeats
         rows += _rows("min_gru", (batch, steps, input_size, hidden), layers, repeats, args.timer)
     _add_ratio(rows, "loop_over_scan", "step loop", "log-space scan")
+    _add_ratio(rows, "loop_over_compiled", "step loop", "compiled scan")
     _add_ratio(rows, "loop_over_fused", "step loop", "fused")
-    _add_ratio(rows, "scan_over_fused", "log-space scan", "fused")
+    _add_ratio(rows, "compiled_over_fused", "compiled scan", "fused")
     return {
-        "columns": ["log-space scan", "step loop", "fused"],
+        "columns": ["log-space scan", "compiled scan", "step loop", "fused"],
         "ratios": {
-            "loop_over_scan": "sequential step loop / parallel log-space scan (target >= 10 at "
-            "T=4096)",
-            "loop_over_fused": "sequential step loop / fused CPU kernel",
-            "scan_over_fused": "log-space scan / fused CPU kernel (above 1: fused is faster)",
+            "loop_over_scan": "sequential step loop / parallel log-space scan with "
+            "torch.logcumsumexp (target >= 10 at T=4096)",
+            "loop_over_compiled": "sequential step loop / parallel log-space scan with the "
+            "compiled logcumsumexp (backend='cpu', mode='parallel'; target >= 10 at T=4096)",
+            "loop_over_fused": "sequential step loop / fused CPU kernel (backend='auto')",
+            "compiled_over_fused": "compiled scan / fused CPU kernel (above 1: fused is faster)",
         },
         "rows": rows,
         "geometric_means": {},

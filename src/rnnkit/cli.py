@@ -610,7 +610,10 @@ def stream_command(run_dir: Path, top_k: int, newlines: bool, as_json: bool) -> 
 )
 @click.option("--max-message-bytes", type=click.IntRange(min=64), default=65536, show_default=True)
 @click.option(
-    "--max-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
+    "--max-chunk",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
     help="Most steps in one message.",
 )
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)

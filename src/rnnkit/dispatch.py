@@ -152,6 +152,9 @@ def explain_backend(module, input, lengths: Tensor | None = None) -> str:
     """Which backend `module(input)` would run on, and why."""
     if hasattr(module, "dispatch_input"):
         x = module.dispatch_input(input, lengths)
-        return resolve_elementwise(type(module).__name__, module.backend, x)[1]
+        name, reason = resolve_elementwise(type(module).__name__, module.backend, x)
+        # Layers with more than one path per backend (MinGRU/MinLSTM modes) say which runs.
+        note = module.describe_backend(name) if hasattr(module, "describe_backend") else None
+        return reason if note is None else f"{reason}; {note}"
     spec, x, lengths = module.layer_inputs(input, lengths)
     return resolve(module.backend, spec, x, lengths)[1]

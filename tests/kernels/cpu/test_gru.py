@@ -260,3 +260,37 @@ def test_empty_batch_runs_forward_and_backward():
 
 def test_warmup_runs():
     gru_kernel.warmup()
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_batch_split_over_threads_matches_reference(reset_after, monkeypatch):
+    # With two torch threads a batch of 10 runs as two concurrent parts of 5 (unless the BLAS is
+    # OpenBLAS) once the step's product is large enough; the threshold is lowered so that this
+    # small case splits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    split = 1 if gru_kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
+    try:
+        assert len(gru_kernel._batch_parts(10, 2 * gru_kernel._MIN_PART_STEP_WORK)) == split
+        assert len(gru_kernel._batch_parts(10, gru_kernel._MIN_PART_STEP_WORK)) == 1
+        monkeypatch.setattr(gru_kernel, "_MIN_PART_STEP_WORK", 1)
+        assert len(gru_kernel._batch_parts(10, 10 * 3 * 24 * 24)) == split
+        torch.manual_seed(8)
+        args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
+        mine = rnnkit.GRU(6, 24, **args, backend="cpu")
+        reference = rnnkit.GRU(6, 24, **args, backend="reference")
+        reference.load_state_dict(mine.state_dict())
+        x = torch.randn(8, 10, 6, dtype=torch.float64, requires_grad=True)
+        hx = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([8, 1, 5, 8, 3, 7, 2, 8, 6, 4])
+        assert_all_close(
+            forward_backward(mine, x, hx, lengths),
+            forward_backward(reference, x, hx, lengths),
+            torch.float64,
+        )
+        with torch.inference_mode():
+            output, h_n = mine(x, hx, lengths=lengths)
+        expected_output, expected_h_n = reference(x, hx, lengths=lengths)
+        assert_all_close([output, h_n], [expected_output, expected_h_n], torch.float64)
+    finally:
+        torch.set_num_threads(threads)

@@ -82,6 +82,39 @@ def test_fused_matches_reference_stacked_bidirectional_with_lengths(cls, dtype, 
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
+    # Two torch threads run the batch as two concurrent parts once a part's per-step product is
+    # large enough; the threshold is lowered so that this small case splits, in both passes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(kernel, "_MIN_PART_STEP_WORK", 1)
+        monkeypatch.setattr(kernel, "_MIN_PART", 1)
+        w_hh = torch.empty(4 * 5, 5)
+        split = 1 if kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
+        assert len(kernel._batch_parts(10, w_hh)) == split
+        calls = []
+        original = kernel.threads.run_concurrently
+        monkeypatch.setattr(
+            kernel.threads,
+            "run_concurrently",
+            lambda function, lists: calls.append(len(lists)) or original(function, lists),
+        )
+        reference, fused = twins(cls, torch.float64, num_layers=2, bidirectional=True)
+        x = torch.randn(6, 10, 4, dtype=torch.float64, requires_grad=True)
+        hx = initial_state(cls, 4, 10, torch.float64)
+        lengths = torch.tensor([6, 1, 4, 6, 3, 5, 2, 6, 5, 4])
+        assert_all_close(
+            forward_backward(fused, x, hx, lengths),
+            forward_backward(reference, x, hx, lengths),
+            torch.float64,
+        )
+        assert calls and set(calls) == {split}  # forward and backward of every layer/direction
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_fused_matches_reference_without_bias_and_full_lengths(cls):
     reference, fused = twins(cls, torch.float64, bias=False)
     x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -76,3 +76,68 @@ def test_padding_outputs_zero_and_final_is_last_valid_state():
 def test_unknown_cell_is_rejected():
     with pytest.raises(ValueError, match="cell must be one of"):
         minimal_kernel.scan_direction("gru", torch.zeros(1, 1, 2), torch.zeros(1, 1), None)
+
+
+def _grid_of_extremes(cell, scale):
+    """(T, B, G*H) projections where each unit pairs every sign and size of each gate."""
+    values = torch.tensor([-scale, -1.0, 0.0, 1.0, scale])
+    combos = torch.cartesian_prod(*[values] * GATES[cell])  # (5^G, G): one column per gate
+    return combos.t().reshape(1, 1, -1).repeat(3, 2, 1).double()
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("scale", [None, 20.0, 100.0, 1e4])
+def test_float32_matches_float64_on_random_and_extreme_gates(cell, scale):
+    torch.manual_seed(3)
+    if scale is None:
+        gates64 = 4 * torch.randn(30, 4, GATES[cell] * 16, dtype=torch.float64)
+    else:
+        gates64 = _grid_of_extremes(cell, scale)
+    hidden = gates64.shape[-1] // GATES[cell]
+    h0_64 = torch.randn(gates64.shape[1], hidden, dtype=torch.float64)
+    gates64 = gates64.float().double()  # the same values in both precisions
+    lengths = torch.tensor([gates64.shape[0], 1] + [2] * (gates64.shape[1] - 2))
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        gates = gates64.to(dtype).requires_grad_(True)
+        h0 = h0_64.to(dtype).requires_grad_(True)
+        results.append(outputs_and_grads(minimal_kernel.scan_direction, cell, gates, h0, lengths))
+    for single, double in zip(*results, strict=True):
+        assert torch.isfinite(single).all()
+        torch.testing.assert_close(single.double(), double, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gate", [0, 1, 2])
+def test_nan_in_a_projection_propagates_as_in_the_torch_scan(cell, dtype, gate):
+    if gate >= GATES[cell]:
+        pytest.skip("minGRU has two gates")
+    torch.manual_seed(5)
+    gates = torch.randn(5, 2, GATES[cell] * 3, dtype=dtype)
+    gates[2, 1, gate * 3 + 1] = float("nan")
+    h0 = torch.randn(2, 3, dtype=dtype)
+    nan_masks = []
+    for scan in (minimal_kernel.scan_direction, sequential_scan):
+        inputs = (gates.clone().requires_grad_(True), h0.clone().requires_grad_(True))
+        nan_masks.append([t.isnan() for t in outputs_and_grads(scan, cell, *inputs, None)])
+    for fused, reference in zip(*nan_masks, strict=True):
+        assert torch.equal(fused, reference)
+    output_nan = nan_masks[0][0]
+    assert output_nan[2:, 1, 1].all() and output_nan.sum() == 3  # that unit, from that step on
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_at_padded_steps_are_exactly_zero(cell, dtype):
+    torch.manual_seed(4)
+    gates = torch.randn(7, 3, GATES[cell] * 5, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+    output, final = minimal_kernel.scan_direction(cell, gates, h0, torch.tensor([7, 3, 0]))
+    assert (output[3:, 1] == 0).all() and (output[:, 2] == 0).all()
+    torch.testing.assert_close(final[2], h0[2])
+    # Non-zero incoming gradients at padded steps must not leak into the projections.
+    (output.sum() + final.sum()).backward()
+    assert (gates.grad[3:, 1] == 0).all() and (gates.grad[:, 2] == 0).all()
+    assert (gates.grad[:3, 1] != 0).any()
+    torch.testing.assert_close(h0.grad[2], torch.ones(5, dtype=dtype))

@@ -313,3 +313,37 @@ def test_bias_gradients_are_separate_tensors():
     assert torch.equal(layer.bias_ih_l0.grad, layer.bias_hh_l0.grad)
     layer.bias_ih_l0.grad.add_(1)
     assert not torch.equal(layer.bias_ih_l0.grad, layer.bias_hh_l0.grad)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
+    # With two torch threads a batch of 10 runs as two concurrent parts of 5 (unless the BLAS is
+    # OpenBLAS) once the step's product is large enough; the threshold is lowered so that this
+    # small case splits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    split = 1 if rnn_kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
+    try:
+        assert len(rnn_kernel._batch_parts(10, 2 * rnn_kernel._MIN_PART_STEP_WORK)) == split
+        assert len(rnn_kernel._batch_parts(10, rnn_kernel._MIN_PART_STEP_WORK)) == 1
+        monkeypatch.setattr(rnn_kernel, "_MIN_PART_STEP_WORK", 1)
+        assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24)) == split
+        torch.manual_seed(12)
+        args = dict(nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
+        fused = rnnkit.RNN(6, 24, **args, backend="cpu")
+        reference = rnnkit.RNN(6, 24, **args, backend="reference")
+        reference.load_state_dict(fused.state_dict())
+        x = torch.randn(8, 10, 6, dtype=torch.float64, requires_grad=True)
+        hx = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([8, 1, 5, 8, 3, 7, 2, 8, 6, 4])
+        assert_all_close(
+            forward_backward(fused, x, hx, lengths),
+            forward_backward(reference, x, hx, lengths),
+            torch.float64,
+        )
+        with torch.inference_mode():
+            output, h_n = fused(x, hx, lengths=lengths)
+        expected_output, expected_h_n = reference(x, hx, lengths=lengths)
+        assert_all_close([output, h_n], [expected_output, expected_h_n], torch.float64)
+    finally:
+        torch.set_num_threads(threads)

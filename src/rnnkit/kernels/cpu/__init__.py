@@ -152,7 +152,7 @@ backend = CPUBackend()
 
 def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
-    from rnnkit.kernels.cpu import indrnn, minimal
+    from rnnkit.kernels.cpu import indrnn, log_scan, minimal
 
-    for cell in (lstm, gru, rnn, layer_norm, minimal, indrnn):
+    for cell in (lstm, gru, rnn, layer_norm, minimal, indrnn, log_scan):
         cell.warmup()

@@ -24,6 +24,8 @@ import torch
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from rnnkit.kernels.cpu import panels
+
 _MKL_SYMBOLS = {
     "sgemm": "SGEMM_64",
     "dgemm": "DGEMM_64",
@@ -107,8 +109,11 @@ def _find_blas(preferred: str) -> tuple[str, dict[str, int]]:
 
 
 LIBRARY, _addresses = _find_blas(os.environ.get("RNNKIT_CPU_BLAS", "mkl").strip().lower())
-# MKL packs a weight once for all of a sequence's products with it (10-30% faster per step).
-PACKED_GEMM = "sgemm_pack" in _addresses
+# Where the CPU has AVX-512, float32 weights are packed into panels for rnnkit's own product
+# (panels.py); elsewhere MKL packs a weight once for all of a sequence's products with it (10-30%
+# faster per step). Read at compile time: numba's disk cache is keyed by the CPU's features.
+PANELS = panels.AVAILABLE
+PACKED_GEMM = PANELS or "sgemm_pack" in _addresses
 for _name in _MKL_SYMBOLS:
     # Without MKL the packing symbols point at sgemm; PACKED_GEMM=False keeps them uncalled.
     llvm.add_symbol(f"rnnkit_{_name}64", _addresses.get(_name, _addresses["sgemm"]))
@@ -276,9 +281,10 @@ def prepare_weight(rows, b, trans_b, use_packing, work):
 def _prepare_weight(rows, b, trans_b, use_packing, work):
     """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
     (b', trans', packed) for gemm_weight. Products small enough for plain loops get a transposed
-    copy (their loops vectorise over rows of b, not over dot products); larger float32 ones get
-    MKL's packed form when use_packing (pass PACKED_GEMM and ...: a global read here would be
-    frozen into the disk cache, and without MKL the packing symbols are plain sgemm)."""
+    copy (their loops vectorise over rows of b, not over dot products); larger float32 ones,
+    when use_packing, get rnnkit's panels where the CPU has AVX-512 (panels.py), else MKL's
+    packed form (pass PACKED_GEMM and ...: a global read of the library here would be frozen into
+    the disk cache, and without MKL the packing symbols are plain sgemm)."""
     k = b.shape[1] if trans_b else b.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
     none = np.empty(0, b.dtype)
@@ -286,6 +292,8 @@ def _prepare_weight(rows, b, trans_b, use_packing, work):
         if trans_b:
             return np.ascontiguousarray(b.T), False, none
         return np.ascontiguousarray(b), False, none
+    if use_packing and b.itemsize == 4 and PANELS:
+        return np.ascontiguousarray(b), trans_b, panels.pack(b, trans_b)
     if not use_packing or b.itemsize != 4 or b.size * b.itemsize > PACK_MAX_BYTES:
         return np.ascontiguousarray(b), trans_b, none
     ints, scalars, chars = work
@@ -314,9 +322,12 @@ def gemm_weight(a, b, trans_b, packed, c, accumulate, work):
 @_jit
 def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
-    for M rows."""
+    for M rows (packed: empty, rnnkit's panels where PANELS, else MKL's packed form)."""
     if packed.size == 0:
         _gemm(a, b, c, _runtime(False), trans_b, accumulate, work)
+        return
+    if PANELS:
+        panels.product_float32(a, packed, c, accumulate)
         return
     m, k = a.shape
     n = c.shape[1]

@@ -19,7 +19,9 @@ weight gradients as a few large matmuls over all T*B rows (dx = dA W_ih, dW_ih =
 dW_hh = dA_h^T H_prev, the biases column sums).
 
 Every product goes through `blas` (torch's MKL, on torch's own threads); per-step products use
-MKL's packed weight from _PACK_MIN_STEPS steps on.
+MKL's packed weight from _PACK_MIN_STEPS steps on. With several torch threads and a large enough
+per-step product, the batch runs as parts whose forward and backward calls run concurrently on
+torch's OpenMP threads (`threads`); the parts' weight gradients are summed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from rnnkit.kernels.cpu import blas
+from rnnkit.kernels.cpu import blas, threads
 
 # Packing a weight costs about as much as a few products with it; below this many steps plain
 # products are faster.
@@ -529,42 +531,73 @@ def _lengths_array(lengths: Tensor | None, steps: int, batch: int) -> np.ndarray
     return lengths.to(torch.int64).contiguous().numpy()
 
 
-def _run_forward(x_rows, h0, w_ih, w_hh, b_ih, b_hh, lengths, steps, reverse, reset_after, save):
-    """(output (T, B, H), h_last (B, H), saved_gates); plain tensors in and out.
+# Sequences of a batch are independent: with several torch threads the batch runs as parts
+# whose time loops run concurrently (threads.run_concurrently), each with single-threaded
+# products. A part's per-step product must be large enough to pay for the lower efficiency of
+# fewer rows (see threads.batch_parts).
+_MIN_PART = 4
+_MIN_PART_STEP_WORK = 1 << 17
 
-    x_rows is the (T*B, I) C-contiguous input. Without `save` saved_gates is scratch.
-    """
-    batch = h0.size(0)
+
+def _batch_parts(batch: int, step_work: int) -> list[slice]:
+    if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
+        return [slice(0, batch)]
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+
+
+def _part_rows(x: Tensor, part: slice) -> np.ndarray:
+    """The (T*b, I) C-contiguous rows of a (T, B, I) tensor's batch slice."""
+    steps, _, inputs = x.shape
+    return x[:, part].contiguous().view(steps * (part.stop - part.start), inputs).numpy()
+
+
+def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save):
+    """(output (T, B, H), h_last (B, H), the batch parts, each part's saved_gates); plain
+    tensors in and out. x is (T, B, I), any layout. Without `save` saved_gates are scratch."""
+    steps, batch, _ = x.shape
     hidden = w_hh.size(1)
-    dtype = x_rows.dtype
-    output = torch.empty(steps, batch, hidden, dtype=dtype)
-    h_last = torch.empty(batch, hidden, dtype=dtype)
+    dtype = x.dtype
     gate_width = (4 if reset_after else 3) * hidden
     saved_steps = steps if save else 1
-    saved_gates = torch.empty(saved_steps, batch, gate_width, dtype=dtype)
-    common_head = (
-        x_rows.numpy(),
-        _array(w_ih),
-        _input_bias(b_ih, b_hh, hidden, reset_after, dtype),
-    )
-    common_tail = (
-        h0.contiguous().numpy(),
-        _lengths_array(lengths, steps, batch),
-        reverse,
-        save,
-        output.numpy(),
-        h_last.numpy(),
-        saved_gates.numpy(),
-        _use_packing(steps),
-    )
+    bias = _input_bias(b_ih, b_hh, hidden, reset_after, dtype)
     if reset_after:
         b_hn = torch.zeros(hidden, dtype=dtype) if b_hh is None else b_hh[2 * hidden :]
-        _forward_reset_after(*common_head, _array(w_hh), _array(b_hn), *common_tail)
+        kernel, recurrent = _forward_reset_after, (_array(w_hh), _array(b_hn))
     else:
-        _forward_reset_before(
-            *common_head, _array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]), *common_tail
+        kernel = _forward_reset_before
+        recurrent = (_array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]))
+    w_ih_array = _array(w_ih)
+    length_array = _lengths_array(lengths, steps, batch)
+    parts = _batch_parts(batch, batch * 3 * hidden * hidden)
+    outputs, finals, saved, argument_lists = [], [], [], []
+    for part in parts:
+        size = part.stop - part.start
+        output = torch.empty(steps, size, hidden, dtype=dtype)
+        h_last = torch.empty(size, hidden, dtype=dtype)
+        saved_gates = torch.empty(saved_steps, size, gate_width, dtype=dtype)
+        argument_lists.append(
+            (
+                _part_rows(x, part),
+                w_ih_array,
+                bias,
+                *recurrent,
+                h0[part].contiguous().numpy(),
+                np.ascontiguousarray(length_array[part]),
+                reverse,
+                save,
+                output.numpy(),
+                h_last.numpy(),
+                saved_gates.numpy(),
+                _use_packing(steps),
+            )
         )
-    return output, h_last, saved_gates
+        outputs.append(output)
+        finals.append(h_last)
+        saved.append(saved_gates)
+    threads.run_concurrently(kernel, argument_lists)
+    if len(parts) == 1:
+        return outputs[0], finals[0], parts, saved
+    return torch.cat(outputs, dim=1), torch.cat(finals), parts, saved
 
 
 class GRUFunction(torch.autograd.Function):
@@ -572,16 +605,17 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after):
-        steps, batch, inputs = x.shape
-        x_rows = x.detach().reshape(steps * batch, inputs).contiguous()
-        h0, w_ih, w_hh = h0.detach(), w_ih.detach(), w_hh.detach()
+        x, h0, w_ih, w_hh = x.detach(), h0.detach(), w_ih.detach(), w_hh.detach()
         b_ih = None if b_ih is None else b_ih.detach()
         b_hh = None if b_hh is None else b_hh.detach()
-        output, h_last, saved_gates = _run_forward(
-            x_rows, h0, w_ih, w_hh, b_ih, b_hh, lengths, steps, reverse, reset_after, save=True
+        output, h_last, parts, saved_gates = _run_forward(
+            x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save=True
         )
+        if len(parts) == 1:
+            x = x.contiguous()  # the kernel's layout: the backward reads it without a copy
         # h_{t-1} is read back from the output and h0, so only the gates are extra memory.
-        ctx.save_for_backward(x_rows, h0, w_ih, w_hh, output)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output)
+        ctx.parts = parts
         ctx.saved_gates = saved_gates
         ctx.lengths = lengths
         ctx.reverse = reverse
@@ -590,52 +624,67 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_output, dh_last):
-        x_rows, h0, w_ih, w_hh, output = ctx.saved_tensors
-        saved_gates = ctx.saved_gates
+        x, h0, w_ih, w_hh, output = ctx.saved_tensors
         steps, batch, hidden = output.shape
-        inputs = x_rows.size(1)
-        dtype = x_rows.dtype
+        inputs = x.size(2)
+        dtype = x.dtype
         if d_output is None:
             d_output = torch.zeros(steps, batch, hidden, dtype=dtype)
         if dh_last is None:
             dh_last = torch.zeros(batch, hidden, dtype=dtype)
         needs = ctx.needs_input_grad
-        dx = torch.empty(steps, batch, inputs, dtype=dtype) if needs[0] else None
-        dw_ih = torch.empty_like(w_ih)
-        dw_hh = torch.empty_like(w_hh)
-        db_ih = torch.empty(3 * hidden, dtype=dtype)
-        db_hh = torch.empty(3 * hidden, dtype=dtype)
-        dh0 = torch.empty(batch, hidden, dtype=dtype)
-        head = (
-            d_output.contiguous().numpy(),
-            dh_last.contiguous().numpy(),
-            saved_gates.numpy(),
-            output.detach().numpy(),
-            h0.contiguous().numpy(),
-            x_rows.numpy(),
-            w_ih[: 2 * hidden].contiguous().numpy(),
-            w_ih[2 * hidden :].contiguous().numpy(),
-        )
-        tail = (
-            _lengths_array(ctx.lengths, steps, batch),
-            ctx.reverse,
-            needs[0],
-            (dx if needs[0] else torch.empty(1, 1, inputs, dtype=dtype)).view(-1, inputs).numpy(),
-            dw_ih.numpy(),
-            dw_hh.numpy(),
-            db_ih.numpy(),
-            db_hh.numpy(),
-            dh0.numpy(),
-            _use_packing(steps),
-        )
+        parts = ctx.parts
         if ctx.reset_after:
-            _backward_reset_after(*head, _array(w_hh), *tail)
+            kernel, recurrent = _backward_reset_after, (_array(w_hh),)
         else:
-            _backward_reset_before(
-                *head, _array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]), *tail
+            kernel = _backward_reset_before
+            recurrent = (_array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]))
+        w_ih_blocks = (_array(w_ih[: 2 * hidden]), _array(w_ih[2 * hidden :]))
+        length_array = _lengths_array(ctx.lengths, steps, batch)
+        no_dx = torch.empty(1, 1, inputs, dtype=dtype)
+        argument_lists, results = [], []
+        for part, saved_gates in zip(parts, ctx.saved_gates, strict=True):
+            size = part.stop - part.start
+            # Each part writes its own weight gradients; they are summed after the run.
+            part_dx = torch.empty(steps, size, inputs, dtype=dtype) if needs[0] else no_dx
+            result = (
+                part_dx,
+                torch.empty_like(w_ih),
+                torch.empty_like(w_hh),
+                torch.empty(3 * hidden, dtype=dtype),
+                torch.empty(3 * hidden, dtype=dtype),
+                torch.empty(size, hidden, dtype=dtype),
             )
+            argument_lists.append(
+                (
+                    d_output[:, part].contiguous().numpy(),
+                    dh_last[part].contiguous().numpy(),
+                    saved_gates.numpy(),
+                    output.detach()[:, part].contiguous().numpy(),
+                    h0[part].contiguous().numpy(),
+                    _part_rows(x, part),
+                    *w_ih_blocks,
+                    *recurrent,
+                    np.ascontiguousarray(length_array[part]),
+                    ctx.reverse,
+                    needs[0],
+                    result[0].view(-1, inputs).numpy(),
+                    *(tensor.numpy() for tensor in result[1:]),
+                    _use_packing(steps),
+                )
+            )
+            results.append(result)
+        threads.run_concurrently(kernel, argument_lists)
+        if len(parts) == 1:
+            dx, dw_ih, dw_hh, db_ih, db_hh, dh0 = results[0]
+        else:
+            dx = torch.cat([result[0] for result in results], dim=1) if needs[0] else None
+            dw_ih, dw_hh, db_ih, db_hh = (
+                torch.stack([result[index] for result in results]).sum(0) for index in range(1, 5)
+            )
+            dh0 = torch.cat([result[5] for result in results])
         return (
-            dx,
+            dx if needs[0] else None,
             dh0 if needs[1] else None,
             dw_ih if needs[2] else None,
             dw_hh if needs[3] else None,
@@ -670,11 +719,8 @@ def run_direction(
     if needs_grad:
         output, h_last = GRUFunction.apply(*tensors, lengths, reverse, reset_after)
         return output, (h_last,)
-    x_rows = x.detach().reshape(steps * batch, inputs).contiguous()
-    detached = (None if t is None else t.detach() for t in (h0, w_ih, w_hh, b_ih, b_hh))
-    output, h_last, _ = _run_forward(
-        x_rows, *detached, lengths, steps, reverse, reset_after, save=False
-    )
+    detached = (None if t is None else t.detach() for t in (x, h0, w_ih, w_hh, b_ih, b_hh))
+    output, h_last, *_ = _run_forward(*detached, lengths, reverse, reset_after, save=False)
     return output, (h_last,)
 
 

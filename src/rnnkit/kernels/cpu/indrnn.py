@@ -13,13 +13,13 @@ Lengths: steps t >= lengths[b] output zeros and keep the state; the caller rever
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from rnnkit.kernels.cpu.lstm import _tanh
 
 NONLINEARITIES = ("relu", "tanh")
 
@@ -29,31 +29,36 @@ def _forward_kernel(pre, h0, u, lengths, relu, output, final):
     """(T, B, H) projections, (B, H) h0, (H,) u -> output (T, B, H) and final (B, H), in place."""
     steps, batch, hidden = pre.shape
     full = lengths.size == 0
-    final[:] = h0
+    for b in range(batch):
+        for j in range(hidden):
+            final[b, j] = h0[b, j]
     for t in range(steps):
         for b in range(batch):
             if not full and t >= lengths[b]:
                 for j in range(hidden):
-                    output[t, b, j] = 0.0
+                    output[t, b, j] = 0
                 continue
             for j in range(hidden):
                 value = pre[t, b, j] + u[j] * final[b, j]
                 if relu:
-                    value = value if value > 0 else value * 0
+                    value = value if value > 0 else value * 0  # NaN stays NaN
                 else:
-                    value = math.tanh(value)
+                    value = _tanh(value)
                 output[t, b, j] = value
                 final[b, j] = value
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _backward_kernel(grad_output, grad_h, h0, u, output, lengths, relu, grad_pre, grad_u):
-    """dL/dp (T, B, H) and dL/du (H,) in place; grad_h: dL/dh_final in, dL/dh0 out."""
+    """dL/dp (T, B, H), every element written, and dL/du (H,) accumulated in place; grad_h:
+    dL/dh_final in, dL/dh0 out."""
     steps, batch, hidden = output.shape
     full = lengths.size == 0
     for t in range(steps - 1, -1, -1):
         for b in range(batch):
             if not full and t >= lengths[b]:
+                for j in range(hidden):
+                    grad_pre[t, b, j] = 0
                 continue
             for j in range(hidden):
                 h = output[t, b, j]
@@ -112,7 +117,7 @@ class IndRNNFunction(torch.autograd.Function):
     def backward(ctx, grad_output, grad_final):
         h0, u, output, lengths = ctx.saved_tensors
         grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
-        grad_pre = torch.zeros_like(output)
+        grad_pre = torch.empty_like(output)
         # Accumulated in float64: a sum over T * B terms.
         grad_u = torch.zeros(u.shape, dtype=torch.float64)
         _backward_kernel(

@@ -31,7 +31,7 @@ from numba import njit
 from torch import Tensor
 
 from rnnkit.cells.layer_norm import LAYER_NORM_EPS
-from rnnkit.kernels.cpu import blas
+from rnnkit.kernels.cpu import blas, threads
 
 # The GRU kernel's exp-based sigmoid and tanh vectorise where libm calls do not.
 from rnnkit.kernels.cpu.gru import _sigmoid, _tanh
@@ -90,12 +90,13 @@ def _normalise_backward(d_out, gain, normalised, inverse_std, d_v, d_gain, d_shi
 @_jit
 def _lstm_forward(
     a_x, w_hh, g_hh, b_hh, g_c, b_c, h0, c0, lengths, reverse, save, output, h_n, c_n,
-    gates, h_normalised, h_inverse_std, cells, c_normalised, c_inverse_std, use_packing,
+    gates, h_normalised, h_inverse_std, cells, c_normalised, c_inverse_std, use_packing, first,
+    last,
 ):  # fmt: skip
     """a_x (T, B, 4H) input side; w_hh (4H, H). Writes output (T, B, H), h_n, c_n (B, H) and,
     when `save`, per time position: gates (i, f, g, o activations), h_normalised (T, B, 4H),
     h_inverse_std (T, B), cells and c_normalised (T, B, H), c_inverse_std (T, B). Without `save`
-    those are (1, B, .) scratch."""
+    those are (1, B, .) scratch. Only sequences first..last-1 are run (a part of the batch)."""
     steps, batch, width = a_x.shape
     hidden = width // 4
     h = h0.copy()
@@ -103,10 +104,12 @@ def _lstm_forward(
     recurrent = np.empty((batch, width), dtype=h0.dtype)
     cell_out = np.empty(hidden, dtype=h0.dtype)
     work = blas.workspace(h0)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    rows = last - first
+    weight, transposed, packed = blas.prepare_weight(rows, w_hh, True, use_packing, work)
     for s in range(steps):
-        blas.gemm_weight(h, weight, transposed, packed, recurrent, False, work)
-        for b in range(batch):
+        h_part, recurrent_part = h[first:last], recurrent[first:last]
+        blas.gemm_weight(h_part, weight, transposed, packed, recurrent_part, False, work)
+        for b in range(first, last):
             length = lengths[b]
             if s >= length:
                 output[s, b, :] = 0
@@ -143,19 +146,19 @@ def _lstm_forward(
             for j in range(hidden):
                 h_row[j] = gate_o[j] * _tanh(cell_out[j])
             out_row[:] = h_row
-    h_n[:, :] = h
-    c_n[:, :] = c
+    blas.copy_matrix(h[first:last], h_n[first:last])
+    blas.copy_matrix(c[first:last], c_n[first:last])
 
 
 @_jit
 def _lstm_backward(
     grad_output, grad_h_n, grad_c_n, gates, h_normalised, h_inverse_std, cells, c_normalised,
     c_inverse_std, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, d_a_x, d_recurrent, d_g_hh,
-    d_b_hh, d_g_c, d_b_c, d_h0, d_c0, use_packing,
+    d_b_hh, d_g_c, d_b_c, d_h0, d_c0, use_packing, first, last,
 ):  # fmt: skip
     """BPTT of _lstm_forward. Writes d_a_x = dL/da_x and d_recurrent = dL/d(h W_hh^T), both
     (T, B, 4H) and zero at padding, d_h0, d_c0 (B, H); adds onto the float64 d_g_hh, d_b_hh
-    (4H,) and d_g_c, d_b_c (H,)."""
+    (4H,) and d_g_c, d_b_c (H,). Only sequences first..last-1 (a part of the batch)."""
     steps, batch, width = d_a_x.shape
     hidden = width // 4
     dh = grad_h_n.copy()
@@ -165,9 +168,10 @@ def _lstm_backward(
     d_cell_out = np.empty(hidden, dtype=dh.dtype)
     d_cell = np.empty(hidden, dtype=dh.dtype)
     work = blas.workspace(dh)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    rows = last - first
+    weight, transposed, packed = blas.prepare_weight(rows, w_hh, False, use_packing, work)
     for s in range(steps - 1, -1, -1):
-        for b in range(batch):
+        for b in range(first, last):
             length = lengths[b]
             if s >= length:
                 d_step[b, :] = 0
@@ -201,32 +205,36 @@ def _lstm_backward(
                 d_row, g_hh, h_normalised[pos, b], h_inverse_std[pos, b], d_step[b], d_g_hh, d_b_hh
             )
             d_recurrent[pos, b, :] = d_step[b]
-        blas.gemm_weight(d_step, weight, transposed, packed, dh_recurrent, False, work)
-        for b in range(batch):
+        step_part, through_part = d_step[first:last], dh_recurrent[first:last]
+        blas.gemm_weight(step_part, weight, transposed, packed, through_part, False, work)
+        for b in range(first, last):
             if s < lengths[b]:
                 dh[b, :] = dh_recurrent[b]
-    d_h0[:, :] = dh
-    d_c0[:, :] = dc
+    blas.copy_matrix(dh[first:last], d_h0[first:last])
+    blas.copy_matrix(dc[first:last], d_c0[first:last])
 
 
 @_jit
 def _gru_forward(
     a_x, w_hh, g_hh, b_hh, h0, lengths, reverse, save, output, h_n, gates, h_normalised,
-    h_inverse_std, use_packing,
+    h_inverse_std, use_packing, first, last,
 ):  # fmt: skip
     """a_x (T, B, 3H) input side; w_hh (3H, H). Writes output (T, B, H), h_n (B, H) and,
     when `save`, per time position: gates (r, z, n) (T, B, 3H), h_normalised (T, B, 3H),
-    h_inverse_std (T, B). Without `save` those are (1, B, .) scratch."""
+    h_inverse_std (T, B). Without `save` those are (1, B, .) scratch. Only sequences
+    first..last-1 are run (a part of the batch)."""
     steps, batch, width = a_x.shape
     hidden = width // 3
     h = h0.copy()
     recurrent = np.empty((batch, width), dtype=h0.dtype)
     a_h = np.empty(width, dtype=h0.dtype)
     work = blas.workspace(h0)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    rows = last - first
+    weight, transposed, packed = blas.prepare_weight(rows, w_hh, True, use_packing, work)
     for s in range(steps):
-        blas.gemm_weight(h, weight, transposed, packed, recurrent, False, work)
-        for b in range(batch):
+        h_part, recurrent_part = h[first:last], recurrent[first:last]
+        blas.gemm_weight(h_part, weight, transposed, packed, recurrent_part, False, work)
+        for b in range(first, last):
             length = lengths[b]
             if s >= length:
                 output[s, b, :] = 0
@@ -250,16 +258,17 @@ def _gru_forward(
                 row[2 * hidden + j] = n
                 h_row[j] = value
                 out_row[j] = value
-    h_n[:, :] = h
+    blas.copy_matrix(h[first:last], h_n[first:last])
 
 
 @_jit
 def _gru_backward(
     grad_output, grad_h_n, gates, h_normalised, h_inverse_std, output, h0, w_hh, g_hh, b_hh,
-    lengths, reverse, d_a_x, d_recurrent, d_g_hh, d_b_hh, d_h0, use_packing,
+    lengths, reverse, d_a_x, d_recurrent, d_g_hh, d_b_hh, d_h0, use_packing, first, last,
 ):  # fmt: skip
     """BPTT of _gru_forward. Writes d_a_x = dL/da_x and d_recurrent = dL/d(h W_hh^T), both
-    (T, B, 3H) and zero at padding, and d_h0 (B, H); adds onto the float64 d_g_hh, d_b_hh."""
+    (T, B, 3H) and zero at padding, and d_h0 (B, H); adds onto the float64 d_g_hh, d_b_hh.
+    Only sequences first..last-1 (a part of the batch)."""
     steps, batch, width = d_a_x.shape
     hidden = width // 3
     dh = grad_h_n.copy()
@@ -267,9 +276,10 @@ def _gru_backward(
     dh_recurrent = np.empty((batch, hidden), dtype=dh.dtype)
     d_a_h = np.empty(width, dtype=dh.dtype)
     work = blas.workspace(dh)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    rows = last - first
+    weight, transposed, packed = blas.prepare_weight(rows, w_hh, False, use_packing, work)
     for s in range(steps - 1, -1, -1):
-        for b in range(batch):
+        for b in range(first, last):
             length = lengths[b]
             if s >= length:
                 d_step[b, :] = 0
@@ -298,11 +308,12 @@ def _gru_backward(
                 d_a_h, g_hh, normalised, h_inverse_std[pos, b], d_step[b], d_g_hh, d_b_hh
             )
             d_recurrent[pos, b, :] = d_step[b]
-        blas.gemm_weight(d_step, weight, transposed, packed, dh_recurrent, False, work)
-        for b in range(batch):
+        step_part, through_part = d_step[first:last], dh_recurrent[first:last]
+        blas.gemm_weight(step_part, weight, transposed, packed, through_part, False, work)
+        for b in range(first, last):
             if s < lengths[b]:
                 dh[b, :] += dh_recurrent[b]
-    d_h0[:, :] = dh
+    blas.copy_matrix(dh[first:last], d_h0[first:last])
 
 
 # -- torch glue ---------------------------------------------------------------------------------
@@ -375,6 +386,28 @@ def _recurrent_weight_grad(
     return grad
 
 
+# Sequences of a batch are independent: parts of it run concurrently on torch's threads
+# (threads.py) once a part's per-step product is large enough to pay for fewer rows.
+_MIN_PART = 4
+_MIN_PART_STEP_WORK = 1 << 18
+
+
+def _batch_parts(batch: int, w_hh: Tensor) -> list[slice]:
+    if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
+        return [slice(0, batch)]
+    step_work = batch * w_hh.shape[0] * w_hh.shape[1]
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+
+
+def _run_parts(kernel, arguments: tuple, parts: list[slice], per_part=lambda: ()) -> list:
+    """kernel(*arguments, *extra, first, last) for each part, concurrently; extra = per_part()
+    gives each part its own accumulators, which are returned, one tuple per part."""
+    extras = [per_part() for _ in parts]
+    calls = [(*arguments, *extra, part.start, part.stop) for part, extra in zip(parts, extras)]
+    threads.run_concurrently(kernel, calls)
+    return extras
+
+
 def _scratch(save: bool, steps: int, batch: int, width: int, like: Tensor) -> Tensor:
     return like.new_empty(steps if save else 1, batch, width)
 
@@ -394,12 +427,13 @@ def _lstm_run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c, lengths, 
         _scratch(save, steps, batch, hidden, x),
         _scratch(save, steps, batch, 1, x).view(-1, batch),
     )
-    _lstm_forward(
+    arguments = (
         a_x.numpy(), _numpy(w_hh), _numpy(g_hh), _numpy(_shift(b_hh, g_hh)), _numpy(g_c),
         _numpy(_shift(b_c, g_c)), _numpy(h0), _numpy(c0), _lengths_array(lengths, steps, batch),
         reverse, save, output.numpy(), h_n.numpy(), c_n.numpy(),
         *(tensor.numpy() for tensor in loop_saved), _use_packing(steps),
     )  # fmt: skip
+    _run_parts(_lstm_forward, arguments, _batch_parts(batch, w_hh))
     return output, h_n, c_n, input_saved, loop_saved
 
 
@@ -428,17 +462,28 @@ class LayerNormLSTMDirection(torch.autograd.Function):
         hidden = w_hh.shape[1]
         d_a_x = x.new_empty(steps, batch, 4 * hidden)
         d_recurrent = x.new_empty(steps, batch, 4 * hidden)
-        d_g_hh, d_b_hh = (torch.zeros(4 * hidden, dtype=torch.float64) for _ in range(2))
-        d_g_c, d_b_c = (torch.zeros(hidden, dtype=torch.float64) for _ in range(2))
         d_h0, d_c0 = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
-        _lstm_backward(
+        arguments = (
             _numpy(grad_output), _numpy(grad_h_n), _numpy(grad_c_n),
             *(tensor.numpy() for tensor in ctx.loop_saved), _numpy(c0), _numpy(w_hh),
             _numpy(g_hh), _numpy(g_c), _numpy(_shift(b_c, g_c)),
             _lengths_array(ctx.lengths, steps, batch), ctx.reverse, d_a_x.numpy(),
-            d_recurrent.numpy(), d_g_hh.numpy(), d_b_hh.numpy(), d_g_c.numpy(), d_b_c.numpy(),
-            d_h0.numpy(), d_c0.numpy(), _use_packing(steps),
+            d_recurrent.numpy(),
         )  # fmt: skip
+
+        def accumulators():
+            return tuple(
+                np.zeros(size, np.float64) for size in (4 * hidden, 4 * hidden, hidden, hidden)
+            )
+
+        def tail(*sums):
+            return (*sums, d_h0.numpy(), d_c0.numpy(), _use_packing(steps))
+
+        parts = _batch_parts(batch, w_hh)
+        sums = _run_parts(_lstm_backward, arguments, parts, lambda: tail(*accumulators()))
+        d_g_hh, d_b_hh, d_g_c, d_b_c = (
+            torch.from_numpy(sum(extra[index] for extra in sums)) for index in range(4)
+        )
         needs = ctx.needs_input_grad
         d_x, d_w_ih, d_g_ih, d_b_ih = _input_side_backward(
             ctx, d_a_x, x, w_ih, g_ih, b_ih, ctx.input_saved
@@ -476,11 +521,12 @@ def _gru_run(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, lengths, reverse, save):
         _scratch(save, steps, batch, 3 * hidden, x),
         _scratch(save, steps, batch, 1, x).view(-1, batch),
     )
-    _gru_forward(
+    arguments = (
         a_x.numpy(), _numpy(w_hh), _numpy(g_hh), _numpy(_shift(b_hh, g_hh)), _numpy(h0),
         _lengths_array(lengths, steps, batch), reverse, save, output.numpy(), h_n.numpy(),
         *(tensor.numpy() for tensor in loop_saved), _use_packing(steps),
     )  # fmt: skip
+    _run_parts(_gru_forward, arguments, _batch_parts(batch, w_hh))
     return output, h_n, input_saved, loop_saved
 
 
@@ -509,14 +555,22 @@ class LayerNormGRUDirection(torch.autograd.Function):
         hidden = w_hh.shape[1]
         d_a_x = x.new_empty(steps, batch, 3 * hidden)
         d_recurrent = x.new_empty(steps, batch, 3 * hidden)
-        d_g_hh, d_b_hh = (torch.zeros(3 * hidden, dtype=torch.float64) for _ in range(2))
         d_h0 = x.new_empty(batch, hidden)
-        _gru_backward(
+        arguments = (
             _numpy(grad_output), _numpy(grad_h_n), *(tensor.numpy() for tensor in ctx.loop_saved),
             _numpy(output), _numpy(h0), _numpy(w_hh), _numpy(g_hh), _numpy(_shift(b_hh, g_hh)),
             _lengths_array(ctx.lengths, steps, batch), ctx.reverse, d_a_x.numpy(),
-            d_recurrent.numpy(), d_g_hh.numpy(), d_b_hh.numpy(), d_h0.numpy(), _use_packing(steps),
+            d_recurrent.numpy(),
         )  # fmt: skip
+
+        def per_part():
+            sums = (np.zeros(3 * hidden, np.float64), np.zeros(3 * hidden, np.float64))
+            return (*sums, d_h0.numpy(), _use_packing(steps))
+
+        sums = _run_parts(_gru_backward, arguments, _batch_parts(batch, w_hh), per_part)
+        d_g_hh, d_b_hh = (
+            torch.from_numpy(sum(extra[index] for extra in sums)) for index in range(2)
+        )
         needs = ctx.needs_input_grad
         d_x, d_w_ih, d_g_ih, d_b_ih = _input_side_backward(
             ctx, d_a_x, x, w_ih, g_ih, b_ih, ctx.input_saved

@@ -22,7 +22,6 @@ copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on wher
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from numba import njit, types
 from numba.extending import overload
 from torch import Tensor
 
-from rnnkit.kernels.cpu import blas
+from rnnkit.kernels.cpu import blas, threads
 
 BLAS_LIBRARY = blas.LIBRARY
 PACKED_GEMM = blas.PACKED_GEMM
@@ -104,22 +103,18 @@ def _position(step, length, reverse):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _gate_activations(row, recurrent, hidden):
-    """(4H,) input part of the pre-activations + (4H,) recurrent part -> (i, f, g, o) activations,
-    written over row."""
+def _gate_activations(row, hidden):
+    """(4H,) pre-activations -> (i, f, g, o) activations, in place."""
     # Loops over slices from 0 vectorise; loops over range(2H, 3H) measured 3x slower.
     sigmoid_gates = row[: 2 * hidden]
-    sigmoid_recurrent = recurrent[: 2 * hidden]
     for j in range(2 * hidden):
-        sigmoid_gates[j] = _sigmoid(sigmoid_gates[j] + sigmoid_recurrent[j])
+        sigmoid_gates[j] = _sigmoid(sigmoid_gates[j])
     gate_g = row[2 * hidden : 3 * hidden]
-    recurrent_g = recurrent[2 * hidden : 3 * hidden]
     for j in range(hidden):
-        gate_g[j] = _tanh(gate_g[j] + recurrent_g[j])
+        gate_g[j] = _tanh(gate_g[j])
     gate_o = row[3 * hidden :]
-    recurrent_o = recurrent[3 * hidden :]
     for j in range(hidden):
-        gate_o[j] = _sigmoid(gate_o[j] + recurrent_o[j])
+        gate_o[j] = _sigmoid(gate_o[j])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -173,7 +168,6 @@ def lstm_forward_loop(
     hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, True, use_packing, work)
     inputs = np.zeros((chunk * batch, features), x.dtype)
     gates = np.empty((chunk * batch, gate_width), x.dtype)
-    recurrent = np.empty((batch, gate_width), x.dtype)
     cell_output = np.empty((batch, hidden), x.dtype)
     projection = np.empty((batch, h.shape[1]), x.dtype)
     for first in range(0, steps, chunk):
@@ -189,7 +183,9 @@ def lstm_forward_loop(
                 gate_row[j] += bias[j]
         for offset in range(count):
             step = first + offset
-            blas.gemm_weight(h, hh, hh_transposed, packed_hh, recurrent, False, work)
+            # The recurrent product is added to the step's rows of the input projection.
+            step_gates = gates[offset * batch : (offset + 1) * batch]
+            blas.gemm_weight(h, hh, hh_transposed, packed_hh, step_gates, True, work)
             for b in range(batch):
                 length = lengths[b]
                 if step >= length:
@@ -197,7 +193,7 @@ def lstm_forward_loop(
                     continue
                 time = _position(step, length, reverse)
                 row = gates[offset * batch + b]
-                _gate_activations(row, recurrent[b], hidden)
+                _gate_activations(row, hidden)
                 _cell_update(row, c[b], cell_output[b], hidden)
                 if save:
                     blas.copy_vector(row, activations[time, b])
@@ -358,47 +354,20 @@ def _empty_matrix(like: Tensor) -> np.ndarray:
     return np.empty((0, 0), _numpy(like).dtype)
 
 
-# Sequences in a batch are independent, so with several torch threads the batch can be split into
-# parts whose whole time loops run concurrently (numba releases the GIL), each with
-# single-threaded MKL. A part's per-step product must be large enough to pay for the lower
-# efficiency of fewer rows: measured on 2 cores (quiet machine), splitting B=32, H=128 (1M
-# multiply-adds a part) was 20-25% slower than one loop on MKL's own threads, while B=32, H=256
-# (4M) was 25% faster for inference and B=64, H=512 9% faster for training.
+# A part's per-step product must be large enough to pay for the lower efficiency of fewer rows
+# (see threads.batch_parts).
 _MIN_PART = 4
-_MIN_PART_STEP_WORK = 1 << 22
-_pool: ThreadPoolExecutor | None = None
+_MIN_PART_STEP_WORK = 1 << 18
 
 
 def _batch_parts(batch: int, step_work: int) -> list[slice]:
-    """Slices of the batch to run concurrently: one per torch thread, at least _MIN_PART rows and
-    _MIN_PART_STEP_WORK multiply-adds of the step's recurrent product (step_work in all) each."""
-    parts = min(torch.get_num_threads(), batch // _MIN_PART, step_work // _MIN_PART_STEP_WORK)
-    if parts < 2 or not BLAS_LIBRARY.startswith("MKL"):
+    if BLAS_LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
-    bounds = [round(batch * index / parts) for index in range(parts + 1)]
-    return [slice(bounds[index], bounds[index + 1]) for index in range(parts)]
-
-
-def _single_threaded(function, arguments) -> None:
-    previous = blas.set_local_threads(1)
-    try:
-        function(*arguments)
-    finally:
-        blas.set_local_threads(previous)
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
 
 
 def _run_parts(function, argument_lists: list[tuple]) -> None:
-    """function(*arguments) for each list, concurrently when there are several."""
-    global _pool
-    if len(argument_lists) == 1:
-        function(*argument_lists[0])
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(thread_name_prefix="rnnkit-lstm")
-    futures = [_pool.submit(_single_threaded, function, args) for args in argument_lists[1:]]
-    _single_threaded(function, argument_lists[0])
-    for future in futures:
-        future.result()
+    threads.run_concurrently(function, argument_lists)
 
 
 def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):

@@ -13,6 +13,11 @@ work against the log-space scan's several exp/log per element (measured in
 benchmarks/bench_variants.py), so it runs both of the layers' modes here; the real-space product
 also avoids the log-space scan's rounding of |sum of log a_t|.
 
+Arithmetic: float64 calls libm's exp (bit-for-bit the equations up to rounding); float32 uses
+`_exp_nonpositive`, a polynomial exp that LLVM vectorises (a libm call stays scalar), and every
+gate is written as branch-free selects over exponentials of non-positive arguments, so nothing
+overflows and small gates keep their relative accuracy.
+
 Lengths: steps t >= lengths[b] output zeros and keep the state, so `final` is the state at each
 sequence's last valid step. Directions are the caller's (it reverses each sequence first).
 """
@@ -20,68 +25,217 @@ sequence's last valid step. Directions are the caller's (it reverses each sequen
 from __future__ import annotations
 
 import math
+from decimal import Context, Decimal
 
 import numpy as np
 import torch
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 CELLS = ("min_gru", "min_lstm")
 
+# Helpers are compiled once per dtype and inlined by LLVM. numba's own inlining
+# (inline="always") re-types the callee at each call site: it made the first compile 4x slower,
+# so only _normalised_gates, too large for LLVM's inliner (kept a call, 20x slower), uses it.
+_jit = njit(cache=True, nogil=True, error_model="numpy")
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _sigmoid(v):
-    return 1.0 / (1.0 + math.exp(-v))
+# ---------------------------------------------------------------------------------------------
+# Element functions, generic over float32 and float64: constants go through _like, since in
+# numba float32 op Python float is float64.
+#
+# exp is a polynomial (Cody-Waite reduction to |r| <= ln(2) / 2, Taylor series of e^r, 2^n put
+# into the exponent bits) rather than libm's, which stays a scalar call: LLVM vectorises this.
+# Every gate below is written as branch-free selects over exponentials of non-positive
+# arguments, so nothing overflows and small gates keep their relative accuracy.
+
+_LN2 = Decimal(2).ln(Context(prec=40))
+# ln 2 = high + low, high short enough that n * high is exact for every exponent n used.
+_LN2_HIGH_32 = 0.693359375
+_LN2_HIGH_64 = round(math.log(2) * 2**32) / 2**32
+_LN2_LOW_32 = float(_LN2 - Decimal(_LN2_HIGH_32))
+_LN2_LOW_64 = float(_LN2 - Decimal(_LN2_HIGH_64))
+# e^r's Taylor coefficients 1/k!, k = degree down to 2: the remainder is under 0.1 ulp for
+# |r| <= 0.35 at degree 7 in float32 and 13 in float64.
+_TAYLOR_32 = tuple(1 / math.factorial(k) for k in range(7, 1, -1))
+_TAYLOR_64 = tuple(1 / math.factorial(k) for k in range(13, 1, -1))
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _softplus(v):
-    return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+def _like(x, value):
+    return value
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _g(v):
-    """g(v) = v + 0.5 for v >= 0, sigmoid(v) below: positive, continuous, slope 1 and 1/4."""
-    return v + 0.5 if v >= 0 else _sigmoid(v)
+@overload(_like)
+def _like_impl(x, value):
+    """value as x's float type."""
+    if x == types.float32:
+        return lambda x, value: np.float32(value)
+    return lambda x, value: np.float64(value)
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _g_slope(v):
-    if v >= 0:
-        return 1.0
-    s = _sigmoid(v)
-    return s * (1.0 - s)
+@intrinsic
+def _power_of_two(typingctx, shifted):
+    """2^n from shifted = n + 1.5 * 2^p (p = 23 or 52 mantissa bits) as a float of its type.
 
-
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _normalised_gates(k_f, k_i):
-    """minLSTM's (f', i', 1 - f, 1 - i) from the gate pre-activations, in float64.
-
-    f / (f + i) = (1 + e^-k_i) / (2 + e^-k_f + e^-k_i): two exps. Where a pre-activation is far
-    below zero (f or i under 1e-260) that overflows, and the log form takes over:
-    f / (f + i) = sigmoid(log f - log i) with log f = -softplus(-k_f).
+    shifted's bits are those of 1.5 * 2^p plus n, so an integer subtraction gives the biased
+    exponent; no float-to-int conversion (undefined for NaN) is involved.
     """
-    k_f = np.float64(k_f)
-    k_i = np.float64(k_i)
-    if k_f > -600.0 and k_i > -600.0:
-        e_f = math.exp(-k_f)
-        e_i = math.exp(-k_i)
-        total = 2.0 + e_f + e_i
-        return (1.0 + e_i) / total, (1.0 + e_f) / total, e_f / (1.0 + e_f), e_i / (1.0 + e_i)
-    difference = _softplus(-k_i) - _softplus(-k_f)  # log f - log i
-    return _sigmoid(difference), _sigmoid(-difference), _sigmoid(-k_f), _sigmoid(-k_i)
+    if shifted == types.float32:
+        width, shift_bits, bias, mantissa_bits = 32, 0x4B400000, 127, 23
+    else:
+        width, shift_bits, bias, mantissa_bits = 64, 0x4338000000000000, 1023, 52
+
+    def codegen(context, builder, signature, args):
+        integer = ir.IntType(width)
+        biased = builder.add(
+            builder.bitcast(args[0], integer), ir.Constant(integer, bias - shift_bits)
+        )
+        power = builder.shl(biased, ir.Constant(integer, mantissa_bits))
+        return builder.bitcast(power, context.get_value_type(shifted))
+
+    return shifted(shifted), codegen
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _coefficients(gates, t, b, j, hidden, lstm):
-    """(a, b) of h_t = a h_{t-1} + b at one element, from the step's projections."""
-    if lstm:
-        # f' = f / (f + i) = sigmoid(log f - log i), stable where f and i both underflow.
-        keep, write, _, _ = _normalised_gates(gates[t, b, j], gates[t, b, hidden + j])
-        return keep, write * _g(gates[t, b, 2 * hidden + j])
-    z = _sigmoid(gates[t, b, j])
-    return 1.0 - z, z * _g(gates[t, b, hidden + j])
+def _exp_nonpositive(x):
+    return math.exp(x)
+
+
+@overload(_exp_nonpositive)
+def _exp_nonpositive_impl(x):
+    """exp(x) for x <= 0 (NaN stays NaN), within 2 ulp; 0 below the smallest normal number."""
+    if x == types.float32:
+        return lambda x: _exp_polynomial(
+            x, -87.0, 1.5 * 2**23, _LN2_HIGH_32, _LN2_LOW_32, _TAYLOR_32
+        )
+    return lambda x: _exp_polynomial(x, -708.0, 1.5 * 2**52, _LN2_HIGH_64, _LN2_LOW_64, _TAYLOR_64)
+
+
+@_jit
+def _exp_polynomial(x, lowest, shift, ln2_high, ln2_low, taylor):
+    clamped = _like(x, lowest) if x < lowest else x
+    shift = _like(x, shift)
+    shifted = clamped * _like(x, 1 / math.log(2)) + shift  # rounds to n + shift
+    n = shifted - shift
+    r = clamped - n * _like(x, ln2_high) - n * _like(x, ln2_low)
+    p = _like(x, 0)
+    for coefficient in taylor:
+        p = p * r + _like(x, coefficient)
+    p = p * r * r + r + _like(x, 1)
+    result = p * _power_of_two(shifted)
+    return _like(x, 0) if x < lowest else result
+
+
+@_jit
+def _sigmoid_pair(k):
+    """(sigmoid(k), sigmoid(-k)) = (z, 1 - z), both to full relative accuracy."""
+    one = _like(k, 1)
+    e = _exp_nonpositive(-abs(k))
+    d = one / (one + e)
+    return (d if k >= 0 else e * d), (e * d if k >= 0 else d)
+
+
+@_jit
+def _g_and_slope(v):
+    """g(v) = v + 0.5 for v >= 0, sigmoid(v) below (positive, continuous), and g'(v)."""
+    one = _like(v, 1)
+    e = _exp_nonpositive(-abs(v))  # = exp(v) where it is used
+    d = one / (one + e)
+    return (v + _like(v, 0.5) if v >= 0 else e * d), (one if v >= 0 else e * d * d)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _normalised_gates(k_f, k_i):
+    """minLSTM's (f', i', 1 - f, 1 - i) from the gate pre-activations.
+
+    f' = f / (f + i) = (1 + e^-k_i) / (2 + e^-k_f + e^-k_i), numerator and denominator scaled by
+    e^-m, m = max(-k_f, -k_i, 0): every exponent is <= 0 and one term is 1, so the denominator
+    lies in [1, 4], and nothing overflows or divides 0 by 0 where f and i both underflow.
+    """
+    # Pre-activations are clipped to +-1e30 so that -inf - -inf cannot make a NaN.
+    large = _like(k_f, 1e30)
+    minus_f = -k_f
+    minus_f = large if minus_f > large else minus_f
+    minus_f = -large if minus_f < -large else minus_f
+    minus_i = -k_i
+    minus_i = large if minus_i > large else minus_i
+    minus_i = -large if minus_i < -large else minus_i
+    m = minus_f if minus_f > minus_i else minus_i
+    m = m if m > 0 else _like(k_f, 0)
+    scaled_one = _exp_nonpositive(-m)
+    scaled_f = _exp_nonpositive(minus_f - m)
+    scaled_i = _exp_nonpositive(minus_i - m)
+    inverse = _like(k_f, 1) / (scaled_one + scaled_one + scaled_f + scaled_i)
+    _, not_f = _sigmoid_pair(k_f)
+    _, not_i = _sigmoid_pair(k_i)
+    return (scaled_one + scaled_i) * inverse, (scaled_one + scaled_f) * inverse, not_f, not_i
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: one (t, b) of the walk; loops over the hidden index of 1-D slices from 0 vectorise.
+
+
+@_jit
+def _gru_forward_row(row, previous, out, hidden):
+    gate_z = row[:hidden]
+    gate_h = row[hidden : 2 * hidden]
+    for j in range(hidden):
+        z, keep = _sigmoid_pair(gate_z[j])
+        g, _ = _g_and_slope(gate_h[j])
+        out[j] = keep * previous[j] + z * g
+
+
+@_jit
+def _lstm_forward_row(row, previous, out, hidden):
+    gate_f = row[:hidden]
+    gate_i = row[hidden : 2 * hidden]
+    gate_h = row[2 * hidden : 3 * hidden]
+    for j in range(hidden):
+        keep, write, _, _ = _normalised_gates(gate_f[j], gate_i[j])
+        g, _ = _g_and_slope(gate_h[j])
+        out[j] = keep * previous[j] + write * g
+
+
+@_jit
+def _gru_backward_row(row, previous, incoming, grad_h, grad_row, hidden):
+    gate_z = row[:hidden]
+    gate_h = row[hidden : 2 * hidden]
+    grad_z = grad_row[:hidden]
+    grad_candidate = grad_row[hidden : 2 * hidden]
+    for j in range(hidden):
+        d = incoming[j] + grad_h[j]
+        z, keep = _sigmoid_pair(gate_z[j])
+        g, slope = _g_and_slope(gate_h[j])
+        grad_z[j] = d * (g - previous[j]) * z * keep
+        grad_candidate[j] = d * z * slope
+        grad_h[j] = d * keep
+
+
+@_jit
+def _lstm_backward_row(row, previous, incoming, grad_h, grad_row, hidden):
+    gate_f = row[:hidden]
+    gate_i = row[hidden : 2 * hidden]
+    gate_h = row[2 * hidden : 3 * hidden]
+    grad_f = grad_row[:hidden]
+    grad_i = grad_row[hidden : 2 * hidden]
+    grad_candidate = grad_row[2 * hidden : 3 * hidden]
+    for j in range(hidden):
+        d = incoming[j] + grad_h[j]
+        keep, write, not_f, not_i = _normalised_gates(gate_f[j], gate_i[j])
+        g, slope = _g_and_slope(gate_h[j])
+        # d/d(log f - log i) of keep = keep * write, of write = -keep * write;
+        # d log f / dk_f = 1 - f.
+        d_difference = d * (previous[j] - g) * keep * write
+        grad_f[j] = d_difference * not_f
+        grad_i[j] = -d_difference * not_i
+        grad_candidate[j] = d * write * slope
+        grad_h[j] = d * keep
+
+
+@_jit
+def _valid_steps(lengths, b, steps):
+    return steps if lengths.size == 0 else min(steps, max(lengths[b], 0))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -89,55 +243,47 @@ def _forward_kernel(gates, h0, lengths, lstm, output, final):
     """(T, B, G*H) projections, (B, H) h0 -> output (T, B, H) and final (B, H), in place."""
     steps, batch, _ = gates.shape
     hidden = h0.shape[1]
-    full = lengths.size == 0
-    final[:] = h0
     for t in range(steps):
         for b in range(batch):
-            if not full and t >= lengths[b]:
+            out = output[t, b]
+            if t >= _valid_steps(lengths, b, steps):
                 for j in range(hidden):
-                    output[t, b, j] = 0.0
+                    out[j] = 0
                 continue
-            for j in range(hidden):
-                keep, write = _coefficients(gates, t, b, j, hidden, lstm)
-                h = keep * final[b, j] + write
-                output[t, b, j] = h
-                final[b, j] = h
+            previous = output[t - 1, b] if t > 0 else h0[b]
+            if lstm:
+                _lstm_forward_row(gates[t, b], previous, out, hidden)
+            else:
+                _gru_forward_row(gates[t, b], previous, out, hidden)
+    for b in range(batch):
+        valid = _valid_steps(lengths, b, steps)
+        last = output[valid - 1, b] if valid > 0 else h0[b]
+        state = final[b]
+        for j in range(hidden):
+            state[j] = last[j]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _backward_kernel(grad_output, grad_h, gates, h0, output, lengths, lstm, grad_gates):
-    """dL/dgates (T, B, G*H) in place; grad_h: dL/dh_final in, dL/dh0 out."""
-    steps, batch, _ = gates.shape
+    """dL/dgates (T, B, G*H), every element written; grad_h: dL/dh_final in, dL/dh0 out."""
+    steps, batch, gate_width = gates.shape
     hidden = h0.shape[1]
-    full = lengths.size == 0
     for t in range(steps - 1, -1, -1):
         for b in range(batch):
-            if not full and t >= lengths[b]:
+            grad_row = grad_gates[t, b]
+            if t >= _valid_steps(lengths, b, steps):
+                for j in range(gate_width):
+                    grad_row[j] = 0
                 continue
-            for j in range(hidden):
-                previous = output[t - 1, b, j] if t > 0 else h0[b, j]
-                d = grad_output[t, b, j] + grad_h[b, j]
-                if lstm:
-                    v = gates[t, b, 2 * hidden + j]
-                    keep, write, not_f, not_i = _normalised_gates(
-                        gates[t, b, j], gates[t, b, hidden + j]
-                    )
-                    g = _g(v)
-                    # d/d(log f - log i) of keep = keep * write, of write = -keep * write;
-                    # d log f / dk_f = 1 - f.
-                    d_diff = d * (previous - g) * keep * write
-                    grad_gates[t, b, j] = d_diff * not_f
-                    grad_gates[t, b, hidden + j] = -d_diff * not_i
-                    grad_gates[t, b, 2 * hidden + j] = d * write * _g_slope(v)
-                    grad_h[b, j] = d * keep
-                else:
-                    k = gates[t, b, j]
-                    v = gates[t, b, hidden + j]
-                    z = _sigmoid(k)
-                    g = _g(v)
-                    grad_gates[t, b, j] = d * (g - previous) * z * (1.0 - z)
-                    grad_gates[t, b, hidden + j] = d * z * _g_slope(v)
-                    grad_h[b, j] = d * (1.0 - z)
+            previous = output[t - 1, b] if t > 0 else h0[b]
+            if lstm:
+                _lstm_backward_row(
+                    gates[t, b], previous, grad_output[t, b], grad_h[b], grad_row, hidden
+                )
+            else:
+                _gru_backward_row(
+                    gates[t, b], previous, grad_output[t, b], grad_h[b], grad_row, hidden
+                )
 
 
 def _lengths_array(lengths: Tensor | None) -> np.ndarray:
@@ -180,7 +326,7 @@ class MinimalScanFunction(torch.autograd.Function):
     def backward(ctx, grad_output, grad_final):
         gates, h0, output, lengths = ctx.saved_tensors
         grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
-        grad_gates = torch.zeros_like(gates)
+        grad_gates = torch.empty_like(gates)
         _backward_kernel(
             grad_output.detach().contiguous().numpy(),
             grad_h.numpy(),

@@ -8,7 +8,10 @@ gradients are large matmuls over all T*B rows (dW_ih = dP^T X, dW_hh = dP^T H_pr
 Only the output (returned anyway) and h0 are kept for the backward: the activation's derivative
 comes from h (tanh' = 1 - h^2; relu' = [h > 0], 0 at 0 as in torch) and h_{t-1} is the output of
 the step before. Every product goes through `blas` (torch's MKL, on torch's own threads); the
-per-step products use MKL's packed weight from _PACK_MIN_STEPS steps on.
+per-step products use MKL's packed weight from _PACK_MIN_STEPS steps on. With several torch
+threads and a large enough per-step product, the batch runs as parts whose time loops (forward
+and backward) run concurrently on torch's OpenMP threads (`threads`); the parts' weight
+gradients are summed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from numba.extending import overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rnnkit.kernels.cpu import blas
+from rnnkit.kernels.cpu import blas, threads
 
 NONLINEARITIES = ("tanh", "relu")
 # Packing a weight costs about as much as a few products with it; below this many steps plain
@@ -287,6 +290,20 @@ def _array(tensor: Tensor) -> np.ndarray:
     return tensor.detach().contiguous().numpy()
 
 
+# Sequences of a batch are independent: with several torch threads the batch runs as parts
+# whose time loops run concurrently (threads.run_concurrently), each with single-threaded
+# products. A part's per-step product must be large enough to pay for the lower efficiency of
+# fewer rows (see threads.batch_parts).
+_MIN_PART = 4
+_MIN_PART_STEP_WORK = 1 << 17
+
+
+def _batch_parts(batch: int, step_work: int) -> list[slice]:
+    if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
+        return [slice(0, batch)]
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+
+
 def _forward(
     x: Tensor,
     h0: Tensor,
@@ -298,31 +315,41 @@ def _forward(
     reverse: bool,
     relu: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(T, B, I) contiguous detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
+    """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     bias = np.zeros(hidden, dtype=_numpy_dtype(x))
     for part in (b_ih, b_hh):
         if part is not None:
             bias += part.detach().numpy()
-    output = torch.empty(steps, batch, hidden, dtype=x.dtype)
-    final = torch.empty(batch, hidden, dtype=x.dtype)
     if batch == 0:
-        return output, final
-    _forward_kernel(
-        x.numpy(),
-        _array(h0),
-        _array(w_ih),
-        _array(w_hh),
-        bias,
-        _lengths_array(lengths),
-        reverse,
-        relu,
-        output.numpy(),
-        final.numpy(),
-        blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
-    )
-    return output, final
+        return torch.empty(steps, 0, hidden, dtype=x.dtype), torch.empty(0, hidden, dtype=x.dtype)
+    weights = (_array(w_ih), _array(w_hh), bias)
+    use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
+    outputs, finals, argument_lists = [], [], []
+    for part in _batch_parts(batch, batch * hidden * hidden):
+        size = part.stop - part.start
+        output = torch.empty(steps, size, hidden, dtype=x.dtype)
+        final = torch.empty(size, hidden, dtype=x.dtype)
+        argument_lists.append(
+            (
+                _array(x[:, part]),
+                _array(h0[part]),
+                *weights,
+                _lengths_array(lengths, part),
+                reverse,
+                relu,
+                output.numpy(),
+                final.numpy(),
+                use_packing,
+            )
+        )
+        outputs.append(output)
+        finals.append(final)
+    threads.run_concurrently(_forward_kernel, argument_lists)
+    if len(outputs) == 1:
+        return outputs[0], finals[0]
+    return torch.cat(outputs, dim=1), torch.cat(finals)
 
 
 def _numpy_dtype(x: Tensor) -> type:
@@ -330,11 +357,11 @@ def _numpy_dtype(x: Tensor) -> type:
     return np.float32 if x.dtype == torch.float32 else np.float64
 
 
-def _lengths_array(lengths: Tensor | None) -> np.ndarray:
-    """The kernels' encoding of lengths: an empty array when every sequence is full."""
+def _lengths_array(lengths: Tensor | None, part: slice) -> np.ndarray:
+    """The kernels' encoding of a batch part's lengths: empty when every sequence is full."""
     if lengths is None:
         return np.empty(0, dtype=np.int64)
-    return lengths.numpy()
+    return lengths[part].contiguous().numpy()
 
 
 class FusedRNNFunction(torch.autograd.Function):
@@ -356,36 +383,14 @@ class FusedRNNFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         steps, batch, hidden = output.shape
         grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
-        # np.dot overwrites grad_x fully; an empty placeholder keeps the signature when unneeded.
         grad_x = torch.empty(x.shape if needs[0] else (0, 0, 0), dtype=x.dtype)
-        grad_w_ih = torch.zeros(w_ih.shape, dtype=w_ih.dtype)
-        grad_w_hh = torch.zeros(w_hh.shape, dtype=w_hh.dtype)
-        grad_bias = torch.zeros(hidden, dtype=output.dtype)
-        # A gradient that is not contiguous (the usual case: expanded from a sum) is copied; the
-        # copy is ours, so the kernel writes dP over it instead of allocating another T*B*H.
-        in_place = not grad_output.is_contiguous()
-        if batch > 0:
-            _backward_kernel(
-                grad_output.detach().contiguous().numpy(),
-                grad_h.numpy(),
-                output.detach().numpy(),
-                x.numpy(),
-                _array(h0),
-                _array(w_ih),
-                _array(w_hh),
-                _lengths_array(lengths),
-                ctx.reverse,
-                ctx.relu,
-                in_place,
-                grad_x.numpy(),
-                grad_w_ih.numpy(),
-                grad_w_hh.numpy(),
-                grad_bias.numpy(),
-                needs[0],
-                needs[2],
-                needs[3],
-                needs[4] or needs[5],
-                blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+        if batch == 0:
+            grad_w_ih = torch.zeros(w_ih.shape, dtype=w_ih.dtype)
+            grad_w_hh = torch.zeros(w_hh.shape, dtype=w_hh.dtype)
+            grad_bias = torch.zeros(hidden, dtype=output.dtype)
+        else:
+            grad_w_ih, grad_w_hh, grad_bias = _backward_parts(
+                ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths, output
             )
         return (
             grad_x if needs[0] else None,
@@ -399,6 +404,63 @@ class FusedRNNFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths, output):
+    """Runs the backward kernel on each batch part (concurrently when several); grad_h
+    (dL/dh_final in, dL/dh0 out) and grad_x are filled in; returns the weight gradients
+    (dW_ih, dW_hh, d bias), summed over the parts."""
+    needs = ctx.needs_input_grad
+    steps, batch, hidden = output.shape
+    parts = _batch_parts(batch, batch * hidden * hidden)
+    weights = (_array(w_ih), _array(w_hh))
+    argument_lists, part_grads = [], []
+    for part in parts:
+        part_grad_output = grad_output.detach()[:, part]
+        # A gradient slice that is not contiguous (the usual case: expanded from a sum, or a part
+        # of the batch) is copied; the copy is ours, so the kernel writes dP over it instead of
+        # allocating another T*B*H.
+        in_place = not part_grad_output.is_contiguous()
+        part_grad_h = grad_h[part].contiguous()
+        part_grad_x = grad_x[:, part].contiguous() if needs[0] else grad_x
+        # Each part writes its own weight gradients; they are summed after the run.
+        weight_grads = (
+            torch.zeros(w_ih.shape, dtype=w_ih.dtype),
+            torch.zeros(w_hh.shape, dtype=w_hh.dtype),
+            torch.zeros(hidden, dtype=output.dtype),
+        )
+        argument_lists.append(
+            (
+                part_grad_output.contiguous().numpy(),
+                part_grad_h.numpy(),
+                _array(output[:, part]),
+                _array(x[:, part]),
+                _array(h0[part]),
+                *weights,
+                _lengths_array(lengths, part),
+                ctx.reverse,
+                ctx.relu,
+                in_place,
+                part_grad_x.numpy(),
+                *(grad.numpy() for grad in weight_grads),
+                needs[0],
+                needs[2],
+                needs[3],
+                needs[4] or needs[5],
+                blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+            )
+        )
+        part_grads.append((part, part_grad_h, part_grad_x, weight_grads))
+    threads.run_concurrently(_backward_kernel, argument_lists)
+    if len(parts) == 1:
+        return part_grads[0][3]
+    for part, part_grad_h, part_grad_x, _ in part_grads:
+        grad_h[part] = part_grad_h
+        if needs[0]:
+            grad_x[:, part] = part_grad_x
+    return tuple(
+        torch.stack([grads[3][index] for grads in part_grads]).sum(0) for index in range(3)
+    )
 
 
 def run_direction(
@@ -421,7 +483,6 @@ def run_direction(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         output, final = FusedRNNFunction.apply(*inputs, lengths, bool(reverse), relu)
     else:
-        x = x.detach().contiguous()
         output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse), relu)
     return output, (final,)
 

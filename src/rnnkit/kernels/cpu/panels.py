@@ -1,0 +1,215 @@
+"""float32 products with a weight packed once per sequence, by an AVX-512 register-tile kernel.
+
+The recurrent kernels multiply a few rows (the batch) by the same weight at every step. MKL takes
+its AVX2 path on AMD CPUs and reached 65-85 GFLOP/s per core on those shapes here (B = 16-64,
+K = 128-512, N = 4K), where this kernel reaches 105-115 (benchmarks/RESULTS.md). The weight is
+packed into panels of PANEL columns, each column-block contiguous along K:
+
+    packed[(p * K + k) * PANEL + j] = B[k, p * PANEL + j]     (zero past N)
+
+and a tile of up to TILE_ROWS rows by PANEL columns of C is held in 2 * TILE_ROWS vector
+registers while k runs: per k, two vector loads of the panel, one broadcast per row, and
+2 * TILE_ROWS fused multiply-adds. The tile is written as LLVM IR (16-lane float vectors,
+llvm.fma) through a numba intrinsic; numba compiles it for the host CPU, so it is used only where
+the host has AVX-512 (AVAILABLE); elsewhere the kernels keep BLAS.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+LANES = 16
+PANEL_VECTORS = 2
+PANEL = LANES * PANEL_VECTORS
+TILE_ROWS = 6
+# K is split in blocks so that a block of a panel (K_BLOCK * PANEL floats, 32 KiB) stays in L1
+# while every row tile reads it.
+K_BLOCK = 256
+AVAILABLE = bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+def _tile_kernel(rows: int):
+    """A numba intrinsic: C[rows, PANEL] (+)= A[rows, depth] @ panel[depth, PANEL], where each
+    array is addressed as flat from its first element (element (r, j) at r * leading + j), plus
+    the given start offsets."""
+
+    @intrinsic
+    def tile(typingctx, a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate):
+        arrays = (a, packed, c)
+        if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in arrays):
+            return None
+        signature = types.void(
+            a, types.int64, types.int64, packed, types.int64, types.int64, c, types.int64,
+            types.int64, types.boolean,
+        )  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            a_value, a_off, lda_value, p_value, p_off, k_count, c_value, c_off, ldc_value, acc = (
+                args
+            )
+            a_data = context.make_array(signature.args[0])(context, builder, a_value).data
+            p_data = context.make_array(signature.args[3])(context, builder, p_value).data
+            c_data = context.make_array(signature.args[6])(context, builder, c_value).data
+            vector = ir.VectorType(ir.FloatType(), LANES)
+            vector_pointer = vector.as_pointer()
+            int64 = ir.IntType(64)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{LANES}f32"
+            )
+            # Accumulators live in stack slots that LLVM promotes to registers.
+            slots = [[cgutils.alloca_once(builder, vector) for _ in range(PANEL_VECTORS)]]
+            slots += [[cgutils.alloca_once(builder, vector) for _ in range(PANEL_VECTORS)]
+                      for _ in range(rows - 1)]  # fmt: skip
+            c_base = builder.gep(c_data, [c_off])
+
+            def c_vector(row, part):
+                row_start = builder.gep(c_base, [builder.mul(ldc_value, ir.Constant(int64, row))])
+                element = builder.gep(row_start, [ir.Constant(int64, part * LANES)])
+                return builder.bitcast(element, vector_pointer)
+
+            with builder.if_else(acc) as (then, otherwise):
+                with then:
+                    for row in range(rows):
+                        for part in range(PANEL_VECTORS):
+                            value = builder.load(c_vector(row, part), align=4)
+                            builder.store(value, slots[row][part])
+                with otherwise:
+                    for row in range(rows):
+                        for part in range(PANEL_VECTORS):
+                            builder.store(ir.Constant(vector, None), slots[row][part])
+            a_base = builder.gep(a_data, [a_off])
+            a_rows = [
+                builder.gep(a_base, [builder.mul(lda_value, ir.Constant(int64, row))])
+                for row in range(rows)
+            ]
+            p_base = builder.gep(p_data, [p_off])
+            undefined = ir.Constant(vector, ir.Undefined)
+            broadcast = ir.Constant(ir.VectorType(ir.IntType(32), LANES), None)
+            with cgutils.for_range(builder, k_count) as loop:
+                p_row = builder.gep(p_base, [builder.mul(loop.index, ir.Constant(int64, PANEL))])
+                panel = []
+                for part in range(PANEL_VECTORS):
+                    element = builder.gep(p_row, [ir.Constant(int64, part * LANES)])
+                    panel.append(builder.load(builder.bitcast(element, vector_pointer), align=4))
+                for row in range(rows):
+                    scalar = builder.load(builder.gep(a_rows[row], [loop.index]))
+                    first = builder.insert_element(
+                        undefined, scalar, ir.Constant(ir.IntType(32), 0)
+                    )
+                    splat = builder.shuffle_vector(first, undefined, broadcast)
+                    for part in range(PANEL_VECTORS):
+                        total = builder.load(slots[row][part])
+                        total = builder.call(fma, [splat, panel[part], total])
+                        builder.store(total, slots[row][part])
+            for row in range(rows):
+                for part in range(PANEL_VECTORS):
+                    builder.store(builder.load(slots[row][part]), c_vector(row, part), align=4)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+_tile_1, _tile_2, _tile_3, _tile_4, _tile_5, _tile_6 = (
+    _tile_kernel(rows) for rows in range(1, TILE_ROWS + 1)
+)
+
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def pack(b, trans_b):
+    """Weight b (K, N), or b (N, K) read transposed, -> flat panels (see the module)."""
+    k = b.shape[1] if trans_b else b.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    panels = (n + PANEL - 1) // PANEL
+    packed = np.zeros(panels * k * PANEL, b.dtype)
+    for p in range(panels):
+        width = min(PANEL, n - p * PANEL)
+        for inner in range(k):
+            start = (p * k + inner) * PANEL
+            for j in range(width):
+                column = p * PANEL + j
+                packed[start + j] = b[column, inner] if trans_b else b[inner, column]
+    return packed
+
+
+@_jit
+def _tile(rows, a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate):
+    if rows == 6:
+        _tile_6(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+    elif rows == 5:
+        _tile_5(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+    elif rows == 4:
+        _tile_4(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+    elif rows == 3:
+        _tile_3(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+    elif rows == 2:
+        _tile_2(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+    elif rows == 1:
+        _tile_1(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+
+
+@_jit
+def product(a, packed, c, accumulate):
+    """c (M, N) = a (M, K) @ B, or c += it, B packed by `pack`; float32, rows of a and c
+    contiguous (row views of larger arrays are fine)."""
+    m, k = a.shape
+    n = c.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if not accumulate:
+            for row in range(m):
+                for j in range(n):
+                    c[row, j] = 0
+        return
+    lda = a.strides[0] // 4
+    ldc = c.strides[0] // 4
+    full_panels = n // PANEL
+    width = n - full_panels * PANEL
+    scratch = np.zeros((TILE_ROWS if width > 0 else 0, PANEL), np.float32)
+    for k_start in range(0, k, K_BLOCK):
+        depth = min(K_BLOCK, k - k_start)
+        add = accumulate or k_start > 0
+        for p in range(full_panels):
+            p_start = (p * k + k_start) * PANEL
+            for row in range(0, m, TILE_ROWS):
+                rows = min(TILE_ROWS, m - row)
+                _tile(
+                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    c, row * ldc + p * PANEL, ldc, add,
+                )  # fmt: skip
+        if width > 0:
+            # The last, partial panel goes through a full-width scratch tile.
+            p_start = (full_panels * k + k_start) * PANEL
+            for row in range(0, m, TILE_ROWS):
+                rows = min(TILE_ROWS, m - row)
+                for i in range(rows):
+                    for j in range(width):
+                        scratch[i, j] = c[row + i, full_panels * PANEL + j] if add else 0
+                _tile(
+                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    scratch, 0, PANEL, True,
+                )  # fmt: skip
+                for i in range(rows):
+                    for j in range(width):
+                        c[row + i, full_panels * PANEL + j] = scratch[i, j]
+
+
+def product_float32(a, packed, c, accumulate):
+    """`product` where the arrays are float32; compiles to nothing for other dtypes, so that
+    kernels compiled for float64 can call it on a branch they never take."""
+
+
+@overload(product_float32)
+def _product_float32(a, packed, c, accumulate):
+    if all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, packed, c)):
+        return lambda a, packed, c, accumulate: product(a, packed, c, accumulate)
+    return lambda a, packed, c, accumulate: None

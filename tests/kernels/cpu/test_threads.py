@@ -1,0 +1,69 @@
+"""Concurrent kernel calls on torch's OpenMP team."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+from rnnkit.kernels.cpu import threads
+
+
+@njit(nogil=True, cache=True)
+def _fill(target, value):
+    for i in range(target.shape[0]):
+        target[i] = value
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("calls", [1, 2, 5])
+def test_every_call_runs_once(two_threads, calls):
+    targets = [np.zeros(1000) for _ in range(calls)]
+    threads.run_concurrently(_fill, [(target, index + 1.0) for index, target in enumerate(targets)])
+    for index, target in enumerate(targets):
+        assert (target == index + 1.0).all()
+
+
+@pytest.mark.skipif(not threads.AVAILABLE, reason="torch's OpenMP runtime is not GNU libgomp")
+def test_calls_run_on_two_threads(two_threads):
+    seen = set()
+
+    def record(_):
+        seen.add(threading.get_ident())
+
+    threads.run_concurrently(record, [(0,), (1,)])
+    assert len(seen) == 2
+
+
+def test_an_exception_in_a_call_is_raised_after_all_ran(two_threads):
+    ran = []
+
+    def call(index):
+        ran.append(index)
+        if index == 0:
+            raise ValueError("call 0 failed")
+
+    with pytest.raises(ValueError, match="call 0 failed"):
+        threads.run_concurrently(call, [(0,), (1,), (2,)])
+    assert sorted(ran) == [0, 1, 2]
+
+
+def test_batch_parts_cover_the_batch_and_respect_the_minimums(two_threads):
+    split = 2 if threads.AVAILABLE else 1
+    parts = threads.batch_parts(9, 9 * 100, min_rows=2, min_step_work=100)
+    assert len(parts) == split
+    assert [i for part in parts for i in range(part.start, part.stop)] == list(range(9))
+    assert len(threads.batch_parts(9, 9 * 100, min_rows=5, min_step_work=100)) == 1
+    assert len(threads.batch_parts(9, 150, min_rows=1, min_step_work=100)) == 1
+    torch.set_num_threads(1)
+    assert len(threads.batch_parts(9, 9 * 100, min_rows=1, min_step_work=1)) == 1
