@@ -328,6 +328,9 @@ def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
         assert len(rnn_kernel._batch_parts(10, rnn_kernel._MIN_PART_STEP_WORK)) == 1
         monkeypatch.setattr(rnn_kernel, "_MIN_PART_STEP_WORK", 1)
         assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24)) == split
+        # A long training step runs as one part: the parts' copies would cost memory.
+        too_long = rnn_kernel._SPLIT_TRAINING_MAX_ELEMENTS + 1
+        assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24, too_long)) == 1
         torch.manual_seed(12)
         args = dict(nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
         fused = rnnkit.RNN(6, 24, **args, backend="cpu")

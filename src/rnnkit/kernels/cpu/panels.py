@@ -175,6 +175,8 @@ def product(a, packed, c, accumulate):
     full_panels = n // PANEL
     width = n - full_panels * PANEL
     scratch = np.zeros((TILE_ROWS if width > 0 else 0, PANEL), np.float32)
+    start_of_scratch = m - m
+    scratch_stride = scratch.shape[1]
     for k_start in range(0, k, K_BLOCK):
         depth = min(K_BLOCK, k - k_start)
         add = accumulate or k_start > 0
@@ -194,9 +196,11 @@ def product(a, packed, c, accumulate):
                 for i in range(rows):
                     for j in range(width):
                         scratch[i, j] = c[row + i, full_panels * PANEL + j] if add else 0
+                # Runtime values, not the constants 0, PANEL, True: literal arguments would
+                # compile a second copy of every tile kernel.
                 _tile(
                     rows, a, row * lda + k_start, lda, packed, p_start, depth,
-                    scratch, 0, PANEL, True,
+                    scratch, start_of_scratch, scratch_stride, depth > 0,
                 )  # fmt: skip
                 for i in range(rows):
                     for j in range(width):
