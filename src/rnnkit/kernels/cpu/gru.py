@@ -19,7 +19,8 @@ weight gradients as a few large matmuls over all T*B rows (dx = dA W_ih, dW_ih =
 dW_hh = dA_h^T H_prev, the biases column sums).
 
 Every product goes through `blas` (torch's MKL, on torch's own threads); per-step products use
-MKL's packed weight from _PACK_MIN_STEPS steps on. With several torch threads and a large enough
+a packed weight from _PACK_MIN_STEPS steps on (rnnkit's AVX-512 panels for float32, see
+`panels`; else MKL's packed form). With several torch threads and a large enough
 per-step product, the batch runs as parts whose forward and backward calls run concurrently on
 torch's OpenMP threads (`threads`); the parts' weight gradients are summed.
 """

@@ -38,7 +38,7 @@ from rnnkit.kernels.cpu.gru import _sigmoid, _tanh
 from rnnkit.spec import LayerSpec
 
 _DTYPES = (torch.float32, torch.float64)
-# MKL's packed weight pays off from this many steps on (as in the GRU kernel).
+# A packed weight (panels.py, or MKL's) pays off from this many steps on (as in the GRU kernel).
 _PACK_MIN_STEPS = 8
 
 # error_model="numpy": no ZeroDivisionError checks, which would keep the loops from vectorising.

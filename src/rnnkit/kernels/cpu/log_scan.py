@@ -5,13 +5,14 @@
 torch.logcumsumexp's CPU kernel costs about 30 ns per element per thread (measured at
 T = 4096, 1024 columns). Here each thread walks time over its own block of the trailing elements,
 the carry kept in float64 (float32 inputs too), with one exp and one log1p per element written
-as plain arithmetic (the GRU kernel's `_exp`, `_log1p_unit`): libm's exp and log1p are calls that LLVM
+as plain arithmetic (`_exp_nonpositive`, `_log1p_unit`): libm's exp and log1p are calls that LLVM
 cannot vectorise (numba has no vector math library here), 20+ ns per element between them, while
 the polynomials run on the SIMD lanes across the independent elements of a time step. Measured
 at T = 4096 x 1024 float64 on one thread of a loaded machine: 6 ns per element forward, 9 ns
-backward (the loops alone, memory-bound, take 2.5), with an exp of its own; sharing the GRU
-kernel's exp instead cost about 15% on the whole primitive (float32, T = 4096, 1024 columns,
-forward + backward: 64 -> 75 ms), under 2% of a MinGRU layer's parallel mode.
+backward (the loops alone, memory-bound, take 2.5), with an exp of its own. The exp is now the
+minimal RNN kernels' (`minimal._exp_nonpositive`: exactly 0 below -708, so an -inf input gives
+0, not NaN), about 10% slower on the whole primitive (float32, T = 4096, 1024 columns, forward
++ backward: 57 -> 63 ms), under 2% of a MinGRU layer's parallel mode.
 
 Backward, by hand: with dL/dy_t = g_t and y non-decreasing in t,
 
@@ -32,11 +33,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import threads
-from rnnkit.kernels.cpu.gru import _exp
+from rnnkit.kernels.cpu.minimal import _exp_nonpositive
 
 _DTYPES = (torch.float32, torch.float64)
 _LOG_2 = math.log(2.0)
-_EXP_UNDERFLOW = -708.0  # e^v below this is under 3.3e-308: taken as 0
 _SQRT2_MINUS_1 = math.sqrt(2.0) - 1.0
 # Columns per thread block: a multiple of 16 so that two threads never write one cache line
 # (64 bytes of float32), and enough elements per thread that the split pays for starting it.
@@ -45,13 +45,6 @@ _MIN_ELEMENTS_PER_THREAD = 1 << 15
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 _inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
-
-
-@_inline
-def _exp_nonpositive(v):
-    """e^v for float64 v <= 0, exactly 0 below -708 (so that an -inf input gives 0, not NaN):
-    the GRU kernel's vectorisable exp (a Taylor polynomial with 2^n built in the exponent bits)."""
-    return 0.0 if v < _EXP_UNDERFLOW else _exp(v)
 
 
 @_inline

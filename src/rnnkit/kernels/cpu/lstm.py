@@ -16,7 +16,10 @@ gradients are then large matmuls over all T * B rows: dW_ih = dpre^T x, dW_hh = 
 dW_hr = dh^T (o tanh(c)).
 
 Products: `blas` (torch's MKL by default), weights read through gemm's transpose flag, never
-copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on where that pays.
+copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on (rnnkit's AVX-512
+panels for float32, see `panels`; else MKL's packed form). With several torch threads and a
+large enough per-step product, the batch runs as parts whose time loops run concurrently on
+torch's OpenMP threads (`threads`).
 """
 
 from __future__ import annotations

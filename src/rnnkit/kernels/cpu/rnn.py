@@ -8,10 +8,10 @@ gradients are large matmuls over all T*B rows (dW_ih = dP^T X, dW_hh = dP^T H_pr
 Only the output (returned anyway) and h0 are kept for the backward: the activation's derivative
 comes from h (tanh' = 1 - h^2; relu' = [h > 0], 0 at 0 as in torch) and h_{t-1} is the output of
 the step before. Every product goes through `blas` (torch's MKL, on torch's own threads); the
-per-step products use MKL's packed weight from _PACK_MIN_STEPS steps on. With several torch
-threads and a large enough per-step product, the batch runs as parts whose time loops (forward
-and backward) run concurrently on torch's OpenMP threads (`threads`); the parts' weight
-gradients are summed.
+per-step products use a packed weight (rnnkit's AVX-512 panels for float32, else MKL's) from
+_PACK_MIN_STEPS steps on. With several torch threads and a large enough per-step product, the
+batch runs as parts whose time loops (forward and backward) run concurrently on torch's OpenMP
+threads (`threads`); the parts' weight gradients are summed.
 """
 
 from __future__ import annotations
