@@ -67,3 +67,22 @@ def test_batch_parts_cover_the_batch_and_respect_the_minimums(two_threads):
     assert len(threads.batch_parts(9, 150, min_rows=1, min_step_work=100)) == 1
     torch.set_num_threads(1)
     assert len(threads.batch_parts(9, 9 * 100, min_rows=1, min_step_work=1)) == 1
+
+
+def test_several_python_threads_may_run_concurrent_calls_at_once(two_threads):
+    # Each calling thread becomes the master of its own OpenMP team; none may block another.
+    results = {}
+
+    def caller(name):
+        targets = [np.zeros(10_000) for _ in range(2)]
+        for round_ in range(20):
+            threads.run_concurrently(_fill, [(t, round_ + i) for i, t in enumerate(targets)])
+        results[name] = [target[0] for target in targets]
+
+    callers = [threading.Thread(target=caller, args=(name,)) for name in range(3)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in callers)
+    assert results == {name: [19.0, 20.0] for name in range(3)}
