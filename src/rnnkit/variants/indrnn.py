@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit.variants.sequence_input import (
     BACKENDS,
+    StreamsStackedState,
     check_choice,
     check_dropout,
     check_size,
@@ -49,7 +50,7 @@ def indrnn_step(pre: Tensor, h: Tensor, u: Tensor, nonlinearity: str = "relu") -
     return torch.relu(value) if nonlinearity == "relu" else torch.tanh(value)
 
 
-class IndRNN(nn.Module):
+class IndRNN(StreamsStackedState):
     """Stacked, optionally bidirectional IndRNN layers: h_t = act(W x_t + b + u * h_{t-1})."""
 
     def __init__(
@@ -169,20 +170,6 @@ class IndRNN(nn.Module):
 
         x, h_n = run_stacked(self, prepared.x, h0, lengths, run_direction)
         return format_output(x, h_n, prepared, self.batch_first)
-
-    def initial_state(self, batch_size: int) -> Tensor:
-        """(L, B, H) zeros: the state before a stream's first chunk (rnnkit.Stream's protocol)."""
-        return self.weight_ih_l0.new_zeros(self.num_layers, batch_size, self.hidden_size)
-
-    def stream_step(self, chunk: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """rnnkit.Stream's protocol: (B, t, I) chunk, (L, B, H) state -> (B, t, H), state."""
-        if self.bidirectional:
-            raise ValueError(
-                f"{type(self).__name__}: a bidirectional layer cannot stream (its backward "
-                "direction needs the whole sequence first), got bidirectional=True"
-            )
-        output, h_n = self(chunk if self.batch_first else chunk.transpose(0, 1), state)
-        return (output if self.batch_first else output.transpose(0, 1)), h_n
 
 
 def _suffix(layer: int, direction: int) -> str:

@@ -52,6 +52,7 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnkit.cells.base import check_tensor
 from rnnkit.variants.sequence_input import (
     BACKENDS,
+    StreamsStackedState,
     check_choice,
     check_dropout,
     check_size,
@@ -166,7 +167,7 @@ def sequential_scan(
     return step_loop(step, gates, h0, lengths)
 
 
-class _MinimalRNN(nn.Module):
+class _MinimalRNN(StreamsStackedState):
     """Stacked, optionally bidirectional minGRU/minLSTM layers; subclasses set `cell`, `gates`."""
 
     cell = ""
@@ -291,20 +292,6 @@ class _MinimalRNN(nn.Module):
                 "(rnnkit.kernels.cpu.log_scan), mode='sequential' the fused sequential kernel"
             )
         return None
-
-    def initial_state(self, batch_size: int) -> Tensor:
-        """(L, B, H) zeros: the state before a stream's first chunk (rnnkit.Stream's protocol)."""
-        return self.weight_ih_l0.new_zeros(self.num_layers, batch_size, self.hidden_size)
-
-    def stream_step(self, chunk: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """rnnkit.Stream's protocol: (B, t, I) chunk, (L, B, H) state -> (B, t, H), state."""
-        if self.bidirectional:
-            raise ValueError(
-                f"{type(self).__name__}: a bidirectional layer cannot stream (its backward "
-                "direction needs the whole sequence first), got bidirectional=True"
-            )
-        output, h_n = self(chunk if self.batch_first else chunk.transpose(0, 1), state)
-        return (output if self.batch_first else output.transpose(0, 1)), h_n
 
     def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Streaming: (B, I) one step's input, (L, B, H) state -> (B, H) output, (L, B, H) state.

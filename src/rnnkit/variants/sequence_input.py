@@ -201,3 +201,23 @@ def step_loop(
         h = torch.where(valid_t > 0, new, h)
         outputs.append(new * valid_t)
     return torch.stack(outputs), h
+
+
+class StreamsStackedState(nn.Module):
+    """rnnkit.Stream's protocol for stacked layers with one (L, B, H) state tensor (MinGRU,
+    MinLSTM, IndRNN): the subclass has weight_ih_l0, num_layers, hidden_size, bidirectional,
+    batch_first and forward(input, hx) -> (output, h_n)."""
+
+    def initial_state(self, batch_size: int) -> Tensor:
+        """(L, B, H) zeros: the state before a stream's first chunk (rnnkit.Stream's protocol)."""
+        return self.weight_ih_l0.new_zeros(self.num_layers, batch_size, self.hidden_size)
+
+    def stream_step(self, chunk: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """rnnkit.Stream's protocol: (B, t, I) chunk, (L, B, H) state -> (B, t, H), state."""
+        if self.bidirectional:
+            raise ValueError(
+                f"{type(self).__name__}: a bidirectional layer cannot stream (its backward "
+                "direction needs the whole sequence first), got bidirectional=True"
+            )
+        output, h_n = self(chunk if self.batch_first else chunk.transpose(0, 1), state)
+        return (output if self.batch_first else output.transpose(0, 1)), h_n
