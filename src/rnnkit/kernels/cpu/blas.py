@@ -197,20 +197,90 @@ def _leading(array):
     return max(1, array.strides[0] // array.itemsize, array.shape[1])
 
 
-@_jit
-def _small_product(a, b, c, accumulate):
-    """c (M, N) = a (M, K) @ b (K, N), or c += it, by plain loops (rows of b vectorise)."""
-    m, k = a.shape
-    n = b.shape[1]
-    if not accumulate:
-        c[:, :] = 0
-    for row in range(m):
-        out = c[row]
-        for inner in range(k):
-            weight = a[row, inner]
-            b_row = b[inner]
-            for col in range(n):
-                out[col] += weight * b_row[col]
+@_inline
+def _extent(rows, cols, leading):
+    """Elements spanned by a (rows, cols) matrix with rows `leading` elements apart."""
+    return (rows - 1) * leading + cols
+
+
+# The product is compiled once per dtype as a C-callable function and called through its
+# address: numba links every jitted callee into each caller and optimises and compiles the whole
+# again, so a product linked into each kernel was compiled again at every level of calls (the
+# panel product in panels.py is called the same way). The body sits in the C-callable function
+# itself for the same reason.
+_GEMM_SIGNATURE = types.void(*([types.int64] * 6), *([types.voidptr, types.int64] * 3))
+
+
+def _gemm_entry(dtype):
+    """c (M, N) = op(a) @ op(b), or c += it (flags 0/1), on row-major pointers with leading
+    dimensions lda, ldb, ldc; m, n, k at least 1."""
+
+    def entry(
+        trans_a, trans_b, accumulate, m, n, k, a_pointer, lda, b_pointer, ldb, c_pointer, ldc
+    ):
+        a = carray(a_pointer, _extent(k, m, lda) if trans_a else _extent(m, k, lda), dtype)
+        b = carray(b_pointer, _extent(n, k, ldb) if trans_b else _extent(k, n, ldb), dtype)
+        c = carray(c_pointer, _extent(m, n, ldc), dtype)
+        if m * n * k <= SMALL_GEMM:
+            # Plain loops over contiguous copies (small by definition): the inner loop runs
+            # along a row of op(b) and vectorises.
+            left = np.empty((m, k), dtype)
+            right = np.empty((k, n), dtype)
+            for i in range(m):
+                for p in range(k):
+                    left[i, p] = a[p * lda + i] if trans_a else a[i * lda + p]
+            for p in range(k):
+                for j in range(n):
+                    right[p, j] = b[j * ldb + p] if trans_b else b[p * ldb + j]
+            for row in range(m):
+                out = c[row * ldc : row * ldc + n]
+                if not accumulate:
+                    out[:] = 0
+                for inner in range(k):
+                    weight = left[row, inner]
+                    right_row = right[inner]
+                    for col in range(n):
+                        out[col] += weight * right_row[col]
+            return
+        # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: gemm with the
+        # operands swapped, each read as its own transpose. Fortran takes every argument by
+        # reference.
+        ints = np.empty(6, np.int64)
+        ints[0] = n
+        ints[1] = m
+        ints[2] = k
+        ints[3] = ldb
+        ints[4] = lda
+        ints[5] = ldc
+        scalars = np.empty(2, dtype)
+        scalars[0] = 1
+        scalars[1] = 1 if accumulate else 0
+        chars = np.empty(2, np.uint8)
+        chars[0] = 78  # 'N'
+        chars[1] = 84  # 'T'
+        flag_b = chars[1:] if trans_b else chars[0:]
+        flag_a = chars[1:] if trans_a else chars[0:]
+        if c.itemsize == 4:
+            _sgemm(
+                flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+                scalars.ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes,
+                scalars[1:].ctypes, c.ctypes, ints[5:].ctypes,
+            )  # fmt: skip
+        else:
+            _dgemm(
+                flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+                scalars.ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes,
+                scalars[1:].ctypes, c.ctypes, ints[5:].ctypes,
+            )  # fmt: skip
+
+    return entry
+
+
+for _dtype in ("float32", "float64"):
+    _entry = cfunc(_GEMM_SIGNATURE, cache=True)(_gemm_entry(getattr(np, _dtype)))
+    llvm.add_symbol(f"rnnkit_gemm_{_dtype}", _entry.address)
+_gemm_float32 = types.ExternalFunction("rnnkit_gemm_float32", _GEMM_SIGNATURE)
+_gemm_float64 = types.ExternalFunction("rnnkit_gemm_float64", _GEMM_SIGNATURE)
 
 
 @_inline
@@ -228,41 +298,16 @@ def _gemm(a, b, c, trans_a, trans_b, accumulate, work):
     n = b.shape[0] if trans_b else b.shape[1]
     if m == 0 or n == 0:
         return
-    if k == 0 or m * n * k <= SMALL_GEMM:
-        if k == 0 and not accumulate:
+    if k == 0:
+        if not accumulate:
             c[:, :] = 0
-        elif k > 0:
-            # Transposed operands are copied (small by definition): one loop body to compile.
-            left = np.ascontiguousarray(a.T) if trans_a else np.ascontiguousarray(a)
-            right = np.ascontiguousarray(b.T) if trans_b else np.ascontiguousarray(b)
-            _small_product(left, right, c, accumulate)
         return
-    ints, scalars, chars = work
-    # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: gemm with the operands
-    # swapped, each read as its own transpose.
-    ints[0] = n
-    ints[1] = m
-    ints[2] = k
-    scalars[0] = 1
-    scalars[1] = 1 if accumulate else 0
-    leading = np.empty(3, np.int64)
-    leading[0] = _leading(b)
-    leading[1] = _leading(a)
-    leading[2] = _leading(c)
-    flag_b = chars[1:] if trans_b else chars[0:]
-    flag_a = chars[1:] if trans_a else chars[0:]
+    flag_a, flag_b, flag_c = 1 if trans_a else 0, 1 if trans_b else 0, 1 if accumulate else 0
+    lda, ldb, ldc = _leading(a), _leading(b), _leading(c)
     if c.itemsize == 4:
-        _sgemm(
-            flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-            scalars.ctypes, b.ctypes, leading[0:].ctypes, a.ctypes, leading[1:].ctypes,
-            scalars[1:].ctypes, c.ctypes, leading[2:].ctypes,
-        )  # fmt: skip
+        _gemm_float32(flag_a, flag_b, flag_c, m, n, k, a.ctypes, lda, b.ctypes, ldb, c.ctypes, ldc)
     else:
-        _dgemm(
-            flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-            scalars.ctypes, b.ctypes, leading[0:].ctypes, a.ctypes, leading[1:].ctypes,
-            scalars[1:].ctypes, c.ctypes, leading[2:].ctypes,
-        )  # fmt: skip
+        _gemm_float64(flag_a, flag_b, flag_c, m, n, k, a.ctypes, lda, b.ctypes, ldb, c.ctypes, ldc)
 
 
 @_jit
@@ -292,10 +337,20 @@ def _prepare_weight(rows, b, trans_b, use_packing, work):
         if trans_b:
             return np.ascontiguousarray(b.T), False, none
         return np.ascontiguousarray(b), False, none
-    if use_packing and b.itemsize == 4 and PANELS:
-        return np.ascontiguousarray(b), trans_b, panels.pack(b, trans_b)
+    if PANELS:  # a constant: numba drops the branch not taken, and with it MKL's packing
+        if use_packing and b.itemsize == 4:
+            return np.ascontiguousarray(b), trans_b, panels.pack(b, trans_b)
+        return np.ascontiguousarray(b), trans_b, none
     if not use_packing or b.itemsize != 4 or b.size * b.itemsize > PACK_MAX_BYTES:
         return np.ascontiguousarray(b), trans_b, none
+    return np.ascontiguousarray(b), trans_b, _mkl_pack(rows, b, trans_b, work)
+
+
+@_jit
+def _mkl_pack(rows, b, trans_b, work):
+    """MKL's packed form of float32 b (K, N), or b (N, K) read transposed, for (rows, K) @ op(b)."""
+    k = b.shape[1] if trans_b else b.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
     ints, scalars, chars = work
     ints[0] = n
     ints[1] = rows
@@ -310,7 +365,7 @@ def _prepare_weight(rows, b, trans_b, use_packing, work):
         chars[2:].ctypes, flag_b.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
         scalars.ctypes, b.ctypes, leading.ctypes, packed.ctypes,
     )  # fmt: skip
-    return np.ascontiguousarray(b), trans_b, packed
+    return packed
 
 
 @_inline
@@ -326,9 +381,15 @@ def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     if packed.size == 0:
         _gemm(a, b, c, _runtime(False), trans_b, accumulate, work)
         return
-    if PANELS:
+    if PANELS:  # a constant: numba drops the branch not taken
         panels.product_float32(a, packed, c, accumulate)
-        return
+    else:
+        _mkl_packed_product(a, packed, c, accumulate, work)
+
+
+@_jit
+def _mkl_packed_product(a, packed, c, accumulate, work):
+    """c (M, N) = a (M, K) @ B, or c += it, B in MKL's packed form (float32)."""
     m, k = a.shape
     n = c.shape[1]
     if m == 0 or n == 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -156,6 +156,66 @@ def _tile(rows, a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumu
         _tile_1(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
 
 
+# The product is compiled once as a C-callable function and called through its address, with
+# its body in that function: numba links every jitted callee into each caller and optimises and
+# compiles the whole again, so the tile kernels, linked into each kernel that multiplies, were
+# compiled again at every level of calls.
+_PRODUCT_SIGNATURE = types.void(
+    types.int64, types.int64, types.int64, types.voidptr, types.int64, types.voidptr,
+    types.voidptr, types.int64, types.int64,
+)  # fmt: skip
+
+
+def _product_entry(m, k, n, a_pointer, lda, packed_pointer, c_pointer, ldc, accumulate):
+    """`product` on pointers: element (r, j) of a and c at r * lda + j and r * ldc + j;
+    m, k, n at least 1."""
+    panel_count = (n + PANEL - 1) // PANEL
+    a = carray(a_pointer, (m - 1) * lda + k, np.float32)
+    packed = carray(packed_pointer, panel_count * k * PANEL, np.float32)
+    c = carray(c_pointer, (m - 1) * ldc + n, np.float32)
+    full_panels = n // PANEL
+    width = n - full_panels * PANEL
+    scratch = np.zeros(TILE_ROWS * PANEL if width > 0 else 0, np.float32)
+    start_of_scratch = m - m
+    scratch_stride = m - m + PANEL
+    for k_start in range(0, k, K_BLOCK):
+        depth = min(K_BLOCK, k - k_start)
+        add = accumulate != 0 or k_start > 0
+        for p in range(full_panels):
+            p_start = (p * k + k_start) * PANEL
+            for row in range(0, m, TILE_ROWS):
+                rows = min(TILE_ROWS, m - row)
+                _tile(
+                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    c, row * ldc + p * PANEL, ldc, add,
+                )  # fmt: skip
+        if width > 0:
+            # The last, partial panel goes through a full-width scratch tile.
+            p_start = (full_panels * k + k_start) * PANEL
+            column = full_panels * PANEL
+            for row in range(0, m, TILE_ROWS):
+                rows = min(TILE_ROWS, m - row)
+                for i in range(rows):
+                    for j in range(width):
+                        value = c[(row + i) * ldc + column + j] if add else np.float32(0)
+                        scratch[i * PANEL + j] = value
+                # Runtime values, not the constants 0, PANEL, True: literal arguments would
+                # compile a second copy of every tile kernel.
+                _tile(
+                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    scratch, start_of_scratch, scratch_stride, depth > 0,
+                )  # fmt: skip
+                for i in range(rows):
+                    for j in range(width):
+                        c[(row + i) * ldc + column + j] = scratch[i * PANEL + j]
+
+
+llvm.add_symbol(
+    "rnnkit_panel_product", cfunc(_PRODUCT_SIGNATURE, cache=True)(_product_entry).address
+)
+_external_product = types.ExternalFunction("rnnkit_panel_product", _PRODUCT_SIGNATURE)
+
+
 @_jit
 def product(a, packed, c, accumulate):
     """c (M, N) = a (M, K) @ B, or c += it, B packed by `pack`; float32, rows of a and c
@@ -170,41 +230,10 @@ def product(a, packed, c, accumulate):
                 for j in range(n):
                     c[row, j] = 0
         return
-    lda = a.strides[0] // 4
-    ldc = c.strides[0] // 4
-    full_panels = n // PANEL
-    width = n - full_panels * PANEL
-    scratch = np.zeros((TILE_ROWS if width > 0 else 0, PANEL), np.float32)
-    start_of_scratch = m - m
-    scratch_stride = scratch.shape[1]
-    for k_start in range(0, k, K_BLOCK):
-        depth = min(K_BLOCK, k - k_start)
-        add = accumulate or k_start > 0
-        for p in range(full_panels):
-            p_start = (p * k + k_start) * PANEL
-            for row in range(0, m, TILE_ROWS):
-                rows = min(TILE_ROWS, m - row)
-                _tile(
-                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
-                    c, row * ldc + p * PANEL, ldc, add,
-                )  # fmt: skip
-        if width > 0:
-            # The last, partial panel goes through a full-width scratch tile.
-            p_start = (full_panels * k + k_start) * PANEL
-            for row in range(0, m, TILE_ROWS):
-                rows = min(TILE_ROWS, m - row)
-                for i in range(rows):
-                    for j in range(width):
-                        scratch[i, j] = c[row + i, full_panels * PANEL + j] if add else 0
-                # Runtime values, not the constants 0, PANEL, True: literal arguments would
-                # compile a second copy of every tile kernel.
-                _tile(
-                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
-                    scratch, start_of_scratch, scratch_stride, depth > 0,
-                )  # fmt: skip
-                for i in range(rows):
-                    for j in range(width):
-                        c[row + i, full_panels * PANEL + j] = scratch[i, j]
+    _external_product(
+        m, k, n, a.ctypes, a.strides[0] // 4, packed.ctypes, c.ctypes, c.strides[0] // 4,
+        1 if accumulate else 0,
+    )  # fmt: skip
 
 
 def product_float32(a, packed, c, accumulate):
