@@ -197,10 +197,20 @@ def _leading(array):
     return max(1, array.strides[0] // array.itemsize, array.shape[1])
 
 
-@_inline
-def _extent(rows, cols, leading):
-    """Elements spanned by a (rows, cols) matrix with rows `leading` elements apart."""
-    return (rows - 1) * leading + cols
+@_jit
+def _small_product(a, b, c, accumulate):
+    """c (M, N) = a (M, K) @ b (K, N), or c += it, by plain loops (rows of b vectorise)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if not accumulate:
+        c[:, :] = 0
+    for row in range(m):
+        out = c[row]
+        for inner in range(k):
+            weight = a[row, inner]
+            b_row = b[inner]
+            for col in range(n):
+                out[col] += weight * b_row[col]
 
 
 # The product is compiled once per dtype as a C-callable function and called through its
@@ -212,36 +222,12 @@ _GEMM_SIGNATURE = types.void(*([types.int64] * 6), *([types.voidptr, types.int64
 
 
 def _gemm_entry(dtype):
-    """c (M, N) = op(a) @ op(b), or c += it (flags 0/1), on row-major pointers with leading
-    dimensions lda, ldb, ldc; m, n, k at least 1."""
+    """c (M, N) = op(a) @ op(b), or c += it (flags 0/1), by BLAS, on row-major pointers with
+    leading dimensions lda, ldb, ldc; m, n, k at least 1."""
 
     def entry(
         trans_a, trans_b, accumulate, m, n, k, a_pointer, lda, b_pointer, ldb, c_pointer, ldc
     ):
-        a = carray(a_pointer, _extent(k, m, lda) if trans_a else _extent(m, k, lda), dtype)
-        b = carray(b_pointer, _extent(n, k, ldb) if trans_b else _extent(k, n, ldb), dtype)
-        c = carray(c_pointer, _extent(m, n, ldc), dtype)
-        if m * n * k <= SMALL_GEMM:
-            # Plain loops over contiguous copies (small by definition): the inner loop runs
-            # along a row of op(b) and vectorises.
-            left = np.empty((m, k), dtype)
-            right = np.empty((k, n), dtype)
-            for i in range(m):
-                for p in range(k):
-                    left[i, p] = a[p * lda + i] if trans_a else a[i * lda + p]
-            for p in range(k):
-                for j in range(n):
-                    right[p, j] = b[j * ldb + p] if trans_b else b[p * ldb + j]
-            for row in range(m):
-                out = c[row * ldc : row * ldc + n]
-                if not accumulate:
-                    out[:] = 0
-                for inner in range(k):
-                    weight = left[row, inner]
-                    right_row = right[inner]
-                    for col in range(n):
-                        out[col] += weight * right_row[col]
-            return
         # Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: gemm with the
         # operands swapped, each read as its own transpose. Fortran takes every argument by
         # reference.
@@ -260,17 +246,17 @@ def _gemm_entry(dtype):
         chars[1] = 84  # 'T'
         flag_b = chars[1:] if trans_b else chars[0:]
         flag_a = chars[1:] if trans_a else chars[0:]
-        if c.itemsize == 4:
+        if scalars.itemsize == 4:
             _sgemm(
                 flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-                scalars.ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes,
-                scalars[1:].ctypes, c.ctypes, ints[5:].ctypes,
+                scalars.ctypes, b_pointer, ints[3:].ctypes, a_pointer, ints[4:].ctypes,
+                scalars[1:].ctypes, c_pointer, ints[5:].ctypes,
             )  # fmt: skip
         else:
             _dgemm(
                 flag_b.ctypes, flag_a.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-                scalars.ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes,
-                scalars[1:].ctypes, c.ctypes, ints[5:].ctypes,
+                scalars.ctypes, b_pointer, ints[3:].ctypes, a_pointer, ints[4:].ctypes,
+                scalars[1:].ctypes, c_pointer, ints[5:].ctypes,
             )  # fmt: skip
 
     return entry
@@ -298,9 +284,14 @@ def _gemm(a, b, c, trans_a, trans_b, accumulate, work):
     n = b.shape[0] if trans_b else b.shape[1]
     if m == 0 or n == 0:
         return
-    if k == 0:
-        if not accumulate:
+    if k == 0 or m * n * k <= SMALL_GEMM:
+        if k == 0 and not accumulate:
             c[:, :] = 0
+        elif k > 0:
+            # Transposed operands are copied (small by definition): one loop body to compile.
+            left = np.ascontiguousarray(a.T) if trans_a else np.ascontiguousarray(a)
+            right = np.ascontiguousarray(b.T) if trans_b else np.ascontiguousarray(b)
+            _small_product(left, right, c, accumulate)
         return
     flag_a, flag_b, flag_c = 1 if trans_a else 0, 1 if trans_b else 0, 1 if accumulate else 0
     lda, ldb, ldc = _leading(a), _leading(b), _leading(c)

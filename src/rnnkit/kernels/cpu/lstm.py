@@ -172,7 +172,11 @@ def lstm_forward_loop(
     hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, True, use_packing, work)
     inputs = np.zeros((chunk * batch, features), x.dtype)
-    gates = np.empty((chunk * batch, gate_width), x.dtype)
+    # Processing order is time order when not reversed: the saved activations then serve as the
+    # gate buffer (rows of padding hold values the backward never reads).
+    in_place = save and not reverse
+    saved_rows = activations.reshape((activations.size // gate_width, gate_width))
+    buffer = np.empty((0 if in_place else chunk * batch, gate_width), x.dtype)
     cell_output = np.empty((batch, hidden), x.dtype)
     projection = np.empty((batch, h.shape[1]), x.dtype)
     for first in range(0, steps, chunk):
@@ -181,7 +185,11 @@ def lstm_forward_loop(
             for b in range(batch):
                 source = x[_position(first + offset, lengths[b], reverse), b]
                 blas.copy_vector(source, inputs[offset * batch + b])
-        blas.gemm_weight(inputs, ih, ih_transposed, packed_ih, gates, False, work)
+        if in_place:
+            gates = saved_rows[first * batch : (first + count) * batch]
+        else:
+            gates = buffer[: count * batch]
+        blas.gemm_weight(inputs[: count * batch], ih, ih_transposed, packed_ih, gates, False, work)
         for row in range(count * batch):
             gate_row = gates[row]
             for j in range(gate_width):
@@ -201,7 +209,8 @@ def lstm_forward_loop(
                 _gate_activations(row, hidden)
                 _cell_update(row, c[b], cell_output[b], hidden)
                 if save:
-                    blas.copy_vector(row, activations[time, b])
+                    if not in_place:
+                        blas.copy_vector(row, activations[time, b])
                     blas.copy_vector(c[b], cells[time, b])
                 if not projected:
                     blas.copy_vector(cell_output[b], h[b])
