@@ -158,11 +158,15 @@ def lstm_forward_loop(
     cells,
     save,
     use_packing,
+    first,
+    last,
 ):
-    """(T, B, I) x, (4H, I) W_ih, (4H,) b_ih + b_hh, (4H, P) W_hh, (P, H) W_hr or (0, 0);
-    (B, P) h and (B, H) c updated in place to the final state; writes the (T, B, P) output and,
-    if save, the (T, B, 4H) gate activations and (T, B, H) cell states at each time position."""
-    steps, batch, features = x.shape
+    """Sequences first..last-1 of (T, B, I) x, with (4H, I) W_ih, (4H,) b_ih + b_hh, (4H, P)
+    W_hh, (P, H) W_hr or (0, 0): their rows of (B, P) h and (B, H) c updated in place to the
+    final state, of the (T, B, P) output written and, if save, the (T, last - first, 4H) gate
+    activations and (T, last - first, H) cell states written, at each time position."""
+    steps, _, features = x.shape
+    batch = last - first
     gate_width = w_hh.shape[0]
     hidden = gate_width // 4
     projected = w_hr.shape[0] > 0
@@ -171,6 +175,7 @@ def lstm_forward_loop(
     ih, ih_transposed, packed_ih = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
     hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, True, use_packing, work)
+    h_part = h[first:last]
     inputs = np.zeros((chunk * batch, features), x.dtype)
     # Processing order is time order when not reversed: the saved activations then serve as the
     # gate buffer (rows of padding hold values the backward never reads).
@@ -179,14 +184,15 @@ def lstm_forward_loop(
     buffer = np.empty((0 if in_place else chunk * batch, gate_width), x.dtype)
     cell_output = np.empty((batch, hidden), x.dtype)
     projection = np.empty((batch, h.shape[1]), x.dtype)
-    for first in range(0, steps, chunk):
-        count = min(chunk, steps - first)
+    for start in range(0, steps, chunk):
+        count = min(chunk, steps - start)
         for offset in range(count):
             for b in range(batch):
-                source = x[_position(first + offset, lengths[b], reverse), b]
+                sequence = first + b
+                source = x[_position(start + offset, lengths[sequence], reverse), sequence]
                 blas.copy_vector(source, inputs[offset * batch + b])
         if in_place:
-            gates = saved_rows[first * batch : (first + count) * batch]
+            gates = saved_rows[start * batch : (start + count) * batch]
         else:
             gates = buffer[: count * batch]
         blas.gemm_weight(inputs[: count * batch], ih, ih_transposed, packed_ih, gates, False, work)
@@ -195,33 +201,35 @@ def lstm_forward_loop(
             for j in range(gate_width):
                 gate_row[j] += bias[j]
         for offset in range(count):
-            step = first + offset
+            step = start + offset
             # The recurrent product is added to the step's rows of the input projection.
             step_gates = gates[offset * batch : (offset + 1) * batch]
-            blas.gemm_weight(h, hh, hh_transposed, packed_hh, step_gates, True, work)
+            blas.gemm_weight(h_part, hh, hh_transposed, packed_hh, step_gates, True, work)
             for b in range(batch):
-                length = lengths[b]
+                sequence = first + b
+                length = lengths[sequence]
                 if step >= length:
-                    output[step, b, :] = 0
+                    output[step, sequence, :] = 0
                     continue
                 time = _position(step, length, reverse)
                 row = gates[offset * batch + b]
                 _gate_activations(row, hidden)
-                _cell_update(row, c[b], cell_output[b], hidden)
+                _cell_update(row, c[sequence], cell_output[b], hidden)
                 if save:
                     if not in_place:
                         blas.copy_vector(row, activations[time, b])
-                    blas.copy_vector(c[b], cells[time, b])
+                    blas.copy_vector(c[sequence], cells[time, b])
                 if not projected:
-                    blas.copy_vector(cell_output[b], h[b])
-                    blas.copy_vector(cell_output[b], output[time, b])
+                    blas.copy_vector(cell_output[b], h[sequence])
+                    blas.copy_vector(cell_output[b], output[time, sequence])
             if projected:
                 blas.gemm_weight(cell_output, hr, hr_transposed, packed_hr, projection, False, work)
                 for b in range(batch):
-                    if step < lengths[b]:
-                        blas.copy_vector(projection[b], h[b])
-                        time = _position(step, lengths[b], reverse)
-                        blas.copy_vector(projection[b], output[time, b])
+                    sequence = first + b
+                    if step < lengths[sequence]:
+                        blas.copy_vector(projection[b], h[sequence])
+                        time = _position(step, lengths[sequence], reverse)
+                        blas.copy_vector(projection[b], output[time, sequence])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -391,48 +399,43 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
     for part in (b_ih, b_hh):
         if part is not None:
             bias += part.detach()
-    weights = (
+    unsaved = _empty_matrix(x).reshape(0, 0, 0)
+    output = x.new_empty(steps, batch, h0.shape[1])
+    h = h0.detach().clone(memory_format=torch.contiguous_format)
+    c = c0.detach().clone(memory_format=torch.contiguous_format)
+    shared = (
+        _numpy(x.detach().contiguous()),
         _numpy(w_ih.contiguous()),
         _numpy(bias),
         _numpy(w_hh.contiguous()),
         _numpy(w_hr.contiguous()) if w_hr is not None else _empty_matrix(x),
+        _numpy(h),
+        _numpy(c),
+        _lengths_array(lengths, steps, batch),
+        reverse,
+        _numpy(output),
     )
-    unsaved = _empty_matrix(x).reshape(0, 0, 0)
-    length_array = _lengths_array(lengths, steps, batch)
     parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1])
-    outputs, finals_h, finals_c, activations, cells, argument_lists = [], [], [], [], [], []
+    activations, cells, argument_lists = [], [], []
     for part in parts:
         size = part.stop - part.start
-        output = x.new_empty(steps, size, h0.shape[1])
-        h = h0[part].detach().clone(memory_format=torch.contiguous_format)
-        c = c0[part].detach().clone(memory_format=torch.contiguous_format)
         saved_gates = x.new_empty(steps, size, w_hh.shape[0]) if save else None
         saved_cells = x.new_empty(steps, size, w_hh.shape[0] // 4) if save else None
         argument_lists.append(
             (
-                _numpy(x[:, part].detach().contiguous()),
-                *weights,
-                _numpy(h),
-                _numpy(c),
-                np.ascontiguousarray(length_array[part]),
-                reverse,
-                _numpy(output),
+                *shared,
                 _numpy(saved_gates) if save else unsaved,
                 _numpy(saved_cells) if save else unsaved,
                 save,
                 PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+                part.start,
+                part.stop,
             )
         )
-        outputs.append(output)
-        finals_h.append(h)
-        finals_c.append(c)
         activations.append(saved_gates)
         cells.append(saved_cells)
     _run_parts(lstm_forward_loop, argument_lists)
-    if len(parts) == 1:
-        return outputs[0], finals_h[0], finals_c[0], parts, activations, cells
-    output = torch.cat(outputs, dim=1)
-    return output, torch.cat(finals_h), torch.cat(finals_c), parts, activations, cells
+    return output, h, c, parts, activations, cells
 
 
 class LSTMDirection(torch.autograd.Function):
