@@ -90,6 +90,7 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
     try:
         monkeypatch.setattr(kernel, "_MIN_PART_STEP_WORK", 1)
         monkeypatch.setattr(kernel, "_MIN_PART", 1)
+        monkeypatch.setattr(kernel, "_INPUT_SPLIT_ROWS", 1)
         w_hh = torch.empty(4 * 5, 5)
         split = 1 if kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
         assert len(kernel._batch_parts(10, w_hh)) == split
@@ -98,7 +99,9 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
         monkeypatch.setattr(
             kernel.threads,
             "run_concurrently",
-            lambda function, lists: calls.append(len(lists)) or original(function, lists),
+            lambda function, lists: (
+                calls.append((function, len(lists))) or original(function, lists)
+            ),
         )
         reference, fused = twins(cls, torch.float64, num_layers=2, bidirectional=True)
         x = torch.randn(6, 10, 4, dtype=torch.float64, requires_grad=True)
@@ -109,7 +112,10 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
             forward_backward(reference, x, hx, lengths),
             torch.float64,
         )
-        assert calls and set(calls) == {split}  # forward and backward of every layer/direction
+        # Forward and backward of every layer and direction, and the input side's rows.
+        loop_parts = {count for function, count in calls if function is not kernel._input_side_rows}
+        assert loop_parts == {split}
+        assert {count for function, count in calls if function is kernel._input_side_rows} == {2}
     finally:
         torch.set_num_threads(threads)
 

@@ -87,6 +87,44 @@ def _normalise_backward(d_out, gain, normalised, inverse_std, d_v, d_gain, d_shi
         d_v[j] = inverse_std * (d_normalised - mean_d - normalised[j] * mean_d_normalised)
 
 
+# Rows of the input side are projected and normalised this many at a time, while they are in
+# cache.
+_INPUT_CHUNK_ROWS = 64
+
+
+@_jit_sums
+def _input_side_rows(x_rows, w_ih, gain, shift, a_x, pre, mean, inverse_std, save, first, last):
+    """Rows first..last-1 of a_x (N, G) = LN(x_rows (N, I) @ w_ih^T; gain, shift), w_ih (G, I);
+    with save also pre (N, G) = the product and each row's mean and 1/std (N,)."""
+    width = w_ih.shape[0]
+    work = blas.workspace(a_x)
+    chunk = min(_INPUT_CHUNK_ROWS, last - first)
+    weight, transposed, packed = blas.prepare_weight(chunk, w_ih, True, True, work)
+    for start in range(first, last, chunk):
+        stop = min(start + chunk, last)
+        blas.gemm_weight(
+            x_rows[start:stop], weight, transposed, packed, a_x[start:stop], False, work
+        )
+        for r in range(start, stop):
+            row = a_x[r]
+            if save:
+                blas.copy_vector(row, pre[r])
+            total = 0.0
+            for j in range(width):
+                total += row[j]
+            row_mean = total / width
+            variance = 0.0
+            for j in range(width):
+                centred = row[j] - row_mean
+                variance += centred * centred
+            row_inverse_std = 1.0 / math.sqrt(variance / width + LAYER_NORM_EPS)
+            if save:
+                mean[r] = row_mean
+                inverse_std[r] = row_inverse_std
+            for j in range(width):
+                row[j] = gain[j] * ((row[j] - row_mean) * row_inverse_std) + shift[j]
+
+
 @_jit
 def _lstm_forward(
     a_x, w_hh, g_hh, b_hh, g_c, b_c, h0, c0, lengths, reverse, save, output, h_n, c_n,
@@ -337,13 +375,32 @@ def _shift(shift: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if shift is None else shift.detach()
 
 
-def _input_side(x: Tensor, w_ih: Tensor, g_ih: Tensor, b_ih: Tensor | None):
-    """(T, B, I) -> a_x (T, B, G) = LN(x W_ih^T), and (pre-activations, mean, 1/std) for backward."""
-    steps, batch, _ = x.shape
+# Below this many rows the input side runs on one thread.
+_INPUT_SPLIT_ROWS = 256
+
+
+def _input_side(x: Tensor, w_ih: Tensor, g_ih: Tensor, b_ih: Tensor | None, save: bool):
+    """(T, B, I) -> a_x (T, B, G) = LN(x W_ih^T), compiled (panel product and normalisation a
+    chunk of rows at a time, rows split over torch's threads); with save also (pre-activations
+    (T*B, G), mean and 1/std (T*B, 1)) for the backward, else None."""
+    steps, batch, features = x.shape
     width = w_ih.shape[0]
-    pre = torch.mm(x.reshape(steps * batch, -1), w_ih.t())
-    a_x, mean, inverse_std = torch.native_layer_norm(pre, [width], g_ih, b_ih, LAYER_NORM_EPS)
-    return a_x.view(steps, batch, width), (pre, mean, inverse_std)
+    rows = steps * batch
+    a_x = x.new_empty(rows, width)
+    pre = x.new_empty(rows if save else 0, width)
+    mean, inverse_std = x.new_empty(rows if save else 0), x.new_empty(rows if save else 0)
+    shared = (
+        _numpy(x.contiguous().view(rows, features)), _numpy(w_ih), _numpy(g_ih),
+        _numpy(_shift(b_ih, g_ih)), a_x.numpy(), pre.numpy(), mean.numpy(),
+        inverse_std.numpy(), save,
+    )  # fmt: skip
+    parts = threads.concurrency() if rows >= _INPUT_SPLIT_ROWS else 1
+    bounds = [rows * index // parts for index in range(parts + 1)]
+    threads.run_concurrently(
+        _input_side_rows, [(*shared, bounds[i], bounds[i + 1]) for i in range(parts)]
+    )
+    saved = (pre, mean.view(rows, 1), inverse_std.view(rows, 1)) if save else None
+    return a_x.view(steps, batch, width), saved
 
 
 def _input_side_backward(ctx, d_a_x: Tensor, x: Tensor, w_ih: Tensor, g_ih: Tensor, b_ih, saved):
@@ -416,7 +473,7 @@ def _lstm_run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c, lengths, 
     """output, h_n, c_n and the saved tensors (input side, then the loop's) as plain tensors."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    a_x, input_saved = _input_side(x, w_ih, g_ih, b_ih)
+    a_x, input_saved = _input_side(x, w_ih, g_ih, b_ih, save)
     output = x.new_empty(steps, batch, hidden)
     h_n, c_n = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
     loop_saved = (
@@ -513,7 +570,7 @@ def _gru_run(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, lengths, reverse, save):
     """output, h_n and the saved tensors (input side, then the loop's) as plain tensors."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    a_x, input_saved = _input_side(x, w_ih, g_ih, b_ih)
+    a_x, input_saved = _input_side(x, w_ih, g_ih, b_ih, save)
     output = x.new_empty(steps, batch, hidden)
     h_n = x.new_empty(batch, hidden)
     loop_saved = (
