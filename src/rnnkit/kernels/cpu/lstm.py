@@ -264,10 +264,15 @@ def _gate_gradients(row, out, cell_now, cell_before, grad_cell_output, grad_c, s
         d_g[j] = d_cell[j] * gate_i[j] * (one - gate_g[j] * gate_g[j])
 
 
+# The backward collects the gate gradients of about this many rows (a chunk of steps) before
+# the products that turn them into weight and input gradients: enough rows for efficient
+# products, few enough that the chunk's rows are still in cache.
+_BACKWARD_CHUNK_ROWS = 256
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def lstm_backward_loop(
     activations,
-    gate_grads,
     cells,
     c0,
     w_hh,
@@ -277,32 +282,59 @@ def lstm_backward_loop(
     grad_c,
     lengths,
     reverse,
-    uniform,
     grad_hidden,
     cell_outputs,
     use_packing,
+    x,
+    w_ih,
+    output,
+    h0,
+    first,
+    grad_x,
+    grad_w_ih,
+    grad_w_hh,
+    grad_bias,
 ):
-    """(T, B, 4H) activations -> (T, B, 4H) gate_grads (of the pre-activations); (B, P) grad_h
-    and (B, H) grad_c go from the final state's gradients to the initial state's. With projection also writes the
-    (T, B, P) total gradient of h and the (T, B, H) recomputed o * tanh(c) for dW_hr."""
+    """Backward of one part of the batch (B' sequences, first..first+B'-1 of the layer's batch).
+
+    (T, B', 4H) activations and (T, B', H) cells from the forward; (B', P) grad_h and (B', H)
+    grad_c go from the final state's gradients to the initial state's. x (T, B', I) is the
+    part's input, output (T, B, P) the forward output of the whole batch, h0 (B', P). Writes the
+    (T, B', I) grad_x and adds to (4H, I) grad_w_ih, (4H, P) grad_w_hh and float64 (4H,)
+    grad_bias, each skipped when passed empty. With projection also writes the (T, B', P) total
+    gradient of h and the (T, B', H) recomputed o * tanh(c) for dW_hr."""
     steps, batch, gate_width = activations.shape
     hidden = gate_width // 4
     out_width = grad_h.shape[1]
+    features = x.shape[2]
     projected = w_hr.shape[0] > 0
     dtype = activations.dtype
+    want_x = grad_x.shape[0] > 0
+    want_w_ih = grad_w_ih.shape[0] > 0
+    want_w_hh = grad_w_hh.shape[0] > 0
+    want_bias = grad_bias.shape[0] > 0
+    chunk_steps = max(1, min(steps, (_BACKWARD_CHUNK_ROWS + batch - 1) // batch))
+    chunk_rows = chunk_steps * batch
     work = blas.workspace(activations)
     hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, False, use_packing, work)
+    ih, ih_transposed, packed_ih = blas.prepare_weight(chunk_rows, w_ih, False, use_packing, work)
+    # Rows of a chunk in processing order: slot k holds step (the chunk's first step) - k.
+    chunk_grads = np.empty((chunk_rows, gate_width), dtype)
+    chunk_inputs = np.zeros((chunk_rows if want_w_ih else 0, features), dtype)
+    chunk_before = np.zeros((chunk_rows if want_w_hh else 0, out_width), dtype)
+    chunk_grad_x = np.empty((chunk_rows if want_x else 0, features), dtype)
     total_h = np.zeros((batch, out_width), dtype)
     grad_cell_output = np.zeros((batch, hidden), dtype)
-    gathered = np.zeros((batch, gate_width), dtype)
     recurrent = np.empty((batch, out_width), dtype)
     scratch = np.empty((2, hidden), dtype)
+    filled = 0
     for step in range(steps - 1, -1, -1):
+        step_grads = chunk_grads[filled * batch : (filled + 1) * batch]
         for b in range(batch):
             length = lengths[b]
             if step >= length:
-                gate_grads[step, b, :] = 0
+                step_grads[b, :] = 0
                 if projected:
                     grad_hidden[step, b, :] = 0
                     cell_outputs[step, b, :] = 0
@@ -338,7 +370,7 @@ def lstm_backward_loop(
                     cell_output[j] = gate_o[j] * _tanh(cell_now[j])
             _gate_gradients(
                 row,
-                gate_grads[time, b],
+                step_grads[b],
                 cells[time, b],
                 cell_before,
                 grad_cell_output[b],
@@ -346,16 +378,42 @@ def lstm_backward_loop(
                 scratch,
                 hidden,
             )
-        if uniform:
-            step_grads = gate_grads[steps - 1 - step if reverse else step]
-        else:
-            step_grads = gathered
-            for b in range(batch):
-                blas.copy_vector(gate_grads[_position(step, lengths[b], reverse), b], step_grads[b])
+            slot = filled * batch + b
+            if want_w_ih:
+                blas.copy_vector(x[time, b], chunk_inputs[slot])
+            if want_w_hh:
+                if step == 0:
+                    blas.copy_vector(h0[b], chunk_before[slot])
+                else:
+                    before = output[_position(step - 1, length, reverse), first + b]
+                    blas.copy_vector(before, chunk_before[slot])
         blas.gemm_weight(step_grads, hh, hh_transposed, packed_hh, recurrent, False, work)
         for b in range(batch):
             if step < lengths[b]:
                 blas.copy_vector(recurrent[b], grad_h[b])
+        filled += 1
+        if filled < chunk_steps and step > 0:
+            continue
+        # Padding rows hold zero gradients (and zero inputs), so they add nothing below.
+        rows = filled * batch
+        grads = chunk_grads[:rows]
+        if want_w_ih:
+            blas.gemm(grads, chunk_inputs[:rows], grad_w_ih, True, False, True, work)
+        if want_w_hh:
+            blas.gemm(grads, chunk_before[:rows], grad_w_hh, True, False, True, work)
+        if want_bias:
+            for r in range(rows):
+                grad_row = grads[r]
+                for j in range(gate_width):
+                    grad_bias[j] += grad_row[j]
+        if want_x:
+            blas.gemm_weight(grads, ih, ih_transposed, packed_ih, chunk_grad_x[:rows], False, work)
+            for k in range(filled):
+                chunk_step = step + filled - 1 - k
+                for b in range(batch):
+                    time = _position(chunk_step, lengths[b], reverse)
+                    blas.copy_vector(chunk_grad_x[k * batch + b], grad_x[time, b])
+        filled = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,68 +521,85 @@ class LSTMDirection(torch.autograd.Function):
         hidden = w_hh.shape[0] // 4
         out_width = h0.shape[1]
         projected = w_hr is not None
+        needs = ctx.needs_input_grad
         lengths, reverse = ctx.lengths, ctx.reverse
         length_array = _lengths_array(lengths, steps, batch)
         empty = _empty_matrix(x)
-        w_hh_numpy = _numpy(w_hh.contiguous())
-        w_hr_numpy = _numpy(w_hr.contiguous()) if projected else empty
+        shared_weights = (
+            _numpy(w_hh.contiguous()),
+            _numpy(w_hr.contiguous()) if projected else empty,
+        )
+        w_ih_numpy = _numpy(w_ih.contiguous())
+        output_numpy = _numpy(output)
+        x = x.contiguous()
+        grad_output = grad_output.contiguous()
         grad_h = grad_h_n.contiguous().clone()
         grad_c = grad_c_n.contiguous().clone()
+        want_bias = needs[5] or needs[6]
         argument_lists, per_part = [], []
         for part, activations, cells in zip(ctx.parts, ctx.activations, ctx.cells):
             size = part.stop - part.start
-            gate_grads = torch.empty_like(activations)
+            whole = size == batch
             grad_hidden = x.new_empty(steps, size, out_width) if projected else None
             cell_outputs = x.new_empty(steps, size, hidden) if projected else None
             part_grad_h = grad_h[part].contiguous()
             part_grad_c = grad_c[part].contiguous()
+            part_grad_x = x.new_empty(steps, size, features) if needs[0] else None
+            part_grad_w_ih = x.new_zeros(4 * hidden, features) if needs[3] else None
+            part_grad_w_hh = x.new_zeros(4 * hidden, out_width) if needs[4] else None
+            part_grad_bias = np.zeros(4 * hidden if want_bias else 0, np.float64)
             argument_lists.append(
                 (
                     _numpy(activations),
-                    _numpy(gate_grads),
                     _numpy(cells),
                     _numpy(c0[part].contiguous()),
-                    w_hh_numpy,
-                    w_hr_numpy,
-                    _numpy(grad_output[:, part].contiguous()),
+                    *shared_weights,
+                    _numpy(grad_output if whole else grad_output[:, part].contiguous()),
                     _numpy(part_grad_h),
                     _numpy(part_grad_c),
                     np.ascontiguousarray(length_array[part]),
                     reverse,
-                    lengths is None or not reverse,
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
                     PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+                    _numpy(x if whole else x[:, part].contiguous()),
+                    w_ih_numpy,
+                    output_numpy,
+                    _numpy(h0[part].contiguous()),
+                    part.start,
+                    _numpy(part_grad_x) if needs[0] else empty.reshape(0, 0, 0),
+                    _numpy(part_grad_w_ih) if needs[3] else empty,
+                    _numpy(part_grad_w_hh) if needs[4] else empty,
+                    part_grad_bias,
                 )
             )
-            per_part.append((part, gate_grads, grad_hidden, cell_outputs, part_grad_h, part_grad_c))
+            per_part.append(
+                (
+                    part, grad_hidden, cell_outputs, part_grad_h, part_grad_c, part_grad_x,
+                    part_grad_w_ih, part_grad_w_hh, part_grad_bias,
+                )
+            )  # fmt: skip
         _run_parts(lstm_backward_loop, argument_lists)
-        needs = ctx.needs_input_grad
-        grad_x = x.new_empty(steps, batch, features) if needs[0] else None
-        grad_w_ih = grad_w_hh = grad_bias = grad_w_hr = None
-        for part, gate_grads, grad_hidden, cell_outputs, part_grad_h, part_grad_c in per_part:
-            size = part.stop - part.start
+        grad_x = grad_w_ih = grad_w_hh = grad_bias = grad_w_hr = None
+        grad_x_parts = []
+        for (
+            part, grad_hidden, cell_outputs, part_grad_h, part_grad_c, part_grad_x,
+            part_grad_w_ih, part_grad_w_hh, part_grad_bias,
+        ) in per_part:  # fmt: skip
             grad_h[part] = part_grad_h
             grad_c[part] = part_grad_c
-            flat_grads = gate_grads.view(steps * size, 4 * hidden)
-            terms = {}
-            if needs[0]:
-                grad_x[:, part] = (flat_grads @ w_ih).view(steps, size, features)
-            if needs[3]:
-                terms["w_ih"] = flat_grads.t() @ x[:, part].reshape(steps * size, features)
-            if needs[4]:
-                part_lengths = None if lengths is None else lengths[part]
-                terms["w_hh"] = _recurrent_weight_grad(
-                    gate_grads, output[:, part], h0[part], part_lengths, reverse
-                )
-            if needs[5] or needs[6]:
-                terms["bias"] = flat_grads.sum(0)
+            grad_x_parts.append(part_grad_x)
+            grad_w_ih = _accumulate(grad_w_ih, part_grad_w_ih)
+            grad_w_hh = _accumulate(grad_w_hh, part_grad_w_hh)
+            if want_bias:
+                grad_bias = _accumulate(grad_bias, torch.from_numpy(part_grad_bias))
             if needs[7]:
-                terms["w_hr"] = grad_hidden.view(-1, out_width).t() @ cell_outputs.view(-1, hidden)
-            grad_w_ih = _accumulate(grad_w_ih, terms.get("w_ih"))
-            grad_w_hh = _accumulate(grad_w_hh, terms.get("w_hh"))
-            grad_bias = _accumulate(grad_bias, terms.get("bias"))
-            grad_w_hr = _accumulate(grad_w_hr, terms.get("w_hr"))
+                term = grad_hidden.view(-1, out_width).t() @ cell_outputs.view(-1, hidden)
+                grad_w_hr = _accumulate(grad_w_hr, term)
+        if needs[0]:
+            grad_x = grad_x_parts[0] if len(grad_x_parts) == 1 else torch.cat(grad_x_parts, 1)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(x.dtype)
         has_b_ih, has_b_hh = ctx.has_bias
         grad_b_ih = grad_bias if has_b_ih and needs[5] else None
         grad_b_hh = grad_bias if has_b_hh and needs[6] else None
@@ -548,31 +623,6 @@ def _accumulate(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     if term is None or total is None:
         return term if total is None else total
     return total.add_(term)
-
-
-def _recurrent_weight_grad(
-    gate_grads: Tensor, output: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool
-) -> Tensor:
-    """dW_hh = sum over (t, b) of dpre[t, b]^T h_prev[t, b], as two matmuls.
-
-    h_prev is the output one step earlier in processing order: out[t - 1] forward, out[t + 1]
-    reversed, h0 at each sequence's first step. Padding rows of dpre are zero and padded outputs
-    are zero, so the shifted products need no masking."""
-    steps, batch, gate_width = gate_grads.shape
-    out_width = output.shape[2]
-    if reverse:
-        inner, before = gate_grads[:-1], output[1:]
-        if lengths is None:
-            first = gate_grads[steps - 1]
-        else:
-            first = gate_grads[lengths - 1, torch.arange(batch)]
-    else:
-        inner, before = gate_grads[1:], output[:-1]
-        first = gate_grads[0]
-    grad = first.t() @ h0
-    if steps > 1:
-        grad.addmm_(inner.reshape(-1, gate_width).t(), before.reshape(-1, out_width))
-    return grad
 
 
 def _needs_grad(tensors) -> bool:
