@@ -18,6 +18,8 @@ SHAPES = [
     (13, 300, 100),  # K past one block, partial last panel
     (32, 128, 512),  # an LSTM step at B = 32, H = 128
     (5, 513, 31),  # K one past two blocks, narrower than a panel
+    (1, 300, 264),  # one row: two groups of four panels, K past one block, a partial panel
+    (1, 64, 200),  # one row: one group of four panels, two single panels, a partial panel
 ]
 
 

@@ -33,28 +33,31 @@ K_BLOCK = 256
 AVAILABLE = bool(llvm.get_host_cpu_features().get("avx512f", False))
 
 
-def _tile_kernel(rows: int):
-    """A numba intrinsic: C[rows, PANEL] (+)= A[rows, depth] @ panel[depth, PANEL], where each
-    array is addressed as flat from its first element (element (r, j) at r * leading + j), plus
-    the given start offsets."""
+def _tile_kernel(rows: int, group: int = 1):
+    """A numba intrinsic: C[rows, group * PANEL] (+)= A[rows, depth] @ the next `group` panels
+    [depth, PANEL] side by side, panel q starting p_stride elements after panel q - 1; each array
+    is addressed as flat from its first element (element (r, j) at r * leading + j), plus the
+    given start offsets."""
+    vectors = PANEL_VECTORS * group
 
     @intrinsic
-    def tile(typingctx, a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate):
+    def tile(
+        typingctx, a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate
+    ):
         arrays = (a, packed, c)
         if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in arrays):
             return None
         signature = types.void(
-            a, types.int64, types.int64, packed, types.int64, types.int64, c, types.int64,
-            types.int64, types.boolean,
+            a, types.int64, types.int64, packed, types.int64, types.int64, types.int64, c,
+            types.int64, types.int64, types.boolean,
         )  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            a_value, a_off, lda_value, p_value, p_off, k_count, c_value, c_off, ldc_value, acc = (
-                args
-            )
+            (a_value, a_off, lda_value, p_value, p_off, p_step, k_count, c_value, c_off,
+             ldc_value, acc) = args  # fmt: skip
             a_data = context.make_array(signature.args[0])(context, builder, a_value).data
             p_data = context.make_array(signature.args[3])(context, builder, p_value).data
-            c_data = context.make_array(signature.args[6])(context, builder, c_value).data
+            c_data = context.make_array(signature.args[7])(context, builder, c_value).data
             vector = ir.VectorType(ir.FloatType(), LANES)
             vector_pointer = vector.as_pointer()
             int64 = ir.IntType(64)
@@ -62,8 +65,8 @@ def _tile_kernel(rows: int):
                 builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{LANES}f32"
             )
             # Accumulators live in stack slots that LLVM promotes to registers.
-            slots = [[cgutils.alloca_once(builder, vector) for _ in range(PANEL_VECTORS)]]
-            slots += [[cgutils.alloca_once(builder, vector) for _ in range(PANEL_VECTORS)]
+            slots = [[cgutils.alloca_once(builder, vector) for _ in range(vectors)]]
+            slots += [[cgutils.alloca_once(builder, vector) for _ in range(vectors)]
                       for _ in range(rows - 1)]  # fmt: skip
             c_base = builder.gep(c_data, [c_off])
 
@@ -75,26 +78,33 @@ def _tile_kernel(rows: int):
             with builder.if_else(acc) as (then, otherwise):
                 with then:
                     for row in range(rows):
-                        for part in range(PANEL_VECTORS):
+                        for part in range(vectors):
                             value = builder.load(c_vector(row, part), align=4)
                             builder.store(value, slots[row][part])
                 with otherwise:
                     for row in range(rows):
-                        for part in range(PANEL_VECTORS):
+                        for part in range(vectors):
                             builder.store(ir.Constant(vector, None), slots[row][part])
             a_base = builder.gep(a_data, [a_off])
             a_rows = [
                 builder.gep(a_base, [builder.mul(lda_value, ir.Constant(int64, row))])
                 for row in range(rows)
             ]
-            p_base = builder.gep(p_data, [p_off])
+            p_bases = [
+                builder.gep(
+                    p_data, [builder.add(p_off, builder.mul(p_step, ir.Constant(int64, q)))]
+                )
+                for q in range(group)
+            ]
             undefined = ir.Constant(vector, ir.Undefined)
             broadcast = ir.Constant(ir.VectorType(ir.IntType(32), LANES), None)
             with cgutils.for_range(builder, k_count) as loop:
-                p_row = builder.gep(p_base, [builder.mul(loop.index, ir.Constant(int64, PANEL))])
+                offset = builder.mul(loop.index, ir.Constant(int64, PANEL))
                 panel = []
-                for part in range(PANEL_VECTORS):
-                    element = builder.gep(p_row, [ir.Constant(int64, part * LANES)])
+                for part in range(vectors):
+                    p_row = builder.gep(p_bases[part // PANEL_VECTORS], [offset])
+                    lanes = ir.Constant(int64, (part % PANEL_VECTORS) * LANES)
+                    element = builder.gep(p_row, [lanes])
                     panel.append(builder.load(builder.bitcast(element, vector_pointer), align=4))
                 for row in range(rows):
                     scalar = builder.load(builder.gep(a_rows[row], [loop.index]))
@@ -102,12 +112,12 @@ def _tile_kernel(rows: int):
                         undefined, scalar, ir.Constant(ir.IntType(32), 0)
                     )
                     splat = builder.shuffle_vector(first, undefined, broadcast)
-                    for part in range(PANEL_VECTORS):
+                    for part in range(vectors):
                         total = builder.load(slots[row][part])
                         total = builder.call(fma, [splat, panel[part], total])
                         builder.store(total, slots[row][part])
             for row in range(rows):
-                for part in range(PANEL_VECTORS):
+                for part in range(vectors):
                     builder.store(builder.load(slots[row][part]), c_vector(row, part), align=4)
             return context.get_dummy_value()
 
@@ -119,6 +129,10 @@ def _tile_kernel(rows: int):
 _tile_1, _tile_2, _tile_3, _tile_4, _tile_5, _tile_6 = (
     _tile_kernel(rows) for rows in range(1, TILE_ROWS + 1)
 )
+# One row has only two accumulators per panel, and each fused multiply-add waits for the last
+# (latency-bound): a single row runs four panels at once, eight independent accumulators.
+ROW_GROUP = 4
+_tile_row_group = _tile_kernel(1, ROW_GROUP)
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 
@@ -141,19 +155,19 @@ def pack(b, trans_b):
 
 
 @_jit
-def _tile(rows, a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate):
+def _tile(rows, a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate):
     if rows == 6:
-        _tile_6(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_6(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
     elif rows == 5:
-        _tile_5(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_5(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
     elif rows == 4:
-        _tile_4(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_4(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
     elif rows == 3:
-        _tile_3(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_3(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
     elif rows == 2:
-        _tile_2(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_2(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
     elif rows == 1:
-        _tile_1(a, a_start, lda, packed, p_start, depth, c, c_start, ldc, accumulate)
+        _tile_1(a, a_start, lda, packed, p_start, p_stride, depth, c, c_start, ldc, accumulate)
 
 
 # The product is compiled once as a C-callable function and called through its address, with
@@ -181,12 +195,20 @@ def _product_entry(m, k, n, a_pointer, lda, packed_pointer, c_pointer, ldc, accu
     for k_start in range(0, k, K_BLOCK):
         depth = min(K_BLOCK, k - k_start)
         add = accumulate != 0 or k_start > 0
-        for p in range(full_panels):
+        grouped = 0
+        if m == 1:
+            grouped = full_panels - full_panels % ROW_GROUP
+            for p in range(0, grouped, ROW_GROUP):
+                _tile_row_group(
+                    a, k_start, lda, packed, (p * k + k_start) * PANEL, k * PANEL, depth,
+                    c, p * PANEL, ldc, add,
+                )  # fmt: skip
+        for p in range(grouped, full_panels):
             p_start = (p * k + k_start) * PANEL
             for row in range(0, m, TILE_ROWS):
                 rows = min(TILE_ROWS, m - row)
                 _tile(
-                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    rows, a, row * lda + k_start, lda, packed, p_start, k * PANEL, depth,
                     c, row * ldc + p * PANEL, ldc, add,
                 )  # fmt: skip
         if width > 0:
@@ -202,7 +224,7 @@ def _product_entry(m, k, n, a_pointer, lda, packed_pointer, c_pointer, ldc, accu
                 # Runtime values, not the constants 0, PANEL, True: literal arguments would
                 # compile a second copy of every tile kernel.
                 _tile(
-                    rows, a, row * lda + k_start, lda, packed, p_start, depth,
+                    rows, a, row * lda + k_start, lda, packed, p_start, k * PANEL, depth,
                     scratch, start_of_scratch, scratch_stride, depth > 0,
                 )  # fmt: skip
                 for i in range(rows):
