@@ -113,9 +113,11 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
             torch.float64,
         )
         # Forward and backward of every layer and direction, and the input side's rows.
-        loop_parts = {count for function, count in calls if function is not kernel._input_side_rows}
-        assert loop_parts == {split}
-        assert {count for function, count in calls if function is kernel._input_side_rows} == {2}
+        input_side = (kernel._input_side_rows, kernel._input_side_backward_rows)
+        assert {count for function, count in calls if function not in input_side} == {split}
+        assert {(function, count) for function, count in calls if function in input_side} == {
+            (function, 2) for function in input_side
+        }
     finally:
         torch.set_num_threads(threads)
 

@@ -88,8 +88,9 @@ def _normalise_backward(d_out, gain, normalised, inverse_std, d_v, d_gain, d_shi
 
 
 # Rows of the input side are projected and normalised this many at a time, while they are in
-# cache.
+# cache; the backward takes more rows at a time for its weight-gradient product.
 _INPUT_CHUNK_ROWS = 64
+_INPUT_BACKWARD_CHUNK_ROWS = 256
 
 
 @_jit_sums
@@ -123,6 +124,48 @@ def _input_side_rows(x_rows, w_ih, gain, shift, a_x, pre, mean, inverse_std, sav
                 inverse_std[r] = row_inverse_std
             for j in range(width):
                 row[j] = gain[j] * ((row[j] - row_mean) * row_inverse_std) + shift[j]
+
+
+@_jit_sums
+def _input_side_backward_rows(
+    d_a_x, pre, mean, inverse_std, gain, x_rows, w_ih, d_x, d_w_ih, d_gain, d_shift, first, last
+):
+    """Rows first..last-1 of the input side's backward. From d_a_x (N, G) = dL/da_x, a_x =
+    LN(pre; gain, shift), with pre (N, G) and its rows' mean and 1/std (N,), x_rows (N, I) and
+    w_ih (G, I): writes d_x (N, I) and adds onto d_w_ih (G, I), each skipped when empty, and
+    onto the float64 d_gain, d_shift (G,)."""
+    width = w_ih.shape[0]
+    want_x = d_x.shape[0] > 0
+    want_w = d_w_ih.shape[0] > 0
+    work = blas.workspace(d_a_x)
+    chunk = min(_INPUT_BACKWARD_CHUNK_ROWS, last - first)
+    weight, transposed, packed = blas.prepare_weight(chunk, w_ih, False, True, work)
+    d_pre = np.empty((chunk, width), d_a_x.dtype)
+    for start in range(first, last, chunk):
+        stop = min(start + chunk, last)
+        for r in range(start, stop):
+            d_out, row, out = d_a_x[r], pre[r], d_pre[r - start]
+            row_mean, row_inverse_std = mean[r], inverse_std[r]
+            mean_d = 0.0
+            mean_d_normalised = 0.0
+            for j in range(width):
+                normalised = (row[j] - row_mean) * row_inverse_std
+                d_normalised = d_out[j] * gain[j]
+                d_gain[j] += d_out[j] * normalised
+                d_shift[j] += d_out[j]
+                mean_d += d_normalised
+                mean_d_normalised += d_normalised * normalised
+            mean_d /= width
+            mean_d_normalised /= width
+            for j in range(width):
+                normalised = (row[j] - row_mean) * row_inverse_std
+                d_normalised = d_out[j] * gain[j]
+                out[j] = row_inverse_std * (d_normalised - mean_d - normalised * mean_d_normalised)
+        rows = stop - start
+        if want_x:
+            blas.gemm_weight(d_pre[:rows], weight, transposed, packed, d_x[start:stop], False, work)
+        if want_w:
+            blas.gemm(d_pre[:rows], x_rows[start:stop], d_w_ih, True, False, True, work)
 
 
 @_jit
@@ -404,18 +447,38 @@ def _input_side(x: Tensor, w_ih: Tensor, g_ih: Tensor, b_ih: Tensor | None, save
 
 
 def _input_side_backward(ctx, d_a_x: Tensor, x: Tensor, w_ih: Tensor, g_ih: Tensor, b_ih, saved):
-    """Gradients of x, W_ih, gamma_ih, beta_ih from dL/da_x (T, B, G), by torch's fused LN
-    backward and two matmuls over all T*B rows."""
+    """Gradients of x, W_ih, gamma_ih, beta_ih from dL/da_x (T, B, G): the layer norm's backward
+    and the two products a chunk of rows at a time, compiled, rows split over torch's threads."""
     steps, batch, features = x.shape
     width = w_ih.shape[0]
+    rows = steps * batch
     pre, mean, inverse_std = saved
     needs = ctx.needs_input_grad
-    d_pre, d_gain, d_shift = torch.ops.aten.native_layer_norm_backward(
-        d_a_x.view(steps * batch, width), pre, [width], mean, inverse_std, g_ih, b_ih,
-        [True, needs[7], b_ih is not None and needs[5]],
+    empty = x.new_empty(0, 0).numpy()
+    d_x = x.new_empty(steps, batch, features) if needs[0] else None
+    shared = (
+        _numpy(d_a_x).reshape(rows, width), _numpy(pre), _numpy(mean).reshape(rows),
+        _numpy(inverse_std).reshape(rows), _numpy(g_ih), _numpy(x).reshape(rows, features),
+        _numpy(w_ih), d_x.view(rows, features).numpy() if needs[0] else empty,
     )  # fmt: skip
-    d_x = torch.mm(d_pre, w_ih).view(steps, batch, features) if needs[0] else None
-    d_w_ih = torch.mm(d_pre.t(), x.reshape(steps * batch, features)) if needs[3] else None
+    parts = threads.concurrency() if rows >= _INPUT_SPLIT_ROWS else 1
+    bounds = [rows * index // parts for index in range(parts + 1)]
+    sums = [
+        (
+            x.new_zeros(width, features) if needs[3] else None,
+            np.zeros(width, np.float64),
+            np.zeros(width, np.float64),
+        )
+        for _ in range(parts)
+    ]
+    calls = [
+        (*shared, d_w.numpy() if d_w is not None else empty, d_gain, d_shift, start, stop)
+        for (d_w, d_gain, d_shift), start, stop in zip(sums, bounds[:-1], bounds[1:])
+    ]
+    threads.run_concurrently(_input_side_backward_rows, calls)
+    d_w_ih = sum(part[0] for part in sums) if needs[3] else None
+    d_gain = torch.from_numpy(sum(part[1] for part in sums)).to(x.dtype)
+    d_shift = torch.from_numpy(sum(part[2] for part in sums)).to(x.dtype)
     return d_x, d_w_ih, d_gain, d_shift
 
 
