@@ -91,6 +91,8 @@ def _normalise_backward(d_out, gain, normalised, inverse_std, d_v, d_gain, d_shi
 # cache; the backward takes more rows at a time for its weight-gradient product.
 _INPUT_CHUNK_ROWS = 64
 _INPUT_BACKWARD_CHUNK_ROWS = 256
+# The recurrent weight's gradient is accumulated over about this many rows at a time.
+_BACKWARD_CHUNK_ROWS = 256
 
 
 @_jit_sums
@@ -234,12 +236,14 @@ def _lstm_forward(
 @_jit
 def _lstm_backward(
     grad_output, grad_h_n, grad_c_n, gates, h_normalised, h_inverse_std, cells, c_normalised,
-    c_inverse_std, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, d_a_x, d_recurrent, d_g_hh,
-    d_b_hh, d_g_c, d_b_c, d_h0, d_c0, use_packing, first, last,
+    c_inverse_std, c0, w_hh, g_hh, g_c, b_c, lengths, reverse, d_a_x, output, h0, d_g_hh,
+    d_b_hh, d_g_c, d_b_c, d_w_hh, d_h0, d_c0, use_packing, first, last,
 ):  # fmt: skip
-    """BPTT of _lstm_forward. Writes d_a_x = dL/da_x and d_recurrent = dL/d(h W_hh^T), both
-    (T, B, 4H) and zero at padding, d_h0, d_c0 (B, H); adds onto the float64 d_g_hh, d_b_hh
-    (4H,) and d_g_c, d_b_c (H,). Only sequences first..last-1 (a part of the batch)."""
+    """BPTT of _lstm_forward. Writes d_a_x = dL/da_x (T, B, 4H), zero at padding, and d_h0, d_c0
+    (B, H); adds onto the float64 d_g_hh, d_b_hh (4H,) and d_g_c, d_b_c (H,), and onto d_w_hh
+    (4H, H) (skipped when empty) the recurrent weight's gradient, from the forward's (T, B, H)
+    output and h0 (B, H), a chunk of steps at a time. Only sequences first..last-1 (a part of
+    the batch)."""
     steps, batch, width = d_a_x.shape
     hidden = width // 4
     dh = grad_h_n.copy()
@@ -251,13 +255,17 @@ def _lstm_backward(
     work = blas.workspace(dh)
     rows = last - first
     weight, transposed, packed = blas.prepare_weight(rows, w_hh, False, use_packing, work)
+    want_w = d_w_hh.shape[0] > 0
+    chunk_steps = max(1, min(steps, (_BACKWARD_CHUNK_ROWS + rows - 1) // rows))
+    chunk_grads = np.empty((chunk_steps * rows if want_w else 0, width), dh.dtype)
+    chunk_before = np.empty((chunk_steps * rows if want_w else 0, hidden), dh.dtype)
+    filled = 0
     for s in range(steps - 1, -1, -1):
         for b in range(first, last):
             length = lengths[b]
             if s >= length:
                 d_step[b, :] = 0
                 d_a_x[s, b, :] = 0
-                d_recurrent[s, b, :] = 0
                 continue
             pos = length - 1 - s if reverse else s
             row = gates[pos, b]
@@ -285,12 +293,29 @@ def _lstm_backward(
             _normalise_backward(
                 d_row, g_hh, h_normalised[pos, b], h_inverse_std[pos, b], d_step[b], d_g_hh, d_b_hh
             )
-            d_recurrent[pos, b, :] = d_step[b]
         step_part, through_part = d_step[first:last], dh_recurrent[first:last]
         blas.gemm_weight(step_part, weight, transposed, packed, through_part, False, work)
         for b in range(first, last):
             if s < lengths[b]:
                 dh[b, :] = dh_recurrent[b]
+        if not want_w:
+            continue
+        # dW_hh = sum of dL/d(h W_hh^T)^T h_prev over rows; padding rows are zero.
+        for b in range(first, last):
+            slot = filled * rows + b - first
+            blas.copy_vector(d_step[b], chunk_grads[slot])
+            length = lengths[b]
+            if s >= length:
+                chunk_before[slot, :] = 0
+            elif s == 0:
+                blas.copy_vector(h0[b], chunk_before[slot])
+            else:
+                blas.copy_vector(output[length - s if reverse else s - 1, b], chunk_before[slot])
+        filled += 1
+        if filled == chunk_steps or s == 0:
+            count = filled * rows
+            blas.gemm(chunk_grads[:count], chunk_before[:count], d_w_hh, True, False, True, work)
+            filled = 0
     blas.copy_matrix(dh[first:last], d_h0[first:last])
     blas.copy_matrix(dc[first:last], d_c0[first:last])
 
@@ -580,21 +605,21 @@ class LayerNormLSTMDirection(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c, output = ctx.saved_tensors
         steps, batch, _ = x.shape
         hidden = w_hh.shape[1]
+        needs = ctx.needs_input_grad
         d_a_x = x.new_empty(steps, batch, 4 * hidden)
-        d_recurrent = x.new_empty(steps, batch, 4 * hidden)
         d_h0, d_c0 = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
         arguments = (
             _numpy(grad_output), _numpy(grad_h_n), _numpy(grad_c_n),
             *(tensor.numpy() for tensor in ctx.loop_saved), _numpy(c0), _numpy(w_hh),
             _numpy(g_hh), _numpy(g_c), _numpy(_shift(b_c, g_c)),
             _lengths_array(ctx.lengths, steps, batch), ctx.reverse, d_a_x.numpy(),
-            d_recurrent.numpy(),
+            _numpy(output), _numpy(h0),
         )  # fmt: skip
 
         def accumulators():
-            return tuple(
-                np.zeros(size, np.float64) for size in (4 * hidden, 4 * hidden, hidden, hidden)
-            )
+            sums = (np.zeros(size, np.float64) for size in (4 * hidden, 4 * hidden, hidden, hidden))
+            d_w_hh = x.new_zeros(4 * hidden, hidden) if needs[4] else x.new_empty(0, 0)
+            return (*sums, d_w_hh.numpy())
 
         def tail(*sums):
             return (*sums, d_h0.numpy(), d_c0.numpy(), _use_packing(steps))
@@ -604,13 +629,10 @@ class LayerNormLSTMDirection(torch.autograd.Function):
         d_g_hh, d_b_hh, d_g_c, d_b_c = (
             torch.from_numpy(sum(extra[index] for extra in sums)) for index in range(4)
         )
-        needs = ctx.needs_input_grad
         d_x, d_w_ih, d_g_ih, d_b_ih = _input_side_backward(
             ctx, d_a_x, x, w_ih, g_ih, b_ih, ctx.input_saved
         )
-        d_w_hh = None
-        if needs[4]:
-            d_w_hh = _recurrent_weight_grad(d_recurrent, output, h0, ctx.lengths, ctx.reverse)
+        d_w_hh = torch.from_numpy(sum(extra[4] for extra in sums)) if needs[4] else None
         dtype = x.dtype
         return (
             d_x,
