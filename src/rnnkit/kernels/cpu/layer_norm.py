@@ -1,11 +1,13 @@
 """Fused layer-normalised LSTM and GRU on the CPU: numba time loops, hand-derived BPTT.
 
-The input side does not depend on the recurrence, so it runs over all T*B rows at once in torch:
-a_x = LN(X W_ih^T; gamma_ih, beta_ih) with torch's fused layer norm, and in the backward its
-gradient with torch's fused layer-norm backward, then dX = dP W_ih and dW_ih = dP^T X. The
-compiled loop does, per step, the recurrent matmul h W_hh^T, its layer norm and the gate math
-(equations in `rnnkit.cells.layer_norm`; products through `rnnkit.kernels.cpu.blas`), saving the normalised recurrent pre-activations, their
-1/std, the gate activations and (LSTM) the cell states with their normalised values.
+The input side does not depend on the recurrence, so it runs over all T*B rows before the loop,
+split over torch's threads: a_x = LN(X W_ih^T; gamma_ih, beta_ih), a chunk of rows at a time
+(the product, then each row normalised while in cache), and in the backward the layer norm's
+gradient, then dX = dP W_ih and dW_ih += dP^T X, likewise by chunks. The compiled loop does, per
+step, the recurrent matmul h W_hh^T, its layer norm and the gate math (equations in
+`rnnkit.cells.layer_norm`; products through `rnnkit.kernels.cpu.blas`), saving the normalised
+recurrent pre-activations, their 1/std, the gate activations and (LSTM) the cell states with
+their normalised values.
 
 Backward of y = gamma * x^ + beta, x^ = (v - mean(v)) / std over n features, for one row:
     d gamma += dy x^,   d beta += dy,   dx^ = dy gamma

@@ -11,15 +11,17 @@ Backward, per step (activations i, f, g, o; cell c, previous cell c_p):
     d(pre_i) = dc * g * i (1 - i)      d(pre_f) = dc * c_p * f (1 - f)
     d(pre_g) = dc * i * (1 - g^2)      d(pre_o) = dhc * tanh(c) * o (1 - o)
     recurrent dh = d(pre) @ W_hh       recurrent dc = dc * f
-The saved activations are left intact (a retained graph can run backward again); the weight
-gradients are then large matmuls over all T * B rows: dW_ih = dpre^T x, dW_hh = dpre^T h_prev,
-dW_hr = dh^T (o tanh(c)).
+The saved activations are left intact (a retained graph can run backward again). The gate
+gradients of a chunk of steps (about _BACKWARD_CHUNK_ROWS rows, still in cache) then go into
+dW_ih += dpre^T x, dW_hh += dpre^T h_prev, d(bias) += column sums and dx = dpre W_ih, inside the
+same loop; dW_hr = dh^T (o tanh(c)) is one matmul after it.
 
 Products: `blas` (torch's MKL by default), weights read through gemm's transpose flag, never
 copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on (rnnkit's AVX-512
 panels for float32, see `panels`; else MKL's packed form). With several torch threads and a
 large enough per-step product, the batch runs as parts whose time loops run concurrently on
-torch's OpenMP threads (`threads`).
+torch's OpenMP threads (`threads`), each on its range of the shared input, output and state;
+each part's weight gradients are summed at the end.
 """
 
 from __future__ import annotations
