@@ -271,14 +271,15 @@ _gemm_float64 = types.ExternalFunction("rnnkit_gemm_float64", _GEMM_SIGNATURE)
 
 @_inline
 def gemm(a, b, c, trans_a, trans_b, accumulate, work):
-    """c (M, N) = op(a) @ op(b), or c += it; see _gemm."""
-    _gemm(a, b, c, _runtime(trans_a), _runtime(trans_b), _runtime(accumulate), work)
+    """c (M, N) = op(a) @ op(b), or c += it; see _gemm. work (workspace(c)) is taken for the
+    kernels' uniform calls; the product itself needs none."""
+    _gemm(a, b, c, _runtime(trans_a), _runtime(trans_b), _runtime(accumulate))
 
 
 @_jit
-def _gemm(a, b, c, trans_a, trans_b, accumulate, work):
+def _gemm(a, b, c, trans_a, trans_b, accumulate):
     """c (M, N) = op(a) @ op(b), or c += it; op transposes when its flag is set; every array's
-    rows are contiguous (views of row blocks are fine); work is workspace(c)."""
+    rows are contiguous (views of row blocks are fine)."""
     m = a.shape[1] if trans_a else a.shape[0]
     k = a.shape[0] if trans_a else a.shape[1]
     n = b.shape[0] if trans_b else b.shape[1]
@@ -373,7 +374,7 @@ def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
     for M rows (packed: empty, rnnkit's panels where PANELS, else MKL's packed form)."""
     if packed.size == 0:
-        _gemm(a, b, c, _runtime(False), trans_b, accumulate, work)
+        _gemm(a, b, c, _runtime(False), trans_b, accumulate)
         return
     if PANELS:  # a constant: numba drops the branch not taken
         panels.product_float32(a, packed, c, accumulate)

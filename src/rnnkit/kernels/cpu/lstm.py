@@ -533,8 +533,6 @@ class LSTMDirection(torch.autograd.Function):
         )
         w_ih_numpy = _numpy(w_ih.contiguous())
         output_numpy = _numpy(output)
-        x = x.contiguous()
-        grad_output = grad_output.contiguous()
         grad_h = grad_h_n.contiguous().clone()
         grad_c = grad_c_n.contiguous().clone()
         want_bias = needs[5] or needs[6]
@@ -556,7 +554,7 @@ class LSTMDirection(torch.autograd.Function):
                     _numpy(cells),
                     _numpy(c0[part].contiguous()),
                     *shared_weights,
-                    _numpy(grad_output if whole else grad_output[:, part].contiguous()),
+                    _numpy((grad_output if whole else grad_output[:, part]).contiguous()),
                     _numpy(part_grad_h),
                     _numpy(part_grad_c),
                     np.ascontiguousarray(length_array[part]),
@@ -564,7 +562,7 @@ class LSTMDirection(torch.autograd.Function):
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
                     PACKED_GEMM and steps >= _PACK_MIN_STEPS,
-                    _numpy(x if whole else x[:, part].contiguous()),
+                    _numpy((x if whole else x[:, part]).contiguous()),
                     w_ih_numpy,
                     output_numpy,
                     _numpy(h0[part].contiguous()),
