@@ -46,7 +46,17 @@ CONFIGS = [
     (64, 100, 256, 512),
     (16, 1000, 32, 128),
 ]
+# Issue 4's GPU grid: batch 1 to 256, hidden 128 to 1024, steps 100 to 1000.
+CUDA_CONFIGS = [
+    (1, 100, 128, 128),
+    (1, 1000, 256, 256),
+    (32, 100, 256, 256),
+    (16, 1000, 128, 128),
+    (64, 200, 512, 512),
+    (256, 100, 1024, 1024),
+]
 QUICK_CONFIGS = [0, 1]
+GPU_TILE_NAMES = ("BLOCK_B", "MAX_BLOCK_B", "MAX_BLOCK_N", "MAX_BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 MEMORY_CONFIG = (16, 1000, 32, 128)
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
@@ -87,10 +97,12 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rnnkit": rnnkit.__version__,
-        "cpu_kernel_blas": cpu_kernel_blas(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    else:
+        info["cpu_kernel_blas"] = cpu_kernel_blas()
     return info
 
 
@@ -378,7 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--configs",
         default=None,
-        help=f"comma-separated indices into {CONFIGS} (default: all; --quick: 0,1)",
+        help=f"comma-separated indices into {CONFIGS} (--device cuda: {CUDA_CONFIGS}) "
+        "(default: all; --quick: 0,1)",
     )
     parser.add_argument("--quick", action="store_true", help="3 repeats, configs 0 and 1")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples (default 15)")
@@ -396,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="wall",
         help="wall clock, or process CPU time (steadier on a busy machine; counts every thread)",
     )
+    parser.add_argument(
+        "--gpu-tile",
+        default=None,
+        help="BLOCK_B,MAX_BLOCK_B,MAX_BLOCK_N,MAX_BLOCK_K,NUM_WARPS,NUM_STAGES for the gpu kernels "
+        "(default: rnnkit's; benchmarks/bench_gpu_tiles.py sweeps them)",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -403,17 +422,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if cell not in GATES:
             parser.error(f"--cells: each must be one of {tuple(GATES)}, got {cell!r}")
     args.cell_list = cells
+    grid = CUDA_CONFIGS if args.device == "cuda" else CONFIGS
     if args.configs is None:
-        indices = QUICK_CONFIGS if args.quick else list(range(len(CONFIGS)))
+        indices = QUICK_CONFIGS if args.quick else list(range(len(grid)))
     else:
         try:
             indices = [int(i) for i in args.configs.split(",") if i.strip()]
         except ValueError:
             parser.error(f"--configs: comma-separated integers, got {args.configs!r}")
         for i in indices:
-            if not 0 <= i < len(CONFIGS):
-                parser.error(f"--configs: indices must be in 0..{len(CONFIGS) - 1}, got {i}")
-    args.config_list = [CONFIGS[i] for i in indices]
+            if not 0 <= i < len(grid):
+                parser.error(f"--configs: indices must be in 0..{len(grid) - 1}, got {i}")
+    args.config_list = [grid[i] for i in indices]
+    if args.gpu_tile is not None:
+        try:
+            args.gpu_tile = tuple(int(v) for v in args.gpu_tile.split(","))
+        except ValueError:
+            parser.error(f"--gpu-tile: six comma-separated integers, got {args.gpu_tile!r}")
+        if len(args.gpu_tile) != len(GPU_TILE_NAMES):
+            parser.error(f"--gpu-tile: six comma-separated integers, got {args.gpu_tile!r}")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 15
     if args.repeats < 1:
@@ -450,13 +477,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     info = machine_info(args.device)
+    if args.device == "cuda":
+        from rnnkit.kernels.gpu import _common
+
+        if args.gpu_tile is not None:
+            for name, value in zip(GPU_TILE_NAMES, args.gpu_tile, strict=True):
+                setattr(_common, name, value)
+        info["gpu_tile"] = {name: getattr(_common, name) for name in GPU_TILE_NAMES}
     dtype = getattr(torch, args.dtype)
     peak = matmul_gflops(args.device, dtype, args.timer, 512 if args.quick else 2048)
     print(
         f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), torch {info['torch']} "
         f"with {info['torch_threads']} threads"
         + (f", GPU {info['gpu']}" if "gpu" in info else "")
-        + f"; fused CPU kernels' BLAS: {info['cpu_kernel_blas']}"
+        + (
+            f"; TF32 in cuDNN and the kernels: {info['cudnn_allow_tf32']}; tile {info['gpu_tile']}"
+            if "gpu" in info
+            else f"; fused CPU kernels' BLAS: {info['cpu_kernel_blas']}"
+        )
     )
     print(
         f"device {args.device}, {args.dtype}, timer {args.timer}, median of {args.repeats}; "

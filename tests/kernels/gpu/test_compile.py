@@ -32,15 +32,17 @@ def compile_variant(kernel, pointers, constants):
         name: pointers.get(name, "constexpr" if name in constants else "i32")
         for name in kernel.arg_names
     }
-    constants = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 64, "REVERSE": True} | constants
+    constants = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 64, "REVERSE": True, "SPLIT": True} | (
+        constants
+    )
     source = ASTSource(kernel, signature, constants)
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": 8})
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": 4})
     assert compiled.asm["cubin"], kernel.__name__
     print(kernel.__name__, sorted(constants.items()), "ok", flush=True)
 
 
 def pointers(names, dtype, acc="fp32"):
-    table = {"lengths_ptr": "*i32"}
+    table = {"lengths_ptr": "*i32", "counter_ptr": "*i32"}
     for name in names:
         table.setdefault(name, "*" + (dtype if name in ("xp_ptr", "w_hh_ptr", "out_ptr") else acc))
     return table

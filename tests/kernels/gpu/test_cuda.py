@@ -157,3 +157,23 @@ def test_auto_picks_the_gpu_kernel_for_cuda_tensors():
     layer = rnnkit.LSTM(3, 4, device=CUDA)
     text = rnnkit.explain_backend(layer, torch.randn(2, 1, 3, device=CUDA))
     assert text == "auto: fused gpu kernel for cuda tensors"
+
+
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_hidden_units_split_over_programs_match_one_program_per_tile(cell, monkeypatch):
+    from rnnkit.kernels.gpu import _common
+
+    layer_class, cell_options = ALL_CELLS[cell]
+    torch.manual_seed(0)
+    layer = layer_class(16, 256, **cell_options, backend="gpu", device=CUDA)
+    x = torch.randn(300, 4, 16, device=CUDA, requires_grad=True)
+    grid, options, _ = _common.plan_launch(4, 256, x.device)
+    assert options["SPLIT"] and grid[1] > 1, (grid, options)
+    results = []
+    for split in (True, False):
+        monkeypatch.setattr(_common, "SPLIT_HIDDEN", split)
+        output, _ = layer(x)
+        grads = torch.autograd.grad(output.square().sum(), [x, *layer.parameters()])
+        results.append([output, *grads])
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (index, (a - b).abs().max())

@@ -130,7 +130,8 @@ def test_several_column_tiles_and_programs_match_reference(cell, monkeypatch):
     # 16-wide tiles make hidden size 20 span two column tiles, batch 17 two programs.
     monkeypatch.setattr(_common, "MAX_BLOCK_N", 16)
     monkeypatch.setattr(_common, "MAX_BLOCK_K", 16)
-    assert _common.launch_options(20)["BLOCK_N"] == _common.launch_options(20)["BLOCK_K"] == 16
+    grid, options, _ = _common.plan_launch(17, 20, torch.device("cpu"))
+    assert grid == (2, 1) and options["BLOCK_N"] == options["BLOCK_K"] == 16
     fused, reference = make_pair(
         cell, torch.float64, input_size=2, hidden_size=20, bidirectional=True
     )
@@ -255,3 +256,22 @@ def test_warmup_runs_every_cell_forward_and_backward(monkeypatch):
     gpu.warmup("cpu", hidden_sizes=(4,))
     # five cells, two directions, an inference and a training forward each
     assert len(calls) == 20
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, expected_grid, expected_rows",
+    [
+        (1, 128, (1, 4), 16),  # one batch tile: its 4 unit tiles on 4 programs
+        (64, 512, (4, 16), 16),
+        (256, 1024, (4, 32), 64),  # 16-row tiles x 32 unit tiles would exceed 132
+        (5000, 256, (313, 1), 16),  # the batch alone fills the GPU: no split
+    ],
+)
+def test_tile_plan_splits_hidden_units_only_where_every_program_has_a_multiprocessor(
+    batch, hidden, expected_grid, expected_rows
+):
+    grid, options = _common.tile_plan(batch, hidden, slots=132)
+    assert grid == expected_grid and options["BLOCK_B"] == expected_rows
+    assert options["SPLIT"] == (grid[1] > 1)
+    assert grid[0] * grid[1] <= 132 or grid[1] == 1
+    assert _common.tile_plan(batch, hidden, slots=None)[0] == (-(-batch // 16), 1)

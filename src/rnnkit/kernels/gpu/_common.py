@@ -1,32 +1,39 @@
 """Pieces every GPU cell kernel shares: Triton tile helpers and the Python-side plumbing.
 
-The recurrent kernels run one program per tile of BLOCK_B batch rows; each program loops over
-all time steps itself and owns every hidden unit of its rows, so a step needs no grid-wide
-synchronisation, only a barrier inside the program between writing the new state and reading it
-again. States that other threads of the program read back live in small global buffers (a few
-KiB, L2-resident) and are read with the ".cg" cache modifier so that a stale L1 line can never
-be seen. The recurrent weight tiles are re-read from L1/L2 every step (each program reads all of
-W_hh once per step; it stays cache-resident across steps), which is the "on chip" part of this
-design; it is not register- or shared-memory-resident as in Persistent RNN. Small batches use
-one program (one SM) per 16 rows, so large hidden sizes at small batch are bound by one SM's
-L2 bandwidth; splitting the hidden units over programs would need a grid-wide barrier per step,
-which the interpreter (programs run one after another) cannot test.
+The recurrent kernels loop over all time steps inside one launch. The grid is (batch tiles,
+column programs): a program owns BLOCK_B batch rows and every `programs`-th tile of BLOCK_N
+hidden units of them, and each step ends with a barrier over the programs of its batch tile (a
+CTA barrier, then, when SPLIT, an arrival counter in global memory that the programs spin on;
+the grid never exceeds the multiprocessor count, so all its programs are resident at once, as
+a persistent kernel must). Splitting the hidden units over programs is what lets a small batch
+use more than one multiprocessor. States that other threads or programs read back live in small
+global buffers (L2-resident) and are read with the ".cg" cache modifier so that a stale L1 line
+is never seen; the recurrent weight tiles are re-read every step from L1/L2. Triton's
+interpreter runs programs one after another, so there the hidden units are never split.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_B = 16  # batch rows per program; tl.dot needs at least 16
-# Widest hidden tiles: output columns per gate and reduction width per dot. With 8 warps these
-# compile for sm_90 without register spills in the forward kernels (ptxas -v: LSTM 114 registers)
-# and with a few bytes of spill in the LSTM backward; 64 x 64 tiles at 4 warps spilled.
+BLOCK_B = 16  # batch rows per program at least; tl.dot needs at least 16
+MAX_BLOCK_B = 64
+# Widest hidden tiles (output columns per gate, reduction width per dot), warps and pipeline
+# stages per program: the fastest of the shapes benchmarks/bench_gpu_tiles.py swept on an H200
+# (LSTM, batch 1 to 256, hidden 128 to 1024; results/gpu-tiles.json), within about 15% of the
+# other shapes with 3 stages; one stage was 17-50% slower.
 MAX_BLOCK_N = 32
 MAX_BLOCK_K = 64
-NUM_WARPS = 8
+NUM_WARPS = 4
+NUM_STAGES = 3
+# RNNKIT_GPU_SPLIT=0 keeps each batch tile on one program (no cross-program barrier).
+SPLIT_HIDDEN = os.environ.get("RNNKIT_GPU_SPLIT", "1") != "0"
 # The kernels take do_not_specialize=["T", "B"]: Triton would otherwise compile a new variant
 # (seconds each) whenever a step count or batch size changes between 1, multiples of 16 and
 # other values. H stays specialised: its alignment lets the compiler vectorise the loads.
@@ -43,6 +50,22 @@ def tanh(x):
     # absolute error at rounding level (relative error grows for |x| << 1, which the gate
     # math never divides by) and saturates to +-1 for large |x| without overflow.
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def sync_programs(counter_ptr, arrivals, programs, SPLIT: tl.constexpr):
+    """Barrier over this program's threads and (SPLIT) the programs sharing counter_ptr.
+
+    The counter only grows: `arrivals` is its value after the previous barrier; returns the
+    value after this one.
+    """
+    tl.debug_barrier()
+    if SPLIT:
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals + programs:
+            pass
+        tl.debug_barrier()
+    return arrivals + programs
 
 
 @triton.jit
@@ -84,8 +107,55 @@ def add_rows_times_weight_t(
             mask=col_ok[None, :] & k_ok[:, None],
             other=0.0,
         )
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
+
+
+@triton.jit
+def add_rows_times_gate_weights_t(
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    a_ptr,
+    a_row_offsets,
+    row_ok,
+    K,
+    w_ptr,
+    gate_rows,
+    cols,
+    col_ok,
+    GATES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc_g + A[rows, :K] @ W[g * gate_rows + cols, :K]^T for the first GATES gates g.
+
+    Each chunk of A (written in-kernel, read past L1) is loaded once for all the gates.
+    """
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(
+            a_ptr + a_row_offsets[:, None] + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        w_tile = w_ptr + cols[None, :] * K + ks[:, None]
+        w_mask = col_ok[None, :] & k_ok[:, None]
+        w = tl.load(w_tile, mask=w_mask, other=0.0)
+        a = a.to(w.dtype)
+        acc0 = tl.dot(a, w, acc0, input_precision=PRECISION, out_dtype=acc0.dtype)
+        w = tl.load(w_tile + gate_rows * K, mask=w_mask, other=0.0)
+        acc1 = tl.dot(a, w, acc1, input_precision=PRECISION, out_dtype=acc1.dtype)
+        if GATES > 2:
+            w = tl.load(w_tile + 2 * gate_rows * K, mask=w_mask, other=0.0)
+            acc2 = tl.dot(a, w, acc2, input_precision=PRECISION, out_dtype=acc2.dtype)
+        if GATES > 3:
+            w = tl.load(w_tile + 3 * gate_rows * K, mask=w_mask, other=0.0)
+            acc3 = tl.dot(a, w, acc3, input_precision=PRECISION, out_dtype=acc3.dtype)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -118,7 +188,7 @@ def add_rows_times_weight(
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -127,14 +197,50 @@ def block_size(size: int, limit: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(size)))
 
 
-def launch_options(hidden: int) -> dict:
-    """Tile sizes and warps for a recurrent kernel over `hidden` units."""
-    return {
-        "BLOCK_B": BLOCK_B,
-        "BLOCK_N": block_size(hidden, MAX_BLOCK_N),
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """The multiprocessor count of a CUDA device."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tile_plan(batch: int, hidden: int, slots: int | None) -> tuple[tuple[int, int], dict]:
+    """Grid (batch tiles, programs per tile) and tile options; `slots`: multiprocessors, or None
+    where programs run one after another (the interpreter) and must not be split.
+
+    The batch tile grows (up to MAX_BLOCK_B rows) while the batch tiles times the hidden-unit
+    tiles exceed the slots, then the unit tiles are spread over as many programs per batch tile
+    as the slots hold, one program each.
+    """
+    block_n = block_size(hidden, MAX_BLOCK_N)
+    unit_tiles = triton.cdiv(hidden, block_n)
+    block_b, programs = BLOCK_B, 1
+    if slots is not None and SPLIT_HIDDEN:
+        while block_b < MAX_BLOCK_B and triton.cdiv(batch, block_b) * unit_tiles > slots:
+            block_b *= 2
+        batch_tiles = triton.cdiv(batch, block_b)
+        if 2 * batch_tiles <= slots:
+            programs = min(unit_tiles, slots // batch_tiles)
+        else:
+            block_b = BLOCK_B
+    options = {
+        "BLOCK_B": block_b,
+        "BLOCK_N": block_n,
         "BLOCK_K": block_size(hidden, MAX_BLOCK_K),
+        "SPLIT": programs > 1,
         "num_warps": NUM_WARPS,
+        "num_stages": NUM_STAGES,
     }
+    return (triton.cdiv(batch, block_b), programs), options
+
+
+def plan_launch(batch: int, hidden: int, device: torch.device) -> tuple[tuple, dict, Tensor]:
+    """tile_plan for this device, with the zeroed barrier counter (one per batch tile)."""
+    slots = None
+    if device.type == "cuda":
+        slots = multiprocessors(device.index if device.index is not None else 0)
+    grid, options = tile_plan(batch, hidden, slots)
+    counter = torch.zeros(grid[0], device=device, dtype=torch.int32)
+    return grid, options, counter
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -142,16 +248,11 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """TF32 only where torch itself allows it for float32 matmuls; exact otherwise."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+def dot_precision(x: Tensor) -> str:
+    """TF32 for float32 CUDA input when cudnn.allow_tf32 (as torch.nn's cuDNN RNNs), else exact."""
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def grid(batch: int) -> tuple[int]:
-    """One program per BLOCK_B batch rows."""
-    return (triton.cdiv(batch, BLOCK_B),)
 
 
 def device_lengths(lengths: Tensor | None, steps: int, batch: int, device) -> Tensor:

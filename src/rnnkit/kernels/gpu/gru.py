@@ -25,16 +25,17 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
     accumulate_dtype,
+    add_rows_times_gate_weights_t,
     add_rows_times_weight,
     add_rows_times_weight_t,
     device_lengths,
     dot_precision,
     empty_like_nothing,
     flat,
-    grid,
-    launch_options,
+    plan_launch,
     previous_states,
     sigmoid,
+    sync_programs,
     tanh,
     time_index,
 )
@@ -60,6 +61,7 @@ def gru_forward_kernel(
     scratch_ptr,  # (B, 2H) accumulate dtype: z and r * h between the phases (not RESET_AFTER)
     out_ptr,  # (T, B, H)
     gates_ptr,  # (T, B, 4H) when SAVE: r, z, n, hn (hn only when RESET_AFTER)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -70,11 +72,16 @@ def gru_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = row_ok & (step < lengths)
@@ -83,7 +90,7 @@ def gru_forward_kernel(
         h_rows = source + rows * H
         x_rows = (time * B + rows) * (3 * H)
         gate_rows = (time * B + rows) * (4 * H)
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -91,34 +98,45 @@ def gru_forward_kernel(
             x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
             pre_r = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
             pre_z = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
-            pre_r = add_rows_times_weight_t(
-                pre_r,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                0,
-                H,
-                cols,
-                col_ok,
-                BLOCK_K,
-                PRECISION,
-            )
-            pre_z = add_rows_times_weight_t(
-                pre_z,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                H,
-                H,
-                cols,
-                col_ok,
-                BLOCK_K,
-                PRECISION,
-            )
+            if RESET_AFTER:
+                hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.zeros(
+                    (BLOCK_B, BLOCK_N), dtype=acc_dtype
+                )
+                pre_r, pre_z, hn, _ = add_rows_times_gate_weights_t(
+                    pre_r,
+                    pre_z,
+                    hn,
+                    hn,
+                    h_buf_ptr,
+                    h_rows,
+                    row_ok,
+                    H,
+                    w_hh_ptr,
+                    H,
+                    cols,
+                    col_ok,
+                    3,
+                    BLOCK_K,
+                    PRECISION,
+                )
+            else:
+                pre_r, pre_z, _, _ = add_rows_times_gate_weights_t(
+                    pre_r,
+                    pre_z,
+                    pre_r,
+                    pre_z,
+                    h_buf_ptr,
+                    h_rows,
+                    row_ok,
+                    H,
+                    w_hh_ptr,
+                    H,
+                    cols,
+                    col_ok,
+                    2,
+                    BLOCK_K,
+                    PRECISION,
+                )
             gate_r = sigmoid(pre_r)
             gate_z = sigmoid(pre_z)
             state_offsets = rows[:, None] * H + cols[None, :]
@@ -127,23 +145,6 @@ def gru_forward_kernel(
             )
             gate_tile = gates_ptr + gate_rows[:, None] + cols[None, :]
             if RESET_AFTER:
-                hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.zeros(
-                    (BLOCK_B, BLOCK_N), dtype=acc_dtype
-                )
-                hn = add_rows_times_weight_t(
-                    hn,
-                    h_buf_ptr,
-                    h_rows,
-                    row_ok,
-                    H,
-                    w_hh_ptr,
-                    2 * H,
-                    H,
-                    cols,
-                    col_ok,
-                    BLOCK_K,
-                    PRECISION,
-                )
                 pre_n = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
                 gate_n = tanh(pre_n + gate_r * hn)
                 h_new = (1.0 - gate_z) * gate_n + gate_z * h_prev
@@ -164,8 +165,8 @@ def gru_forward_kernel(
                 tl.store(gate_tile, gate_r, mask=mask)
                 tl.store(gate_tile + H, gate_z, mask=mask)
         if not RESET_AFTER:
-            tl.debug_barrier()
-            for n_start in range(0, H, BLOCK_N):
+            arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+            for n_start in range(first_col, H, programs * BLOCK_N):
                 cols = n_start + tl.arange(0, BLOCK_N)
                 col_ok = cols < H
                 mask = row_ok[:, None] & col_ok[None, :]
@@ -209,7 +210,7 @@ def gru_forward_kernel(
                     tl.store(
                         gates_ptr + gate_rows[:, None] + 2 * H + cols[None, :], gate_n, mask=mask
                     )
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 @triton.jit(do_not_specialize=["T", "B"])
@@ -222,6 +223,7 @@ def gru_backward_kernel(
     w_hh_ptr,  # (3H, H)
     lengths_ptr,
     dpre_ptr,  # (T, B, 4H) out: d(r, z, n pre-activations), and d(hn) when RESET_AFTER
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -231,11 +233,16 @@ def gru_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = dh_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for back in range(T):
         step = T - 1 - back
         time = time_index(step, lengths, REVERSE)
@@ -245,7 +252,7 @@ def gru_backward_kernel(
         target = ((back + 1) % 2) * B * H
         gate_rows = (time * B + rows) * (4 * H)
         # phase 1: the z and n pre-activation gradients (and r, hn when RESET_AFTER)
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -274,10 +281,10 @@ def gru_backward_kernel(
                 d_r = d_n * hn * gate_r * (1.0 - gate_r)
                 tl.store(dpre_tile, tl.where(keep, d_r, zero), mask=mask)
                 tl.store(dpre_tile + 3 * H, tl.where(keep, d_n * gate_r, zero), mask=mask)
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
         if not RESET_AFTER:
             # phase 2: d(r * h) = dn @ W_hn gives dr and part of dh_prev
-            for m_start in range(0, H, BLOCK_N):
+            for m_start in range(first_col, H, programs * BLOCK_N):
                 cols = m_start + tl.arange(0, BLOCK_N)
                 col_ok = cols < H
                 mask = row_ok[:, None] & col_ok[None, :]
@@ -317,9 +324,9 @@ def gru_backward_kernel(
                     tl.where(keep, d_rh * gate_r, dh_old),
                     mask=mask,
                 )
-            tl.debug_barrier()
+            arrivals = sync_programs(counter, arrivals, programs, SPLIT)
         # last phase: dh_prev = d(hidden pre-activations) @ W_hh + dh * z
-        for m_start in range(0, H, BLOCK_N):
+        for m_start in range(first_col, H, programs * BLOCK_N):
             cols = m_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -370,7 +377,7 @@ def gru_backward_kernel(
             tl.store(
                 dh_buf_ptr + target + state_offsets, tl.where(keep, dh_prev, dh_old), mask=mask
             )
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 class GRUFunction(torch.autograd.Function):
@@ -405,7 +412,8 @@ class GRUFunction(torch.autograd.Function):
         else:
             gates = empty_like_nothing(device, acc)
         lengths_on_device = device_lengths(lengths, steps, batch, device)
-        gru_forward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        gru_forward_kernel[launch_grid](
             xp,
             w_hh,
             b_hn,
@@ -414,14 +422,15 @@ class GRUFunction(torch.autograd.Function):
             scratch,
             out,
             gates,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=reverse,
             RESET_AFTER=reset_after,
             SAVE=save,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         if save:
             ctx.save_for_backward(x, h0, w_ih, w_hh, out, gates, lengths_on_device)
@@ -445,7 +454,8 @@ class GRUFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre = torch.empty(steps, batch, 4 * hidden, device=x.device, dtype=acc)
-        gru_backward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        gru_backward_kernel[launch_grid](
             d_out,
             dh_buf,
             gates,
@@ -454,13 +464,14 @@ class GRUFunction(torch.autograd.Function):
             w_hh,
             lengths_on_device,
             dpre,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=ctx.reverse,
             RESET_AFTER=ctx.reset_after,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         need = ctx.needs_input_grad
         dpre_x = dpre[..., : 3 * hidden]

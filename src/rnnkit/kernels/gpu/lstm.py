@@ -21,16 +21,16 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
     accumulate_dtype,
+    add_rows_times_gate_weights_t,
     add_rows_times_weight,
-    add_rows_times_weight_t,
     device_lengths,
     dot_precision,
     empty_like_nothing,
     flat,
-    grid,
-    launch_options,
+    plan_launch,
     previous_states,
     sigmoid,
+    sync_programs,
     tanh,
     time_index,
 )
@@ -48,6 +48,7 @@ def lstm_forward_kernel(
     out_ptr,  # (T, B, H)
     gates_ptr,  # (T, B, 4H) activated gates, written when SAVE
     cells_ptr,  # (T, B, H) c after each step, written when SAVE
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -57,11 +58,16 @@ def lstm_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = row_ok & (step < lengths)
@@ -69,7 +75,7 @@ def lstm_forward_kernel(
         target = ((step + 1) % 2) * B * H
         h_rows = source + rows * H
         x_rows = (time * B + rows) * (4 * H)
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -78,59 +84,20 @@ def lstm_forward_kernel(
             pre_f = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
             pre_g = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
             pre_o = tl.load(x_tile + 3 * H, mask=mask, other=0.0).to(acc_dtype)
-            pre_i = add_rows_times_weight_t(
+            pre_i, pre_f, pre_g, pre_o = add_rows_times_gate_weights_t(
                 pre_i,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                0,
-                H,
-                cols,
-                col_ok,
-                BLOCK_K,
-                PRECISION,
-            )
-            pre_f = add_rows_times_weight_t(
                 pre_f,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                H,
-                H,
-                cols,
-                col_ok,
-                BLOCK_K,
-                PRECISION,
-            )
-            pre_g = add_rows_times_weight_t(
                 pre_g,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                2 * H,
-                H,
-                cols,
-                col_ok,
-                BLOCK_K,
-                PRECISION,
-            )
-            pre_o = add_rows_times_weight_t(
                 pre_o,
                 h_buf_ptr,
                 h_rows,
                 row_ok,
                 H,
                 w_hh_ptr,
-                3 * H,
                 H,
                 cols,
                 col_ok,
+                4,
                 BLOCK_K,
                 PRECISION,
             )
@@ -158,7 +125,7 @@ def lstm_forward_kernel(
                 tl.store(gate_tile + 2 * H, gate_g, mask=keep)
                 tl.store(gate_tile + 3 * H, gate_o, mask=keep)
                 tl.store(cells_ptr + out_offsets, c_new, mask=keep)
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 @triton.jit(do_not_specialize=["T", "B"])
@@ -172,6 +139,7 @@ def lstm_backward_kernel(
     w_hh_ptr,  # (4H, H)
     lengths_ptr,
     dpre_ptr,  # (T, B, 4H) out: gradient of the gate pre-activations (zero at padding)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -180,11 +148,16 @@ def lstm_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = dh_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for back in range(T):
         step = T - 1 - back
         time = time_index(step, lengths, REVERSE)
@@ -193,7 +166,7 @@ def lstm_backward_kernel(
         source = (back % 2) * B * H
         target = ((back + 1) % 2) * B * H
         gate_rows = (time * B + rows) * (4 * H)
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -228,8 +201,8 @@ def lstm_backward_kernel(
             tl.store(dpre_tile + 2 * H, tl.where(keep, d_g, zero), mask=mask)
             tl.store(dpre_tile + 3 * H, tl.where(keep, d_o, zero), mask=mask)
             tl.store(dc_ptr + state_offsets, dc_total * gate_f, mask=keep)
-        tl.debug_barrier()
-        for m_start in range(0, H, BLOCK_N):
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+        for m_start in range(first_col, H, programs * BLOCK_N):
             cols = m_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -256,7 +229,7 @@ def lstm_backward_kernel(
             tl.store(
                 dh_buf_ptr + target + state_offsets, tl.where(keep, dh_prev, dh_old), mask=mask
             )
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -280,7 +253,8 @@ class LSTMFunction(torch.autograd.Function):
         else:
             gates = cells = empty_like_nothing(x.device, acc)
         lengths_on_device = device_lengths(lengths, steps, batch, x.device)
-        lstm_forward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        lstm_forward_kernel[launch_grid](
             xp,
             w_hh,
             lengths_on_device,
@@ -289,13 +263,14 @@ class LSTMFunction(torch.autograd.Function):
             out,
             gates,
             cells,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=reverse,
             SAVE=save,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         h_n = h_buf[steps % 2].to(x.dtype)
         c_n = c.to(x.dtype)
@@ -323,7 +298,8 @@ class LSTMFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre = torch.empty(steps, batch, GATES * hidden, device=x.device, dtype=acc)
-        lstm_backward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        lstm_backward_kernel[launch_grid](
             d_out,
             dh_buf,
             dc,
@@ -333,12 +309,13 @@ class LSTMFunction(torch.autograd.Function):
             w_hh,
             lengths_on_device,
             dpre,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=ctx.reverse,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         return weight_gradients(ctx, dpre, dpre, x, h0, c0, dh_buf[steps % 2], dc, w_ih, out)
 

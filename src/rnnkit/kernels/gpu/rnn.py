@@ -23,9 +23,9 @@ from rnnkit.kernels.gpu._common import (
     device_lengths,
     dot_precision,
     flat,
-    grid,
-    launch_options,
+    plan_launch,
     previous_states,
+    sync_programs,
     tanh,
     time_index,
 )
@@ -38,6 +38,7 @@ def rnn_forward_kernel(
     lengths_ptr,  # (B,) int32
     h_buf_ptr,  # (2, B, H) accumulate dtype: ping-pong hidden state, [0] holds h0
     out_ptr,  # (T, B, H)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -47,18 +48,23 @@ def rnn_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = row_ok & (step < lengths)
         source = (step % 2) * B * H
         target = ((step + 1) % 2) * B * H
         h_rows = source + rows * H
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -79,7 +85,7 @@ def rnn_forward_kernel(
             tl.store(h_buf_ptr + target + state_offsets, tl.where(keep, h_new, h_prev), mask=mask)
             h_out = tl.where(keep, h_new, 0.0)
             tl.store(out_ptr + out_offsets, h_out.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 @triton.jit(do_not_specialize=["T", "B"])
@@ -90,6 +96,7 @@ def rnn_backward_kernel(
     w_hh_ptr,  # (H, H)
     lengths_ptr,
     dpre_ptr,  # (T, B, H) out: gradient of the pre-activations (zero at padding)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
     T,
     B,
     H,
@@ -99,11 +106,16 @@ def rnn_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     acc_dtype = dh_buf_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    first_col = tl.program_id(1) * BLOCK_N
+    arrivals = programs * 0
     for back in range(T):
         step = T - 1 - back
         time = time_index(step, lengths, REVERSE)
@@ -111,7 +123,7 @@ def rnn_backward_kernel(
         source = (back % 2) * B * H
         target = ((back + 1) % 2) * B * H
         pre_rows = (time * B + rows) * H
-        for n_start in range(0, H, BLOCK_N):
+        for n_start in range(first_col, H, programs * BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -128,8 +140,8 @@ def rnn_backward_kernel(
             else:
                 dpre = dh * (1.0 - h * h)
             tl.store(dpre_ptr + out_offsets, tl.where(keep, dpre, 0.0), mask=mask)
-        tl.debug_barrier()
-        for m_start in range(0, H, BLOCK_N):
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+        for m_start in range(first_col, H, programs * BLOCK_N):
             cols = m_start + tl.arange(0, BLOCK_N)
             col_ok = cols < H
             mask = row_ok[:, None] & col_ok[None, :]
@@ -156,7 +168,7 @@ def rnn_backward_kernel(
             tl.store(
                 dh_buf_ptr + target + state_offsets, tl.where(keep, dh_prev, dh_old), mask=mask
             )
-        tl.debug_barrier()
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
 class RNNFunction(torch.autograd.Function):
@@ -174,19 +186,21 @@ class RNNFunction(torch.autograd.Function):
         h_buf[0] = h0
         out = torch.empty(steps, batch, hidden, device=x.device, dtype=x.dtype)
         lengths_on_device = device_lengths(lengths, steps, batch, x.device)
-        rnn_forward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        rnn_forward_kernel[launch_grid](
             xp,
             w_hh,
             lengths_on_device,
             h_buf,
             out,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=reverse,
             RELU=relu,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         if save:
             ctx.save_for_backward(x, h0, w_ih, w_hh, out, lengths_on_device)
@@ -210,20 +224,22 @@ class RNNFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre = torch.empty(steps, batch, hidden, device=x.device, dtype=acc)
-        rnn_backward_kernel[grid(batch)](
+        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+        rnn_backward_kernel[launch_grid](
             d_out,
             dh_buf,
             out,
             w_hh,
             lengths_on_device,
             dpre,
+            counter,
             steps,
             batch,
             hidden,
             REVERSE=ctx.reverse,
             RELU=ctx.relu,
-            PRECISION=dot_precision(x.dtype),
-            **launch_options(hidden),
+            PRECISION=dot_precision(x),
+            **options,
         )
         need = ctx.needs_input_grad
         dx = dpre.to(x.dtype) @ w_ih if need[0] else None

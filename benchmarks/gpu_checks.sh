@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 4 as one run on a CUDA machine, from the repository root:
+#   bash benchmarks/gpu_checks.sh            (logs and JSON into $OUT, default benchmarks/results)
+# The CUDA tests (parity with cuDNN and the reference, gradcheck, autocast), the tile sweep, then
+# the layer benchmark in float32 and bfloat16 with the fastest tile. Each stage has its own time
+# limit so that a slow one still leaves the others their turn; SKIP_TESTS=1 or SKIP_BENCH=1 leaves
+# one out.
+set -u
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+mkdir -p "$OUT"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu-env.log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT/gpu-env.log"
+
+# The hidden units split over programs meet at a barrier in global memory each step: a broken
+# barrier hangs rather than fails, so it is tried first under a short limit, and the rest of the
+# run falls back to one program per batch tile (RNNKIT_GPU_SPLIT=0) if it does not pass.
+timeout "${SMOKE_LIMIT:-60}" $PY - <<'SMOKE' 2>&1 | tee -a "$OUT/gpu-env.log"
+import torch, rnnkit
+for make in (rnnkit.LSTM, rnnkit.GRU, rnnkit.RNN):
+    torch.manual_seed(0)
+    fast = make(8, 96, backend="gpu", device="cuda", dtype=torch.float64)
+    slow = make(8, 96, backend="reference", device="cuda", dtype=torch.float64)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(30, 3, 8, device="cuda", dtype=torch.float64)
+    error = (fast(x)[0] - slow(x)[0]).abs().max().item()
+    print(make.__name__, "split max error", error, flush=True)
+    assert error < 1e-9
+print("SPLIT OK")
+SMOKE
+if ! grep -q "SPLIT OK" "$OUT/gpu-env.log"; then
+    echo "split smoke failed: running the rest with RNNKIT_GPU_SPLIT=0"
+    export RNNKIT_GPU_SPLIT=0
+fi
+
+if [ -z "${SKIP_TESTS:-}" ]; then
+    timeout "${TEST_LIMIT:-200}" $PY -m pytest -p no:cacheprovider -q -rfE -n "${WORKERS:-8}" \
+        tests/kernels/gpu/test_cuda.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 60
+fi
+if [ -z "${SKIP_BENCH:-}" ]; then
+    # The tile sweep first; the layer benchmarks then run with the tile it found fastest.
+    timeout "${TILES_LIMIT:-90}" $PY benchmarks/bench_gpu_tiles.py --json "$OUT/gpu-tiles.json" \
+        2>&1 | tee "$OUT/gpu-tiles.log" | tail -n 3
+    BEST=$($PY -c "import json, sys; best = json.load(open(sys.argv[1]))['best_tile']
+print(','.join(map(str, best)) if best else '')" "$OUT/gpu-tiles.json" 2>/dev/null)
+    TILE=${BEST:+--gpu-tile $BEST}
+    timeout "${BENCH_LIMIT:-170}" $PY benchmarks/bench_layers.py --device cuda $TILE \
+        --repeats "${REPEATS:-7}" --json "$OUT/layers-cuda.json" 2>&1 | tee "$OUT/bench-float32.log"
+    timeout "${BENCH_LIMIT_BF16:-100}" $PY benchmarks/bench_layers.py --device cuda $TILE \
+        --dtype bfloat16 --no-reference --no-memory --repeats "${REPEATS:-7}" \
+        --json "$OUT/layers-cuda-bfloat16.json" 2>&1 | tee "$OUT/bench-bfloat16.log"
+fi
