@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
+from rnnkit.spec import LayerSpec
+from rnnkit.variants.regularization import check_regularizers
 
 KINDS = {
     "lstm": (rnnkit.LSTM, nn.LSTM),
@@ -393,3 +395,105 @@ def test_input_on_another_device_than_the_weights():
     layer = rnnkit.GRU(3, 4, device="meta")
     with pytest.raises(ValueError, match="GRU: input must be on the weights' device meta, got cpu"):
         layer(torch.randn(5, 2, 3))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_changed_weights_are_used_at_the_next_call(kind):
+    """Weights replaced, changed in place or loaded between calls are the ones the next call uses:
+    the output is still torch.nn's with the same weights (fused kernel, stacked, bidirectional)."""
+    torch.manual_seed(7)
+    sizes = {"input_size": 3, "hidden_size": 4, "num_layers": 2, "bidirectional": True}
+    mine, theirs = make_pair(kind, torch.float32, backend="cpu", **sizes)
+    _, other = make_pair(kind, torch.float32, **sizes)
+    x = torch.randn(5, 2, 3)
+
+    def assert_agree():
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                (out, state), (expected, expected_state) = mine(x), theirs(x)
+            assert close(out, expected, 1e-5)
+            states = state if isinstance(state, tuple) else (state,)
+            expected_states = expected_state if isinstance(state, tuple) else (expected_state,)
+            assert all(close(s, e, 1e-5) for s, e in zip(states, expected_states))
+
+    assert_agree()
+    replacement = nn.Parameter(torch.randn_like(mine.weight_hh_l1_reverse))
+    mine.weight_hh_l1_reverse = replacement
+    with torch.no_grad():
+        theirs.weight_hh_l1_reverse.copy_(replacement)
+    assert_agree()
+    with torch.no_grad():
+        for layer in (mine, theirs):
+            layer.bias_ih_l0.add_(0.5)
+            layer.weight_ih_l1.mul_(-1)
+    assert_agree()
+    mine.load_state_dict(other.state_dict())
+    theirs.load_state_dict(other.state_dict())
+    assert_agree()
+    assert mine.weight_hh_l1_reverse is replacement  # loaded in place, as in torch.nn
+
+
+def test_parametrized_weight_is_recomputed_at_every_call():
+    """torch.nn.utils.parametrize turns a weight into a property; each call reads it anew."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = 2.0
+
+        def forward(self, weight):
+            return self.factor * weight
+
+    torch.manual_seed(8)
+    mine, theirs = make_pair("gru", torch.float32, backend="cpu", input_size=3, hidden_size=4)
+    scale = Scale()
+    parametrize.register_parametrization(mine, "weight_hh_l0", scale)
+    x = torch.randn(5, 2, 3)
+    for factor in (2.0, 0.5):
+        scale.factor = factor
+        expected = nn.GRU(3, 4)
+        expected.load_state_dict(theirs.state_dict())
+        with torch.no_grad():
+            expected.weight_hh_l0.mul_(factor)
+        assert close(mine(x)[0], expected(x)[0], 1e-5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda layer: layer.eval(),
+        lambda layer: setattr(layer, "reset_after", False),
+        lambda layer: setattr(
+            layer,
+            "regularizers",
+            check_regularizers("GRU", "GRU", recurrent_dropout=0.2),
+        ),
+    ],
+)
+def test_spec_follows_the_attributes_it_is_built_from(change):
+    """The layer keeps its LayerSpec between calls; changing what it is built from rebuilds it."""
+    layer = rnnkit.GRU(3, 4, recurrent_dropout=0.4)
+    spec = layer.spec
+    assert layer.spec is spec
+    change(layer)
+    rates = layer.regularizers
+    assert layer.spec == LayerSpec(
+        mode="GRU",
+        hidden_size=4,
+        reset_after=layer.reset_after,
+        recurrent_dropout=rates.recurrent_dropout,
+        zoneout=rates.zoneout,
+        training=layer.training,
+    )
+    assert layer.spec != spec
+
+
+def test_train_and_eval_switch_the_backend_of_a_training_only_regulariser():
+    layer = rnnkit.LSTM(3, 4, recurrent_dropout=0.3)
+    x = torch.randn(5, 2, 3)
+    assert "recurrent_dropout=0.3 in training" in rnnkit.explain_backend(layer, x)
+    layer.eval()
+    assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+    layer.train()
+    assert "recurrent_dropout=0.3 in training" in rnnkit.explain_backend(layer, x)

@@ -92,29 +92,41 @@ def _reference_only_reason(spec: LayerSpec) -> str | None:
 
 def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
     """(backend name, reason) for running this layer on this input."""
+    name, _, reason = _select(requested, spec, x, lengths, explain=True)
+    return name, reason
+
+
+def _select(
+    requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None, explain: bool
+) -> tuple[str, Backend, str]:
+    """(name, backend, reason) for this layer and input. A fused kernel's reason is formatted
+    only with `explain`: a layer's forward runs this on every call and has no use for it."""
+    reference = _loaded["reference"]
     if requested == "reference":
-        return "reference", "backend='reference' was requested"
+        return "reference", reference, "backend='reference' was requested"
     only_reference = _reference_only_reason(spec)
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
         if only_reference is not None:
-            return "reference", f"auto: {only_reference}"
+            return "reference", reference, f"auto: {only_reference}"
         backend = _load(candidate, spec.mode)
         if isinstance(backend, str):
-            return "reference", f"auto: {backend}; using the reference loop"
-        reason = backend.unsupported_reason(spec, x, lengths)
-        if reason is not None:
-            return "reference", f"auto: the {candidate} kernel does not cover this: {reason}"
-        return candidate, f"auto: fused {candidate} kernel for {x.device.type} tensors"
+            return "reference", reference, f"auto: {backend}; using the reference loop"
+        unsupported = backend.unsupported_reason(spec, x, lengths)
+        if unsupported is not None:
+            reason = f"auto: the {candidate} kernel does not cover this: {unsupported}"
+            return "reference", reference, reason
+        reason = f"auto: fused {candidate} kernel for {x.device.type} tensors" if explain else ""
+        return candidate, backend, reason
     if only_reference is not None:
         raise RuntimeError(f"backend={requested!r} cannot run this layer: {only_reference}")
     backend = _load(requested, spec.mode)
     if isinstance(backend, str):
         raise RuntimeError(f"backend={requested!r} is unavailable: {backend}")
-    reason = backend.unsupported_reason(spec, x, lengths)
-    if reason is not None:
-        raise RuntimeError(f"backend={requested!r} cannot run this layer: {reason}")
-    return requested, f"backend={requested!r} was requested"
+    unsupported = backend.unsupported_reason(spec, x, lengths)
+    if unsupported is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run this layer: {unsupported}")
+    return requested, backend, f"backend={requested!r} was requested" if explain else ""
 
 
 def run_layer(
@@ -126,8 +138,8 @@ def run_layer(
     lengths: Tensor | None,
 ) -> tuple[Tensor, list[State]]:
     """Run one layer (all directions) on the backend that `resolve` picks."""
-    name, _ = resolve(requested, spec, x, lengths)
-    return _load(name, spec.mode).run_layer(spec, x, hx, weights, lengths)
+    _, backend, _ = _select(requested, spec, x, lengths, explain=False)
+    return backend.run_layer(spec, x, hx, weights, lengths)
 
 
 def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str]:

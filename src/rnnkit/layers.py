@@ -6,6 +6,7 @@ layers runs through `rnnkit.dispatch`, which picks the reference loop or a fused
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -22,6 +23,8 @@ from rnnkit.spec import LayerSpec
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}
 _CELL_STATE_MODES = ("LSTM", "LN_LSTM")
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_LSTM_CELL_WEIGHTS = (*_CELL_WEIGHTS, "weight_hr")
 
 
 def _regularization():
@@ -31,7 +34,14 @@ def _regularization():
     return regularization
 
 
-@dataclass
+@functools.cache
+def _suffixed(bases: tuple[str, ...], layer: int, direction: int) -> tuple[str, ...]:
+    """Parameter names of one layer and direction: "weight_ih" -> "weight_ih_l1_reverse"."""
+    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+    return tuple(base + suffix for base in bases)
+
+
+@dataclass(slots=True)
 class _Prepared:
     """The input as the backends see it: (T, B, I) time-major, lengths or None."""
 
@@ -43,6 +53,9 @@ class _Prepared:
 
 class RNNBase(nn.Module):
     """The shared body of RNN, LSTM and GRU: torch.nn.RNNBase's arguments and parameter names."""
+
+    # (the attributes a LayerSpec is built from, that LayerSpec): see `spec`.
+    _spec_cache: tuple[tuple, LayerSpec] | None = None
 
     def __init__(
         self,
@@ -153,7 +166,21 @@ class RNNBase(nn.Module):
 
     @property
     def spec(self) -> LayerSpec:
-        return LayerSpec(
+        """The layer as the dispatch sees it; rebuilt only when an attribute it reads changes."""
+        key = (
+            self.mode,
+            self.hidden_size,
+            self.proj_size,
+            self.reset_after,
+            self.bias,
+            self.bidirectional,
+            self.regularizers,
+            self.training,
+        )
+        cached = self._spec_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = LayerSpec(
             mode=self.mode,
             hidden_size=self.hidden_size,
             proj_size=self.proj_size,
@@ -164,6 +191,8 @@ class RNNBase(nn.Module):
             zoneout=self.regularizers.zoneout,
             training=self.training,
         )
+        self._spec_cache = (key, spec)
+        return spec
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
@@ -188,11 +217,25 @@ class RNNBase(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def cell_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh[, w_hr]) of one layer and direction; None where absent."""
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
-        if self.mode == "LSTM":
-            names.append("weight_hr")
-        return tuple(getattr(self, name + suffix, None) for name in names)
+        bases = _LSTM_CELL_WEIGHTS if self.mode == "LSTM" else _CELL_WEIGHTS
+        return self._cell_attributes(bases, layer, direction)
+
+    def _cell_attributes(
+        self, bases: tuple[str, ...], layer: int, direction: int
+    ) -> tuple[Tensor | None, ...]:
+        """getattr(self, base + suffix, None) of each base name, registered parameters read
+        straight from their dict (what nn.Module.__getattr__ does, without its cost)."""
+        parameters = self._parameters
+        return tuple(
+            parameters[name] if name in parameters else getattr(self, name, None)
+            for name in _suffixed(bases, layer, direction)
+        )
+
+    def _first_weight(self) -> Tensor:
+        """self._flat_weights[0], without building the list."""
+        name = self._flat_weights_names[0]
+        parameters = self._parameters
+        return parameters[name] if name in parameters else getattr(self, name)
 
     def layer_inputs(self, input, lengths=None) -> tuple[LayerSpec, Tensor, Tensor | None]:
         """Validated (spec, (T, B, I) input, lengths) as the dispatch sees them."""
@@ -202,29 +245,30 @@ class RNNBase(nn.Module):
     def forward(self, input, hx=None, lengths=None):
         """(T, B, I) / (B, T, I) / (T, I) / PackedSequence -> (output, h_n) or (output, (h_n, c_n))."""
         prepared = self._prepare(input, lengths)
-        state = self._initial_state(hx, prepared)
+        states = self._initial_states(hx, prepared)
         x = prepared.x
         spec = self.spec
+        training = self.training
         rates = self.regularizers
-        regularization = _regularization()
+        # input_dropout and weight_drop are identities in eval mode and at rate 0.
+        regularize = training and (rates.input_dropout > 0 or rates.weight_drop > 0)
+        regularization = _regularization() if regularize else None
+        directions = 2 if self.bidirectional else 1
         finals: list[tuple[Tensor, ...]] = []
         for layer in range(self.num_layers):
-            first = layer * self.directions
-            layer_hx = [tuple(part[first + d] for part in state) for d in range(self.directions)]
-            weights = [
-                regularization.drop_weights(
-                    self.cell_weights(layer, d), rates.weight_drop, self.training
-                )
-                for d in range(self.directions)
-            ]
-            x = regularization.drop_input(x, rates.input_dropout, self.training)
+            first = layer * directions
+            layer_hx = states[first : first + directions]
+            weights = [self.cell_weights(layer, d) for d in range(directions)]
+            if regularization is not None:
+                weights = [regularization.drop_weights(w, rates.weight_drop, True) for w in weights]
+                x = regularization.drop_input(x, rates.input_dropout, True)
             x, layer_finals = dispatch.run_layer(
                 self.backend, spec, x, layer_hx, weights, prepared.lengths
             )
             finals.extend(layer_finals)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+            if self.dropout > 0 and training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        final_state = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
+        final_state = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states[0])))
         return self._format_output(x, final_state, prepared)
 
     # -- input handling -------------------------------------------------------------------
@@ -235,12 +279,12 @@ class RNNBase(nn.Module):
             if lengths is not None:
                 raise ValueError(f"{name}: lengths must be None when input is a PackedSequence")
             packed = input
-            check_tensor(name, "input.data", input.data, self._flat_weights[0])
+            check_tensor(name, "input.data", input.data, self._first_weight())
             x, packed_lengths = pad_packed_sequence(input)
             lengths_tensor = packed_lengths.to(torch.int64)
             batched = True
         elif isinstance(input, Tensor):
-            check_tensor(name, "input", input, self._flat_weights[0])
+            check_tensor(name, "input", input, self._first_weight())
             if input.dim() not in (2, 3):
                 raise ValueError(
                     f"{name}: input must be 3-D (batched) or 2-D (unbatched), "
@@ -280,12 +324,15 @@ class RNNBase(nn.Module):
             ]
         return [("hx", (layers, batch, self.hidden_size))]
 
-    def _initial_state(self, hx, prepared: _Prepared) -> tuple[Tensor, ...]:
+    def _initial_states(self, hx, prepared: _Prepared) -> list[tuple[Tensor, ...]]:
+        """The validated initial state as the backends take it: one (h,) or (h, c) tuple of
+        (B, H) tensors per layer and direction (layer * directions + direction)."""
         name = type(self).__name__
         x = prepared.x
         shapes = self._state_shapes(x.size(1))
         if hx is None:
-            return tuple(x.new_zeros(shape) for _, shape in shapes)
+            layers = self.num_layers * self.directions
+            return [tuple(x.new_zeros(shape[1:]) for _, shape in shapes) for _ in range(layers)]
         if self.mode in _CELL_STATE_MODES:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise TypeError(
@@ -305,7 +352,7 @@ class RNNBase(nn.Module):
                     f"{name}: {label} must have shape {expected}, got {tuple(part.shape)}"
                 )
             state.append(part if prepared.batched else part.unsqueeze(1))
-        return tuple(state)
+        return list(zip(*(part.unbind(0) for part in state)))
 
     def _format_output(self, output: Tensor, state: tuple[Tensor, ...], prepared: _Prepared):
         if prepared.packed is not None:

@@ -16,6 +16,9 @@ from torch import Tensor, nn
 
 from rnnkit.layers import RNNBase
 
+_LN_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "gain_ih", "gain_hh")
+_LN_LSTM_CELL_WEIGHTS = (*_LN_CELL_WEIGHTS, "gain_c", "bias_c")
+
 
 class _LayerNormBase(RNNBase):
     """RNNBase with the gains and shifts of the layer normalisations added per layer/direction."""
@@ -61,11 +64,8 @@ class _LayerNormBase(RNNBase):
 
     def cell_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, g_ih, g_hh[, g_c, b_c]) of one layer and direction."""
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "gain_ih", "gain_hh"]
-        if self.mode == "LN_LSTM":
-            names += ["gain_c", "bias_c"]
-        return tuple(getattr(self, name + suffix, None) for name in names)
+        bases = _LN_LSTM_CELL_WEIGHTS if self.mode == "LN_LSTM" else _LN_CELL_WEIGHTS
+        return self._cell_attributes(bases, layer, direction)
 
     def to_torch(self) -> nn.Module:
         raise TypeError(f"{type(self).__name__} has no torch.nn equivalent")

@@ -8,6 +8,7 @@ torch.autograd.Function. This package turns them into the dispatch's backend.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ class CPUBackend:
     """Runs each direction of a layer through the cell's fused numba kernel."""
 
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return f"input is on {x.device}, not the CPU"
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not float32 or float64"
@@ -82,55 +83,49 @@ def check_kernel_inputs(
     The numba kernels do no bounds checks of their own, so a caller that bypasses the layer's
     validation (calling the dispatch directly) must not be able to make them read out of bounds.
     """
-    if x.dim() != 3 or x.dtype not in _DTYPES or x.device.type != "cpu":
+    # x.is_cpu, not x.device.type == "cpu": the same test, without building a device object.
+    if x.dim() != 3 or x.dtype not in _DTYPES or not x.is_cpu:
         raise TypeError(
             f"cpu kernel: x must be a 3-D float32/float64 CPU tensor, got {x.dim()}-D {x.dtype} "
             f"on {x.device}"
         )
     steps, batch, inputs = x.shape
-    hidden, out = spec.hidden_size, spec.output_size
-    rows = {"LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}.get(spec.mode, 1) * hidden
-    has_cell_state = spec.mode in ("LSTM", "LN_LSTM")
     if len(hx) != spec.directions or len(weights) != spec.directions:
         raise ValueError(
             f"cpu kernel: hx and weights must hold {spec.directions} direction(s), "
             f"got {len(hx)} and {len(weights)}"
         )
-    state_shapes = [(batch, out), (batch, hidden)][: 2 if has_cell_state else 1]
-    expected = {
-        "w_ih": (rows, inputs),
-        "w_hh": (rows, out),
-        "b_ih": (rows,) if spec.bias else None,
-        "b_hh": (rows,) if spec.bias else None,
-    }
-    if spec.mode == "LSTM":
-        expected["w_hr"] = (spec.proj_size, hidden) if spec.proj_size else None
-    if spec.mode in _LAYER_NORM_MODES:
-        expected |= {"g_ih": (rows,), "g_hh": (rows,)}
-    if spec.mode == "LN_LSTM":
-        expected |= {"g_c": (hidden,), "b_c": (hidden,) if spec.bias else None}
+    labels, shapes, weight_count = _layout(
+        spec.mode, spec.hidden_size, spec.proj_size, spec.bias, batch, inputs
+    )
+    state_count = len(labels) - weight_count
+    dtype = x.dtype
     for direction in range(spec.directions):
-        if len(weights[direction]) < len(expected):
+        if len(weights[direction]) < weight_count:
             raise ValueError(
-                f"cpu kernel: weights[{direction}] must hold {len(expected)} tensors "
-                f"({', '.join(expected)}), got {len(weights[direction])}"
+                f"cpu kernel: weights[{direction}] must hold {weight_count} tensors "
+                f"({', '.join(labels[state_count:])}), got {len(weights[direction])}"
             )
-        named = list(zip(("h", "c"), hx[direction])) + list(zip(expected, weights[direction]))
-        if len(hx[direction]) != len(state_shapes):
+        if len(hx[direction]) != state_count:
             raise ValueError(
-                f"cpu kernel: hx[{direction}] must hold {len(state_shapes)} tensor(s), "
+                f"cpu kernel: hx[{direction}] must hold {state_count} tensor(s), "
                 f"got {len(hx[direction])}"
             )
-        shapes = dict(zip(("h", "c"), state_shapes)) | expected
-        for label, tensor in named:
-            shape = shapes[label]
+        tensors = (*hx[direction], *weights[direction][:weight_count])
+        # One pass over all tensors; the loop below finds the first mismatch to name it.
+        if tuple(None if t is None else t.shape for t in tensors) == shapes and all(
+            t is None or (t.dtype == dtype and t.is_cpu) for t in tensors
+        ):
+            continue
+        for label, tensor, shape in zip(labels, tensors, shapes):
             got = None if tensor is None else tuple(tensor.shape)
             if got != shape:
                 raise ValueError(
                     f"cpu kernel: {label} of direction {direction} must have shape {shape}, "
                     f"got {got}"
                 )
-            if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
+            # x is on the CPU, so tensor.device != x.device is not tensor.is_cpu.
+            if tensor is not None and (tensor.dtype != dtype or not tensor.is_cpu):
                 raise TypeError(
                     f"cpu kernel: {label} must be {x.dtype} on {x.device}, "
                     f"got {tensor.dtype} on {tensor.device}"
@@ -145,6 +140,32 @@ def check_kernel_inputs(
             raise ValueError(
                 f"cpu kernel: lengths must lie in [1, {steps}], got {lengths.tolist()}"
             )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    mode: str, hidden: int, proj_size: int, bias: bool, batch: int, inputs: int
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...] | None, ...], int]:
+    """(labels, shapes (None: absent)) of one direction's state and weight tensors in order, and
+    how many of them are weights, for a layer with these LayerSpec fields and input sizes."""
+    out = proj_size if proj_size > 0 else hidden
+    rows = {"LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}.get(mode, 1) * hidden
+    has_cell_state = mode in ("LSTM", "LN_LSTM")
+    states = {"h": (batch, out), "c": (batch, hidden)} if has_cell_state else {"h": (batch, out)}
+    expected = {
+        "w_ih": (rows, inputs),
+        "w_hh": (rows, out),
+        "b_ih": (rows,) if bias else None,
+        "b_hh": (rows,) if bias else None,
+    }
+    if mode == "LSTM":
+        expected["w_hr"] = (proj_size, hidden) if proj_size else None
+    if mode in _LAYER_NORM_MODES:
+        expected |= {"g_ih": (rows,), "g_hh": (rows,)}
+    if mode == "LN_LSTM":
+        expected |= {"g_c": (hidden,), "b_c": (hidden,) if bias else None}
+    named = states | expected
+    return tuple(named), tuple(named.values()), len(expected)
 
 
 backend = CPUBackend()

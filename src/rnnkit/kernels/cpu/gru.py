@@ -512,6 +512,12 @@ def _array(tensor: Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
+def _row_blocks(weight: Tensor, split: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [:split] and [split:] of a weight as C-contiguous arrays."""
+    rows = _array(weight)
+    return rows[:split], rows[split:]
+
+
 def _use_packing(steps: int) -> bool:
     return blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
 
@@ -520,16 +526,30 @@ def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int, reset_aft
     """(3H,) bias added to W_ih x: b_ih + b_hh, without b_hn in torch's form (r scales it)."""
     if b_ih is None:
         return np.zeros(3 * hidden, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    bias = b_ih + b_hh
+    b_ih = b_ih.numpy()
+    bias = b_ih + b_hh.numpy()
     if reset_after:
         bias[2 * hidden :] = b_ih[2 * hidden :]
-    return bias.numpy()
+    return bias
+
+
+def _batch_part(tensor: Tensor, part: slice, dim: int = 0) -> np.ndarray:
+    """A C-contiguous numpy view (or copy) of the batch part `part` of a tensor whose batch
+    dimension is `dim` (0 or 1); the whole batch is not sliced."""
+    if part.stop - part.start != tensor.shape[dim]:
+        tensor = tensor[:, part] if dim == 1 else tensor[part]
+    return tensor.contiguous().numpy()
 
 
 def _lengths_array(lengths: Tensor | None, steps: int, batch: int) -> np.ndarray:
     if lengths is None:
         return np.full(batch, steps, dtype=np.int64)
     return lengths.to(torch.int64).contiguous().numpy()
+
+
+def _batch_part_array(array: np.ndarray, part: slice) -> np.ndarray:
+    """A C-contiguous view (or copy) of a (B,) array's batch part; the whole batch as it is."""
+    return array if part.stop - part.start == len(array) else np.ascontiguousarray(array[part])
 
 
 # Sequences of a batch are independent: with several torch threads the batch runs as parts
@@ -549,7 +569,7 @@ def _batch_parts(batch: int, step_work: int) -> list[slice]:
 def _part_rows(x: Tensor, part: slice) -> np.ndarray:
     """The (T*b, I) C-contiguous rows of a (T, B, I) tensor's batch slice."""
     steps, _, inputs = x.shape
-    return x[:, part].contiguous().view(steps * (part.stop - part.start), inputs).numpy()
+    return _batch_part(x, part, 1).reshape(steps * (part.stop - part.start), inputs)
 
 
 def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save):
@@ -562,11 +582,11 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
     saved_steps = steps if save else 1
     bias = _input_bias(b_ih, b_hh, hidden, reset_after, dtype)
     if reset_after:
-        b_hn = torch.zeros(hidden, dtype=dtype) if b_hh is None else b_hh[2 * hidden :]
-        kernel, recurrent = _forward_reset_after, (_array(w_hh), _array(b_hn))
+        b_hn = np.zeros(hidden, dtype=bias.dtype) if b_hh is None else _array(b_hh)[2 * hidden :]
+        kernel, recurrent = _forward_reset_after, (_array(w_hh), b_hn)
     else:
         kernel = _forward_reset_before
-        recurrent = (_array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]))
+        recurrent = _row_blocks(w_hh, 2 * hidden)
     w_ih_array = _array(w_ih)
     length_array = _lengths_array(lengths, steps, batch)
     parts = _batch_parts(batch, batch * 3 * hidden * hidden)
@@ -582,8 +602,8 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
                 w_ih_array,
                 bias,
                 *recurrent,
-                h0[part].contiguous().numpy(),
-                np.ascontiguousarray(length_array[part]),
+                _batch_part(h0, part),
+                _batch_part_array(length_array, part),
                 reverse,
                 save,
                 output.numpy(),
@@ -639,10 +659,10 @@ class GRUFunction(torch.autograd.Function):
             kernel, recurrent = _backward_reset_after, (_array(w_hh),)
         else:
             kernel = _backward_reset_before
-            recurrent = (_array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]))
-        w_ih_blocks = (_array(w_ih[: 2 * hidden]), _array(w_ih[2 * hidden :]))
+            recurrent = _row_blocks(w_hh, 2 * hidden)
+        w_ih_blocks = _row_blocks(w_ih, 2 * hidden)
         length_array = _lengths_array(ctx.lengths, steps, batch)
-        no_dx = torch.empty(1, 1, inputs, dtype=dtype)
+        no_dx = None if needs[0] else torch.empty(1, 1, inputs, dtype=dtype)
         argument_lists, results = [], []
         for part, saved_gates in zip(parts, ctx.saved_gates, strict=True):
             size = part.stop - part.start
@@ -658,18 +678,18 @@ class GRUFunction(torch.autograd.Function):
             )
             argument_lists.append(
                 (
-                    d_output[:, part].contiguous().numpy(),
-                    dh_last[part].contiguous().numpy(),
+                    _batch_part(d_output, part, 1),
+                    _batch_part(dh_last, part),
                     saved_gates.numpy(),
-                    output.detach()[:, part].contiguous().numpy(),
-                    h0[part].contiguous().numpy(),
+                    _batch_part(output.detach(), part, 1),
+                    _batch_part(h0, part),
                     _part_rows(x, part),
                     *w_ih_blocks,
                     *recurrent,
-                    np.ascontiguousarray(length_array[part]),
+                    _batch_part_array(length_array, part),
                     ctx.reverse,
                     needs[0],
-                    result[0].view(-1, inputs).numpy(),
+                    result[0].numpy().reshape(-1, inputs),
                     *(tensor.numpy() for tensor in result[1:]),
                     _use_packing(steps),
                 )

@@ -26,6 +26,7 @@ each part's weight gradients are summed at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -426,6 +427,11 @@ def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def _lengths_array(lengths: Tensor | None, steps: int, batch: int) -> np.ndarray:
     if lengths is None:
         return np.full(batch, steps, np.int64)
@@ -433,7 +439,18 @@ def _lengths_array(lengths: Tensor | None, steps: int, batch: int) -> np.ndarray
 
 
 def _empty_matrix(like: Tensor) -> np.ndarray:
-    return np.empty((0, 0), _numpy(like).dtype)
+    return np.empty((0, 0), _numpy_dtype(like.dtype))
+
+
+def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, rows: int, like: Tensor) -> Tensor:
+    """(4H,) b_ih + b_hh (zeros without biases), detached."""
+    if b_ih is not None and b_hh is not None:
+        return b_ih.detach() + b_hh.detach()
+    bias = torch.zeros(rows, dtype=like.dtype)
+    for part in (b_ih, b_hh):
+        if part is not None:
+            bias += part.detach()
+    return bias
 
 
 # A part's per-step product must be large enough to pay for the lower efficiency of fewer rows
@@ -455,16 +472,13 @@ def _run_parts(function, argument_lists: list[tuple]) -> None:
 def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
     """output, h_n, c_n, the batch parts, and if save each part's activations and cells."""
     steps, batch, _ = x.shape
-    bias = torch.zeros(w_hh.shape[0], dtype=x.dtype)
-    for part in (b_ih, b_hh):
-        if part is not None:
-            bias += part.detach()
-    unsaved = _empty_matrix(x).reshape(0, 0, 0)
+    bias = _input_bias(b_ih, b_hh, w_hh.shape[0], x)
+    unsaved = np.empty((0, 0, 0), _numpy_dtype(x.dtype))
     output = x.new_empty(steps, batch, h0.shape[1])
     h = h0.detach().clone(memory_format=torch.contiguous_format)
     c = c0.detach().clone(memory_format=torch.contiguous_format)
     shared = (
-        _numpy(x.detach().contiguous()),
+        _numpy(x.contiguous()),
         _numpy(w_ih.contiguous()),
         _numpy(bias),
         _numpy(w_hh.contiguous()),
@@ -533,8 +547,8 @@ class LSTMDirection(torch.autograd.Function):
         )
         w_ih_numpy = _numpy(w_ih.contiguous())
         output_numpy = _numpy(output)
-        grad_h = grad_h_n.contiguous().clone()
-        grad_c = grad_c_n.contiguous().clone()
+        grad_h = grad_h_n.clone(memory_format=torch.contiguous_format)
+        grad_c = grad_c_n.clone(memory_format=torch.contiguous_format)
         want_bias = needs[5] or needs[6]
         argument_lists, per_part = [], []
         for part, activations, cells in zip(ctx.parts, ctx.activations, ctx.cells):
@@ -542,8 +556,9 @@ class LSTMDirection(torch.autograd.Function):
             whole = size == batch
             grad_hidden = x.new_empty(steps, size, out_width) if projected else None
             cell_outputs = x.new_empty(steps, size, hidden) if projected else None
-            part_grad_h = grad_h[part].contiguous()
-            part_grad_c = grad_c[part].contiguous()
+            # grad_h[part] of the whole batch is grad_h itself: the kernel writes it in place.
+            part_grad_h = grad_h if whole else grad_h[part].contiguous()
+            part_grad_c = grad_c if whole else grad_c[part].contiguous()
             part_grad_x = x.new_empty(steps, size, features) if needs[0] else None
             part_grad_w_ih = x.new_zeros(4 * hidden, features) if needs[3] else None
             part_grad_w_hh = x.new_zeros(4 * hidden, out_width) if needs[4] else None
@@ -552,12 +567,12 @@ class LSTMDirection(torch.autograd.Function):
                 (
                     _numpy(activations),
                     _numpy(cells),
-                    _numpy(c0[part].contiguous()),
+                    _numpy((c0 if whole else c0[part]).contiguous()),
                     *shared_weights,
                     _numpy((grad_output if whole else grad_output[:, part]).contiguous()),
                     _numpy(part_grad_h),
                     _numpy(part_grad_c),
-                    np.ascontiguousarray(length_array[part]),
+                    length_array if whole else np.ascontiguousarray(length_array[part]),
                     reverse,
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
@@ -565,7 +580,7 @@ class LSTMDirection(torch.autograd.Function):
                     _numpy((x if whole else x[:, part]).contiguous()),
                     w_ih_numpy,
                     output_numpy,
-                    _numpy(h0[part].contiguous()),
+                    _numpy((h0 if whole else h0[part]).contiguous()),
                     part.start,
                     _numpy(part_grad_x) if needs[0] else empty.reshape(0, 0, 0),
                     _numpy(part_grad_w_ih) if needs[3] else empty,
@@ -586,8 +601,9 @@ class LSTMDirection(torch.autograd.Function):
             part, grad_hidden, cell_outputs, part_grad_h, part_grad_c, part_grad_x,
             part_grad_w_ih, part_grad_w_hh, part_grad_bias,
         ) in per_part:  # fmt: skip
-            grad_h[part] = part_grad_h
-            grad_c[part] = part_grad_c
+            if part_grad_h is not grad_h:
+                grad_h[part] = part_grad_h
+                grad_c[part] = part_grad_c
             grad_x_parts.append(part_grad_x)
             grad_w_ih = _accumulate(grad_w_ih, part_grad_w_ih)
             grad_w_hh = _accumulate(grad_w_hh, part_grad_w_hh)

@@ -327,10 +327,7 @@ def _forward(
     """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    bias = np.zeros(hidden, dtype=_numpy_dtype(x))
-    for part in (b_ih, b_hh):
-        if part is not None:
-            bias += part.detach().numpy()
+    bias = _input_bias(b_ih, b_hh, hidden, x)
     if batch == 0:
         return torch.empty(steps, 0, hidden, dtype=x.dtype), torch.empty(0, hidden, dtype=x.dtype)
     weights = (_array(w_ih), _array(w_hh), bias)
@@ -339,14 +336,15 @@ def _forward(
     training_elements = steps * batch * hidden if training else 0
     for part in _batch_parts(batch, batch * hidden * hidden, training_elements):
         size = part.stop - part.start
+        whole = size == batch  # one part (the usual small batch): no slicing
         output = torch.empty(steps, size, hidden, dtype=x.dtype)
         final = torch.empty(size, hidden, dtype=x.dtype)
         argument_lists.append(
             (
-                _array(x[:, part]),
-                _array(h0[part]),
+                _array(x if whole else x[:, part]),
+                _array(h0 if whole else h0[part]),
                 *weights,
-                _lengths_array(lengths, part),
+                _lengths_array(lengths, None if whole else part),
                 reverse,
                 relu,
                 output.numpy(),
@@ -367,11 +365,27 @@ def _numpy_dtype(x: Tensor) -> type:
     return np.float32 if x.dtype == torch.float32 else np.float64
 
 
-def _lengths_array(lengths: Tensor | None, part: slice) -> np.ndarray:
-    """The kernels' encoding of a batch part's lengths: empty when every sequence is full."""
+def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int, x: Tensor) -> np.ndarray:
+    """(H,) b_ih + b_hh, the one bias the kernels add (zeros without biases), in x's dtype."""
+    if b_ih is not None and b_hh is not None:
+        return (b_ih.detach() + b_hh.detach()).numpy()
+    bias = np.zeros(hidden, dtype=_numpy_dtype(x))
+    for part in (b_ih, b_hh):
+        if part is not None:
+            bias += part.detach().numpy()
+    return bias
+
+
+# The kernels' lengths when every sequence is full (read only, so one array serves every call).
+_FULL_LENGTHS = np.empty(0, dtype=np.int64)
+
+
+def _lengths_array(lengths: Tensor | None, part: slice | None) -> np.ndarray:
+    """The kernels' encoding of a batch part's lengths (part None: the whole batch): empty when
+    every sequence is full."""
     if lengths is None:
-        return np.empty(0, dtype=np.int64)
-    return lengths[part].contiguous().numpy()
+        return _FULL_LENGTHS
+    return (lengths if part is None else lengths[part]).contiguous().numpy()
 
 
 class FusedRNNFunction(torch.autograd.Function):
@@ -426,28 +440,33 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths
     weights = (_array(w_ih), _array(w_hh))
     argument_lists, part_grads = [], []
     for part in parts:
-        part_grad_output = grad_output.detach()[:, part]
+        whole = part.stop - part.start == batch  # one part (the usual small batch): no slicing
+        part_grad_output = grad_output.detach()
+        if not whole:
+            part_grad_output = part_grad_output[:, part]
         # A gradient slice that is not contiguous (the usual case: expanded from a sum, or a part
         # of the batch) is copied; the copy is ours, so the kernel writes dP over it instead of
         # allocating another T*B*H.
         in_place = not part_grad_output.is_contiguous()
-        part_grad_h = grad_h[part].contiguous()
-        part_grad_x = grad_x[:, part].contiguous() if needs[0] else grad_x
-        # Each part writes its own weight gradients; they are summed after the run.
+        # For the whole batch these are grad_h and grad_x themselves, written in place.
+        part_grad_h = grad_h if whole else grad_h[part].contiguous()
+        part_grad_x = grad_x[:, part].contiguous() if needs[0] and not whole else grad_x
+        # Each part writes its own weight gradients (the kernel writes every one it is asked
+        # for); they are summed after the run.
         weight_grads = (
-            torch.zeros(w_ih.shape, dtype=w_ih.dtype),
-            torch.zeros(w_hh.shape, dtype=w_hh.dtype),
-            torch.zeros(hidden, dtype=output.dtype),
+            torch.empty(w_ih.shape, dtype=w_ih.dtype),
+            torch.empty(w_hh.shape, dtype=w_hh.dtype),
+            torch.empty(hidden, dtype=output.dtype),
         )
         argument_lists.append(
             (
                 part_grad_output.contiguous().numpy(),
                 part_grad_h.numpy(),
-                _array(output[:, part]),
-                _array(x[:, part]),
-                _array(h0[part]),
+                _array(output if whole else output[:, part]),
+                _array(x if whole else x[:, part]),
+                _array(h0 if whole else h0[part]),
                 *weights,
-                _lengths_array(lengths, part),
+                _lengths_array(lengths, None if whole else part),
                 ctx.reverse,
                 ctx.relu,
                 in_place,

@@ -79,7 +79,10 @@ def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> Non
 def batch_parts(batch: int, step_work: int, min_rows: int, min_step_work: int) -> list[slice]:
     """Slices of the batch whose time loops run concurrently: one per thread, each with at least
     min_rows rows and min_step_work multiply-adds of the per-step product (step_work in all)."""
-    parts = min(concurrency(), batch // max(1, min_rows), step_work // max(1, min_step_work))
+    min_rows, min_step_work = max(1, min_rows), max(1, min_step_work)
+    if batch < 2 * min_rows or step_work < 2 * min_step_work:
+        return [slice(0, batch)]  # too small to split at any thread count (the usual batch 1)
+    parts = min(concurrency(), batch // min_rows, step_work // min_step_work)
     if parts < 2:
         return [slice(0, batch)]
     bounds = [round(batch * index / parts) for index in range(parts + 1)]
