@@ -78,17 +78,6 @@ def time_index(step, lengths, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def load_rows_past_l1(a_ptr, a_row_offsets, row_ok, ks, k_ok):
-    """A[rows, ks], read past L1: A is written in-kernel by other threads or programs."""
-    return tl.load(
-        a_ptr + a_row_offsets[:, None] + ks[None, :],
-        mask=row_ok[:, None] & k_ok[None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-
-
-@triton.jit
 def add_rows_times_weight_t(
     acc,
     a_ptr,
@@ -107,7 +96,12 @@ def add_rows_times_weight_t(
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = load_rows_past_l1(a_ptr, a_row_offsets, row_ok, ks, k_ok)
+        a = tl.load(
+            a_ptr + a_row_offsets[:, None] + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
         w = tl.load(
             w_ptr + (w_row_start + cols[None, :]) * w_row_stride + ks[:, None],
             mask=col_ok[None, :] & k_ok[:, None],
@@ -142,7 +136,12 @@ def add_rows_times_gate_weights_t(
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = load_rows_past_l1(a_ptr, a_row_offsets, row_ok, ks, k_ok)
+        a = tl.load(
+            a_ptr + a_row_offsets[:, None] + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
         w_tile = w_ptr + cols[None, :] * K + ks[:, None]
         w_mask = col_ok[None, :] & k_ok[:, None]
         w = tl.load(w_tile, mask=w_mask, other=0.0)
@@ -178,7 +177,12 @@ def add_rows_times_weight(
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = load_rows_past_l1(a_ptr, a_row_offsets, row_ok, ks, k_ok)
+        a = tl.load(
+            a_ptr + a_row_offsets[:, None] + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
         w = tl.load(
             w_ptr + (w_row_start + ks[:, None]) * w_row_stride + cols[None, :],
             mask=k_ok[:, None] & col_ok[None, :],

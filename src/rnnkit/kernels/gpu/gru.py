@@ -98,28 +98,45 @@ def gru_forward_kernel(
             x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
             pre_r = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
             pre_z = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
-            hn = pre_r  # third accumulator: h @ W_hn^T + b_hn when RESET_AFTER, else unused
             if RESET_AFTER:
                 hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.zeros(
                     (BLOCK_B, BLOCK_N), dtype=acc_dtype
                 )
-            pre_r, pre_z, hn, _ = add_rows_times_gate_weights_t(
-                pre_r,
-                pre_z,
-                hn,
-                hn,
-                h_buf_ptr,
-                h_rows,
-                row_ok,
-                H,
-                w_hh_ptr,
-                H,
-                cols,
-                col_ok,
-                2 + RESET_AFTER,
-                BLOCK_K,
-                PRECISION,
-            )
+                pre_r, pre_z, hn, _ = add_rows_times_gate_weights_t(
+                    pre_r,
+                    pre_z,
+                    hn,
+                    hn,
+                    h_buf_ptr,
+                    h_rows,
+                    row_ok,
+                    H,
+                    w_hh_ptr,
+                    H,
+                    cols,
+                    col_ok,
+                    3,
+                    BLOCK_K,
+                    PRECISION,
+                )
+            else:
+                pre_r, pre_z, _, _ = add_rows_times_gate_weights_t(
+                    pre_r,
+                    pre_z,
+                    pre_r,
+                    pre_z,
+                    h_buf_ptr,
+                    h_rows,
+                    row_ok,
+                    H,
+                    w_hh_ptr,
+                    H,
+                    cols,
+                    col_ok,
+                    2,
+                    BLOCK_K,
+                    PRECISION,
+                )
             gate_r = sigmoid(pre_r)
             gate_z = sigmoid(pre_z)
             state_offsets = rows[:, None] * H + cols[None, :]
