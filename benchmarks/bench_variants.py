@@ -1,6 +1,6 @@
 """Variant layers' speed: each fused variant against its Python autograd loop and torch.nn.
 
-    python benchmarks/bench_variants.py [--sections layer_norm] [--configs 0,1] [--quick]
+    python benchmarks/bench_variants.py [--sections layer_norm,regularized] [--configs 0,1] [--quick]
         [--repeats N] [--json PATH] [--threads N] [--timer wall|cpu]
 
 Each section is one function in SECTIONS that returns table rows; a row times one variant, one
@@ -14,6 +14,10 @@ layer_norm: LayerNormLSTM / LayerNormGRU with backend="cpu" (the fused kernel) a
 layer with backend="reference" (the cell's step in a Python autograd loop; target: fused at least
 5x faster on the training step, geometric mean) and against torch.nn.LSTM / torch.nn.GRU of the
 same size (no layer norm; target: fused within 1.3x of it).
+
+regularized: LSTM / GRU / RNN in training mode with recurrent_dropout=0.25 and zoneout=0.1,
+the fused kernels of rnnkit.kernels.cpu.regularized against the same layers' autograd loop and
+against torch.nn's plain layer of the same size (no regularisers), with the same two targets.
 
 Prints a table per section, writes JSON; asserts no times.
 """
@@ -73,66 +77,74 @@ def time_rows(variant: str, config, layers: dict, args) -> list[dict]:
 
 # -- sections ----------------------------------------------------------------------------------
 LAYER_NORM_VARIANTS = {
-    "ln_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM),
-    "ln_gru": (rnnkit.LayerNormGRU, torch.nn.GRU),
+    "ln_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM, {}),
+    "ln_gru": (rnnkit.LayerNormGRU, torch.nn.GRU, {}),
+}
+# Recurrent dropout and zoneout in training mode (both timed modes draw masks: the layer trains).
+REGULARIZERS = {"recurrent_dropout": 0.25, "zoneout": 0.1}
+REGULARIZED_VARIANTS = {
+    "reg_lstm": (rnnkit.LSTM, torch.nn.LSTM, REGULARIZERS),
+    "reg_gru": (rnnkit.GRU, torch.nn.GRU, REGULARIZERS),
+    "reg_rnn": (rnnkit.RNN, torch.nn.RNN, REGULARIZERS),
 }
 
 
-def bench_layer_norm(args) -> dict:
-    """Fused layer-normalised LSTM/GRU vs their autograd loop and vs torch.nn's LSTM/GRU."""
+def bench_against_loop_and_torch(variants: dict, args, name: str) -> dict:
+    """Each fused variant vs the same layer on its autograd loop and vs torch.nn's plain layer."""
     rows = []
-    jobs = [(variant, config) for variant in LAYER_NORM_VARIANTS for config in args.config_list]
-    for variant, config in tqdm(jobs, desc="layer_norm", unit="config", file=sys.stderr):
-        cls, torch_cls = LAYER_NORM_VARIANTS[variant]
+    jobs = [(variant, config) for variant in variants for config in args.config_list]
+    for variant, config in tqdm(jobs, desc=name, unit="config", file=sys.stderr):
+        cls, torch_cls, options = variants[variant]
         _, _, input_size, hidden = config
         torch.manual_seed(0)
-        fused = cls(input_size, hidden, batch_first=True, backend="cpu")
+        fused = cls(input_size, hidden, batch_first=True, backend="cpu", **options)
         layers = {"fused": fused, "torch.nn": torch_cls(input_size, hidden, batch_first=True)}
         if not reference_is_slow(config):
-            loop = cls(input_size, hidden, batch_first=True, backend="reference")
+            loop = cls(input_size, hidden, batch_first=True, backend="reference", **options)
             loop.load_state_dict(fused.state_dict())
             layers["autograd loop"] = loop
         rows += time_rows(variant, config, layers, args)
     for row in rows:
         times = row["times"]
         if "fused" in times:
-            for other, key in (
-                ("autograd loop", "loop_over_fused"),
-                ("torch.nn", "fused_over_torch"),
-            ):
-                if other in times:
-                    row[key] = (
-                        times[other] / times["fused"]
-                        if key == "loop_over_fused"
-                        else times["fused"] / times[other]
-                    )
+            if "autograd loop" in times:
+                row["loop_over_fused"] = times["autograd loop"] / times["fused"]
+            if "torch.nn" in times:
+                row["fused_over_torch"] = times["fused"] / times["torch.nn"]
     summary = {}
-    for variant in LAYER_NORM_VARIANTS:
+    for variant in variants:
         for mode in ("inference", "training"):
             picked = [r for r in rows if r["variant"] == variant and r["mode"] == mode]
             summary[f"{variant} {mode}"] = {
-                "loop_over_fused": geometric_mean(
-                    [r["loop_over_fused"] for r in picked if "loop_over_fused" in r]
-                ),
-                "fused_over_torch": geometric_mean(
-                    [r["fused_over_torch"] for r in picked if "fused_over_torch" in r]
-                ),
+                key: geometric_mean([r[key] for r in picked if key in r])
+                for key in ("loop_over_fused", "fused_over_torch")
             }
     return {
         "columns": ["fused", "autograd loop", "torch.nn"],
         "ratios": {
             "loop_over_fused": "autograd loop / fused (target >= 5 on training)",
-            "fused_over_torch": "fused / torch.nn LSTM or GRU (target <= 1.3)",
+            "fused_over_torch": "fused / torch.nn's plain layer of the same size (target <= 1.3)",
         },
         "rows": rows,
         "geometric_means": summary,
     }
 
 
+def bench_layer_norm(args) -> dict:
+    """Fused layer-normalised LSTM/GRU vs their autograd loop and vs torch.nn's LSTM/GRU."""
+    return bench_against_loop_and_torch(LAYER_NORM_VARIANTS, args, "layer_norm")
+
+
+def bench_regularized(args) -> dict:
+    """LSTM/GRU/RNN with recurrent dropout and zoneout (training): fused vs loop vs torch.nn."""
+    return bench_against_loop_and_torch(REGULARIZED_VARIANTS, args, "regularized")
+
+
 # Each section: name -> function(args) -> {"columns", "ratios", "rows", "geometric_means"}.
 # Other variants add their section here.
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "layer_norm": bench_layer_norm,
+    "regularized": bench_regularized,
     **bench_minimal.SECTIONS,  # indrnn_min, min_scan: see bench_minimal.py
 }
 

@@ -490,7 +490,7 @@ def test_spec_follows_the_attributes_it_is_built_from(change):
 
 
 def test_train_and_eval_switch_the_backend_of_a_training_only_regulariser():
-    layer = rnnkit.LSTM(3, 4, recurrent_dropout=0.3)
+    layer = rnnkit.LayerNormLSTM(3, 4, recurrent_dropout=0.3)
     x = torch.randn(5, 2, 3)
     assert "recurrent_dropout=0.3 in training" in rnnkit.explain_backend(layer, x)
     layer.eval()

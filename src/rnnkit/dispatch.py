@@ -81,15 +81,6 @@ def _load(name: str, mode: str = "") -> Backend | str:
     return _loaded[name]
 
 
-def _reference_only_reason(spec: LayerSpec) -> str | None:
-    """Why only the reference loop can run this layer (regularisers inside the recurrence)."""
-    if spec.training and spec.recurrent_dropout > 0:
-        return f"recurrent_dropout={spec.recurrent_dropout} in training runs in the reference loop"
-    if any(spec.zoneout):
-        return f"zoneout={spec.zoneout} (hidden, cell) runs in the reference loop"
-    return None
-
-
 def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
     """(backend name, reason) for running this layer on this input."""
     name, _, reason = _select(requested, spec, x, lengths, explain=True)
@@ -104,11 +95,8 @@ def _select(
     reference = _loaded["reference"]
     if requested == "reference":
         return "reference", reference, "backend='reference' was requested"
-    only_reference = _reference_only_reason(spec)
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
-        if only_reference is not None:
-            return "reference", reference, f"auto: {only_reference}"
         backend = _load(candidate, spec.mode)
         if isinstance(backend, str):
             return "reference", reference, f"auto: {backend}; using the reference loop"
@@ -118,8 +106,6 @@ def _select(
             return "reference", reference, reason
         reason = f"auto: fused {candidate} kernel for {x.device.type} tensors" if explain else ""
         return candidate, backend, reason
-    if only_reference is not None:
-        raise RuntimeError(f"backend={requested!r} cannot run this layer: {only_reference}")
     backend = _load(requested, spec.mode)
     if isinstance(backend, str):
         raise RuntimeError(f"backend={requested!r} is unavailable: {backend}")

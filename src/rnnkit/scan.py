@@ -88,7 +88,7 @@ def run_layer_reference(
     outputs, finals = [], []
     for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
         output, final = scan_direction(
-            regularized_step(step, spec, state),
+            regularized_step(step, spec, state, x.size(0)),
             x,
             state,
             direction_weights,

@@ -93,7 +93,8 @@ def test_typing_shows_next_character_suggestions_and_a_plot(lm_run, browser_page
         assert "LanguageModel" in page.inner_text("#model")
         page.fill("#text", "to")  # an edit that is not an append: the session starts anew
         page.dispatch_event("#text", "input")
-        page.wait_for_function(
+        page.wait_for_function(  # the plot is redrawn: it may be absent for a moment
+            "document.querySelector('polyline') && "
             "document.querySelector('polyline').getAttribute('points').split(' ').length === 2",
             timeout=20000,
         )

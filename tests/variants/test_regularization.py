@@ -114,14 +114,14 @@ def test_recurrent_mask_is_one_per_sequence_and_direction_with_the_keep_probabil
     spec = LayerSpec("LSTM", 100, recurrent_dropout=p, training=True)
     state = (torch.ones(200, 100), torch.ones(200, 100))
     received = []
-    step = regularized_step(recording_step(received), spec, state)
+    step = regularized_step(recording_step(received), spec, state, steps=4)
     for _ in range(4):
         step(torch.zeros(200, 3), state)
     assert all(torch.equal(mask, received[0]) for mask in received)
     assert abs((received[0] == 0).double().mean().item() - p) < 0.01
     assert torch.allclose(received[0][received[0] != 0], torch.tensor(1 / (1 - p)))
     other = []
-    regularized_step(recording_step(other), spec, state)(torch.zeros(200, 3), state)
+    regularized_step(recording_step(other), spec, state, steps=1)(torch.zeros(200, 3), state)
     assert not torch.equal(other[0], received[0])  # each direction's pass draws its own mask
 
 
@@ -129,7 +129,7 @@ def test_zoneout_in_training_keeps_each_unit_with_probability_p_afresh_each_step
     torch.manual_seed(0)
     spec = LayerSpec("LSTM", 100, zoneout=(0.15, 0.6), training=True)
     state = (torch.ones(200, 100), torch.ones(200, 100))
-    step = regularized_step(recording_step([]), spec, state)
+    step = regularized_step(recording_step([]), spec, state, steps=2)
     first_h, first_c = step(torch.zeros(200, 3), state)
     second_h, _ = step(torch.zeros(200, 3), state)
     # The new state is zero and the old one, so each unit is 1 exactly where it was kept.
@@ -141,7 +141,7 @@ def test_zoneout_in_training_keeps_each_unit_with_probability_p_afresh_each_step
 def test_zoneout_in_eval_is_its_expectation():
     spec = LayerSpec("GRU", 4, zoneout=(0.3, 0.0), training=False)
     state = (torch.full((2, 4), 2.0),)
-    (h,) = regularized_step(recording_step([]), spec, state)(torch.zeros(2, 3), state)
+    (h,) = regularized_step(recording_step([]), spec, state, steps=1)(torch.zeros(2, 3), state)
     torch.testing.assert_close(h, torch.full((2, 4), 0.3 * 2.0))
 
 
@@ -151,7 +151,10 @@ def test_zoneout_eval_layer_matches_the_expectation_equations(cls):
     layer = cls(3, 4, dtype=DOUBLE, zoneout=(0.2, 0.5)).eval()
     x = torch.randn(6, 2, 3, dtype=DOUBLE)
     output, (h_n, c_n) = layer(x)
-    assert "zoneout" in rnnkit.explain_backend(layer, x)
+    if cls is LayerNormLSTM:
+        assert "zoneout" in rnnkit.explain_backend(layer, x)
+    else:
+        assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
     step = rnnkit.scan.step_function(layer.spec)
     h = c = torch.zeros(2, 4, dtype=DOUBLE)
     for t in range(6):
@@ -165,7 +168,7 @@ def test_lstm_recurrent_dropout_matches_the_equations_with_one_mask():
     torch.manual_seed(0)
     layer = rnnkit.LSTM(3, 5, dtype=DOUBLE, recurrent_dropout=0.4)
     x = torch.randn(6, 2, 3, dtype=DOUBLE)
-    assert "recurrent_dropout=0.4 in training" in rnnkit.explain_backend(layer, x)
+    assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
     torch.manual_seed(3)
     output, _ = layer(x)
     torch.manual_seed(3)
@@ -201,13 +204,16 @@ def test_gru_recurrent_dropout_drops_the_matmul_input_but_carries_the_whole_stat
         torch.testing.assert_close(output[t], h, atol=1e-12, rtol=0)
 
 
-def test_explicit_cpu_backend_refuses_training_recurrent_dropout_but_runs_in_eval():
-    layer = rnnkit.GRU(3, 4, backend="cpu", recurrent_dropout=0.2)
+def test_explicit_cpu_backend_refuses_in_loop_regularisers_only_where_it_has_no_kernel():
     x = torch.randn(3, 2, 3)
-    with pytest.raises(RuntimeError, match="recurrent_dropout=0.2"):
+    assert rnnkit.GRU(3, 4, backend="cpu", recurrent_dropout=0.2)(x)[0].shape == (3, 2, 4)
+    layer = LayerNormGRU(3, 4, backend="cpu", recurrent_dropout=0.2)
+    with pytest.raises(RuntimeError, match="recurrent_dropout=0.2 in training: no fused kernel"):
         layer(x)
     layer.eval()
     assert layer(x)[0].shape == (3, 2, 4)
+    projected = rnnkit.LSTM(3, 4, proj_size=2, zoneout=0.1)
+    assert "no fused kernel for it with proj_size > 0" in rnnkit.explain_backend(projected, x)
 
 
 def test_options_are_validated_and_shown():

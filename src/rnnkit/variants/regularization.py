@@ -15,13 +15,16 @@
 
 Dropout masks are scaled by 1 / (1 - p), so that they are the identity in expectation; all of
 them are off in eval mode (zoneout takes its expectation form there). input_dropout and
-weight_drop act outside the recurrence and run with the fused kernels; recurrent_dropout in
-training and zoneout change each step, so `rnnkit.dispatch` sends those layers to the reference
-loop and says so.
+weight_drop act outside the recurrence and run with every fused kernel; recurrent_dropout in
+training and zoneout act inside it: the CPU backend runs them for RNN, LSTM and GRU in kernels of
+their own (rnnkit.kernels.cpu.regularized, same masks as the reference loop for the same seed),
+and the other cases (layer-normalised cells, proj_size, the GPU) run the reference loop, which
+`rnnkit.explain_backend` says.
 """
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +89,16 @@ def check_regularizers(
     )
 
 
+def in_loop_regularizers(spec: LayerSpec) -> str | None:
+    """What of the spec acts inside the recurrence (recurrent dropout in training, zoneout), or None."""
+    active = []
+    if spec.training and spec.recurrent_dropout > 0:
+        active.append(f"recurrent_dropout={spec.recurrent_dropout} in training")
+    if any(spec.zoneout):
+        active.append(f"zoneout={spec.zoneout} (hidden, cell)")
+    return " and ".join(active) or None
+
+
 def dropout_mask(like: Tensor, p: float) -> Tensor:
     """A Bernoulli(1 - p) mask shaped like `like`, scaled by 1 / (1 - p)."""
     return torch.empty_like(like).bernoulli_(1 - p) / (1 - p)
@@ -118,17 +131,37 @@ def _update_gate(spec: LayerSpec, x: Tensor, h: Tensor, weights: Sequence[Tensor
     return torch.sigmoid(pre)
 
 
-def regularized_step(step: Step, spec: LayerSpec, state: tuple[Tensor, ...]) -> Step:
-    """The cell step with the spec's recurrent dropout and zoneout; masks for one direction's
-    pass over a batch shaped like `state` are drawn here (recurrent) and per call (zoneout)."""
+def draw_masks(
+    spec: LayerSpec, state: tuple[Tensor, ...], steps: int
+) -> tuple[Tensor | None, list[Tensor | float | None]]:
+    """One direction's in-loop masks over `steps` steps of a batch shaped like `state`, in the
+    order the reference loop and the fused kernels both draw them: the (B, H) recurrent dropout
+    mask (None when off), then for each state part (h, then c) its zoneout: a (T, B, H) 0/1
+    keep-the-old-value mask in training, the probability itself in eval, None when off."""
     p_recurrent = spec.recurrent_dropout if spec.training else 0.0
-    p_hidden, p_cell = spec.zoneout
-    if p_recurrent == 0 and p_hidden == 0 and p_cell == 0:
+    recurrent = dropout_mask(state[0], p_recurrent) if p_recurrent > 0 else None
+    zoneout: list[Tensor | float | None] = []
+    for part, rate in zip(state, spec.zoneout):
+        if rate == 0:
+            zoneout.append(None)
+        elif spec.training:
+            zoneout.append(part.new_empty((steps, *part.shape)).bernoulli_(rate))
+        else:
+            zoneout.append(rate)
+    return recurrent, zoneout
+
+
+def regularized_step(step: Step, spec: LayerSpec, state: tuple[Tensor, ...], steps: int) -> Step:
+    """The cell step with the spec's recurrent dropout and zoneout, for one direction's pass of
+    `steps` calls over a batch shaped like `state` (masks from draw_masks, step by step)."""
+    recurrent_mask, zoneout = draw_masks(spec, state, steps)
+    if recurrent_mask is None and all(keep is None for keep in zoneout):
         return step
-    recurrent_mask = dropout_mask(state[0], p_recurrent) if p_recurrent > 0 else None
     gru = spec.mode in ("GRU", "LN_GRU")
+    calls = itertools.count()
 
     def regularized(x: Tensor, state: tuple[Tensor, ...], *weights) -> tuple[Tensor, ...]:
+        t = next(calls)
         if recurrent_mask is None:
             new_state = step(x, state, *weights)
         else:
@@ -138,18 +171,11 @@ def regularized_step(step: Step, spec: LayerSpec, state: tuple[Tensor, ...]) -> 
                 # The step carried the dropped state through z * h; the paper carries h itself.
                 z = _update_gate(spec, x, dropped, weights)
                 new_state = (new_state[0] + z * (state[0] - dropped),)
-        rates = (p_hidden, p_cell)
         return tuple(
-            _zoneout(old, new, rate, spec.training) if rate > 0 else new
-            for old, new, rate in zip(state, new_state, rates)
+            new
+            if keep is None
+            else torch.lerp(new, old, keep if isinstance(keep, float) else keep[t])
+            for old, new, keep in zip(state, new_state, zoneout)
         )
 
     return regularized
-
-
-def _zoneout(old: Tensor, new: Tensor, p: float, training: bool) -> Tensor:
-    """Each unit keeps its old value with probability p (training) or by the weight p (eval)."""
-    if training:
-        keep_old = torch.empty_like(new).bernoulli_(p)
-        return torch.lerp(new, old, keep_old)
-    return torch.lerp(new, old, p)

@@ -50,6 +50,11 @@ class GPUBackend:
             return f"dtype {_compute_dtype(x)} is not float32, float64, float16 or bfloat16"
         if spec.proj_size > 0:
             return "LSTM with proj_size > 0 is not covered by the gpu kernel"
+        from rnnkit.variants.regularization import in_loop_regularizers
+
+        regularizers = in_loop_regularizers(spec)
+        if regularizers is not None:
+            return f"{regularizers}: no gpu kernel with it"
         # The kernels index (T, B, 4H) buffers with 32-bit offsets.
         if x.size(0) * x.size(1) * 4 * spec.hidden_size >= 2**31:
             return f"T * B * 4 * hidden_size >= 2**31 (T={x.size(0)}, B={x.size(1)})"

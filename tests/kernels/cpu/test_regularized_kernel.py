@@ -1,0 +1,121 @@
+"""The fused recurrent-dropout and zoneout kernels against the reference loop.
+
+The kernels draw their masks in the reference loop's order, so the same seed gives the same
+masks: outputs, final states and every gradient are compared in training mode (random masks)
+and in eval mode (zoneout's expectation), with lengths, initial states, two layers and both
+directions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.kernels.cpu import regularized
+
+CELLS = {
+    "lstm": (rnnkit.LSTM, {}),
+    "gru": (rnnkit.GRU, {}),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}),
+    "rnn_tanh": (rnnkit.RNN, {}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+}
+# (recurrent_dropout, zoneout): each alone and both; the LSTM's zoneout pair differs for h and c.
+RATES = [(0.3, 0.0), (0.0, 0.25), (0.35, (0.2, 0.4))]
+
+
+def outputs_and_gradients(layer, x, hx, lengths, seed):
+    torch.manual_seed(seed)
+    output, state = layer(x, hx, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    generator = torch.Generator().manual_seed(3)
+    loss = (output * torch.randn(output.shape, generator=generator, dtype=x.dtype)).sum()
+    for part in states:
+        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=x.dtype)).sum()
+    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
+    return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
+
+
+def make_pair(cell, rates, dtype):
+    layer_class, options = CELLS[cell]
+    recurrent_dropout, zoneout = rates
+    if cell != "lstm" and isinstance(zoneout, tuple):
+        zoneout = zoneout[0]
+    options = options | {
+        "num_layers": 2,
+        "bidirectional": True,
+        "dtype": dtype,
+        "recurrent_dropout": recurrent_dropout,
+        "zoneout": zoneout,
+    }
+    torch.manual_seed(0)
+    fused = layer_class(3, 5, backend="cpu", **options)
+    reference = layer_class(3, 5, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rates", RATES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, training):
+    fused, reference = make_pair(cell, rates, torch.float64)
+    fused.train(training)
+    reference.train(training)
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    make = lambda: torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    hx = (make(), make()) if cell == "lstm" else make()
+    lengths = torch.tensor([6, 2, 5, 1])
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=11)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=11)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_the_reference_loop_float32_batch_first_without_lengths(cell):
+    fused, reference = make_pair(cell, (0.3, (0.2, 0.3)), torch.float32)
+    fused.batch_first = reference.batch_first = True
+    x = torch.randn(3, 40, 3, requires_grad=True)
+    make = lambda: torch.randn(4, 3, 5, requires_grad=True)  # noqa: E731
+    hx = (make(), make()) if cell == "lstm" else make()
+    got = outputs_and_gradients(fused, x, hx, None, seed=5)
+    expected = outputs_and_gradients(reference, x, hx, None, seed=5)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (index, (a - b).abs().max())
+
+
+def test_auto_runs_the_fused_kernel_and_the_masks_act():
+    layer = rnnkit.GRU(3, 5, recurrent_dropout=0.5, zoneout=0.3)
+    x = torch.randn(7, 2, 3)
+    assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+    torch.manual_seed(1)
+    first, _ = layer(x)
+    second, _ = layer(x)
+    assert not torch.allclose(first, second)  # fresh masks per call in training
+    layer.eval()
+    assert torch.equal(layer(x)[0], layer(x)[0])  # eval: zoneout's expectation, no randomness
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+def test_gradcheck_with_fixed_masks(cell):
+    layer_class, options = CELLS[cell]
+    layer = layer_class(2, 3, dtype=torch.float64, recurrent_dropout=0.3, zoneout=0.2, **options)
+    spec = layer.spec
+    w_ih, w_hh, b_ih, b_hh = layer.cell_weights(0, 0)[:4]
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3])
+    states = (h0, c0) if cell == "lstm" else (h0,)
+    for reverse in (False, True):
+
+        def function(x, w_ih, w_hh, b_ih, b_hh, *state, reverse=reverse):
+            torch.manual_seed(7)  # the same masks at every evaluation
+            output, final = regularized.run_direction(
+                spec, x, state, (w_ih, w_hh, b_ih, b_hh), lengths, reverse
+            )
+            return (output, *final)
+
+        assert torch.autograd.gradcheck(function, (x, w_ih, w_hh, b_ih, b_hh, *states))
