@@ -185,5 +185,5 @@ def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
     from rnnkit.kernels.cpu import indrnn, log_scan, minimal
 
-    for cell in (lstm, gru, rnn, layer_norm, minimal, indrnn, log_scan):
+    for cell in (lstm, gru, rnn, layer_norm, regularized, minimal, indrnn, log_scan):
         cell.warmup()

@@ -437,3 +437,17 @@ def run_direction(
     if reverse:
         output = reverse_padded(output, lengths)
     return output, ((h_n, c_n) if mode == "LSTM" else (h_n,))
+
+
+def warmup() -> None:
+    """Compile (or load from numba's disk cache) every kernel here for float32 and float64."""
+    from rnnkit.layers import GRU, LSTM, RNN
+
+    cells = [(LSTM, {}), (GRU, {}), (GRU, {"reset_after": False}), (RNN, {})]
+    for dtype in (torch.float32, torch.float64):
+        for layer_class, options in cells:
+            layer = layer_class(
+                2, 3, backend="cpu", dtype=dtype, recurrent_dropout=0.2, zoneout=0.1, **options
+            )
+            output, _ = layer(torch.randn(2, 1, 2, dtype=dtype))
+            output.sum().backward()
