@@ -13,20 +13,19 @@ default would be chosen. Prints a table, writes JSON; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_layers import GPU_TILE_NAMES, set_gpu_tile, write_json
 
 import rnnkit
 
 SIZES = [(1, 128), (1, 512), (16, 256), (64, 512), (256, 1024)]  # (batch, hidden)
-# (BLOCK_B, MAX_BLOCK_B, MAX_BLOCK_N, MAX_BLOCK_K, NUM_WARPS, NUM_STAGES) of kernels.gpu._common
+# In bench_layers.GPU_TILE_NAMES order: the tile constants of kernels.gpu._common.
 TILES = [
     (16, 64, 32, 32, 4, 3),
     (16, 64, 32, 64, 8, 3),
@@ -36,7 +35,6 @@ TILES = [
     (16, 32, 32, 32, 4, 3),
     (16, 64, 32, 64, 4, 1),
 ]
-TILE_NAMES = ("BLOCK_B", "MAX_BLOCK_B", "MAX_BLOCK_N", "MAX_BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 STEPS = 100
 DEFAULT_JSON = Path(__file__).parent / "results" / "gpu-tiles.json"
 
@@ -54,14 +52,6 @@ def median_seconds(function, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def set_tile(tile: tuple[int, ...]) -> None:
-    """Set the tile constants the gpu kernels' launch plan reads (TILE_NAMES order)."""
-    from rnnkit.kernels.gpu import _common
-
-    for name, value in zip(TILE_NAMES, tile, strict=True):
-        setattr(_common, name, value)
-
-
 def best_tile(rows: list[dict]) -> tuple[int, ...] | None:
     """The tile with the lowest geometric mean time per step over the sizes and modes it ran."""
     logs: dict[tuple, list[float]] = {}
@@ -75,19 +65,16 @@ def best_tile(rows: list[dict]) -> tuple[int, ...] | None:
 
 
 def write_results(args, rows: list[dict]) -> tuple[int, ...] | None:
-    """Write the rows and the best tile so far as JSON (atomically); return the best tile."""
+    """Write the rows and the best tile so far as JSON; return the best tile."""
     best = best_tile(rows)
     payload = {
         "gpu": torch.cuda.get_device_name(0),
         "dtype": args.dtype,
-        "tile_names": TILE_NAMES,
+        "tile_names": GPU_TILE_NAMES,
         "rows": rows,
         "best_tile": best,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.json.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, args.json)
+    write_json(args.json, payload)
     return best
 
 
@@ -124,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(STEPS, batch, hidden, device="cuda", dtype=dtype)
         cudnn = {mode: median_seconds(call) for mode, call in step_calls(theirs, x).items()}
         for tile in TILES:
-            set_tile(tile)
+            set_gpu_tile(tile)
             for mode, call in step_calls(mine, x).items():
                 try:
                     seconds = median_seconds(call)
@@ -146,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         write_results(args, rows)  # after each size, so a run cut short keeps what it measured
     best = write_results(args, rows)
-    print(f"best tile ({', '.join(TILE_NAMES)}): {best}")
+    print(f"best tile ({', '.join(GPU_TILE_NAMES)}): {best}")
     print(f"wrote {args.json}")
     return 0
 

@@ -88,6 +88,14 @@ def cpu_kernel_blas() -> str:
     return blas.LIBRARY
 
 
+def set_gpu_tile(tile: tuple[int, ...]) -> None:
+    """Set the tile constants the gpu kernels' launch plan reads (GPU_TILE_NAMES order)."""
+    from rnnkit.kernels.gpu import _common
+
+    for name, value in zip(GPU_TILE_NAMES, tile, strict=True):
+        setattr(_common, name, value)
+
+
 def machine_info(device: str) -> dict:
     """What ran the benchmark: CPU, threads, library versions, GPU if any."""
     info = {
@@ -478,11 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = machine_info(args.device)
     if args.device == "cuda":
+        if args.gpu_tile is not None:
+            set_gpu_tile(args.gpu_tile)
         from rnnkit.kernels.gpu import _common
 
-        if args.gpu_tile is not None:
-            for name, value in zip(GPU_TILE_NAMES, args.gpu_tile, strict=True):
-                setattr(_common, name, value)
         info["gpu_tile"] = {name: getattr(_common, name) for name in GPU_TILE_NAMES}
     dtype = getattr(torch, args.dtype)
     peak = matmul_gflops(args.device, dtype, args.timer, 512 if args.quick else 2048)

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas
+from rnnkit.kernels.cpu.indrnn import _array, _lengths_array
 from rnnkit.kernels.cpu.lstm import _gate_activations, _sigmoid, _tanh
 from rnnkit.scan import reverse_padded
 from rnnkit.spec import LayerSpec
@@ -46,6 +47,27 @@ def _product(a, b):
 @_jit
 def _valid(lengths, step, b):
     return lengths.size == 0 or step < lengths[b]
+
+
+@_jit
+def _split_by_zoneout(d_out, dh, keep, d_new):
+    """One row of a step, backward: d_new = (1 - k) (d_out + dh) reaches the cell's new state,
+    and dh becomes k (d_out + dh), what zoneout carries straight to the previous state."""
+    for j in range(dh.size):
+        total = d_out[j] + dh[j]
+        d_new[j] = (1 - keep[j]) * total
+        dh[j] = keep[j] * total
+
+
+@_jit
+def _add_recurrent_gradient(dh, d_pre_recurrent, w, mask, lengths, step):
+    """dh += (d_pre_recurrent @ W_hh) * m on the rows valid at this step: the gradient through
+    the recurrent products, which saw the dropped state h * m."""
+    d_hm = _product(d_pre_recurrent, w)
+    for b in range(dh.shape[0]):
+        if _valid(lengths, step, b):
+            for j in range(dh.shape[1]):
+                dh[b, j] += d_hm[b, j] * mask[b, j]
 
 
 @_jit
@@ -79,26 +101,21 @@ def _rnn_forward(xp, h, wt, lengths, mask, keep, relu, out, cand, hm_all):
 def _rnn_backward(d_out, dh, w, lengths, mask, keep, relu, cand, d_pre):
     """dh: dL/dh_n in, dL/dh0 out; d_pre (T, B, H): dL/d(pre-activation), zero at padding."""
     steps, batch, hidden = d_out.shape
+    d_new = np.empty(hidden, dtype=d_out.dtype)
     for s in range(steps - 1, -1, -1):
         for b in range(batch):
             if not _valid(lengths, s, b):
                 d_pre[s, b] = 0
                 continue
-            for j in range(hidden):
-                total = d_out[s, b, j] + dh[b, j]
-                k = keep[s, b, j]
-                d_new = (1 - k) * total
-                new = cand[s, b, j]
-                if relu:
-                    d_pre[s, b, j] = d_new if new > 0 else d_new * 0
-                else:
-                    d_pre[s, b, j] = d_new * (1 - new * new)
-                dh[b, j] = k * total
-        d_hm = _product(d_pre[s], w)
-        for b in range(batch):
-            if _valid(lengths, s, b):
+            _split_by_zoneout(d_out[s, b], dh[b], keep[s, b], d_new)
+            new, d_row = cand[s, b], d_pre[s, b]
+            if relu:
                 for j in range(hidden):
-                    dh[b, j] += d_hm[b, j] * mask[b, j]
+                    d_row[j] = d_new[j] if new[j] > 0 else d_new[j] * 0
+            else:
+                for j in range(hidden):
+                    d_row[j] = d_new[j] * (1 - new[j] * new[j])
+        _add_recurrent_gradient(dh, d_pre[s], w, mask, lengths, s)
 
 
 @_jit
@@ -138,16 +155,16 @@ def _lstm_forward(xp, h, c, wt, lengths, mask, keep_h, keep_c, out, gates, cand_
 def _lstm_backward(d_out, dh, dc, w, lengths, mask, keep_h, keep_c, gates, cand_c, c_prev, d_pre):
     """dh, dc: dL/d(h_n, c_n) in, dL/d(h0, c0) out; d_pre (T, B, 4H), zero at padding."""
     steps, batch, hidden = d_out.shape
+    d_new = np.empty(hidden, dtype=d_out.dtype)
     for s in range(steps - 1, -1, -1):
         for b in range(batch):
             if not _valid(lengths, s, b):
                 d_pre[s, b] = 0
                 continue
+            _split_by_zoneout(d_out[s, b], dh[b], keep_h[s, b], d_new)
             for j in range(hidden):
-                total = d_out[s, b, j] + dh[b, j]
-                kh = keep_h[s, b, j]
                 kc = keep_c[s, b, j]
-                d_new_h = (1 - kh) * total
+                d_new_h = d_new[j]
                 i = gates[s, b, j]
                 f = gates[s, b, hidden + j]
                 g = gates[s, b, 2 * hidden + j]
@@ -159,12 +176,7 @@ def _lstm_backward(d_out, dh, dc, w, lengths, mask, keep_h, keep_c, gates, cand_
                 d_pre[s, b, 2 * hidden + j] = d_new_c * i * (1 - g * g)
                 d_pre[s, b, 3 * hidden + j] = d_new_h * tanh_c * o * (1 - o)
                 dc[b, j] = kc * dc[b, j] + d_new_c * f
-                dh[b, j] = kh * total
-        d_hm = _product(d_pre[s], w)
-        for b in range(batch):
-            if _valid(lengths, s, b):
-                for j in range(hidden):
-                    dh[b, j] += d_hm[b, j] * mask[b, j]
+        _add_recurrent_gradient(dh, d_pre[s], w, mask, lengths, s)
 
 
 @_jit
@@ -218,15 +230,15 @@ def _gru_backward(
     """dh: dL/dh_n in, dL/dh0 out; d_pre (T, B, 4H): d(r, z, n pre-activations) and, with
     reset_after, d(hn); zero at padding."""
     steps, batch, hidden = d_out.shape
+    d_new_row = np.empty(hidden, dtype=d_out.dtype)
     for s in range(steps - 1, -1, -1):
         for b in range(batch):
             if not _valid(lengths, s, b):
                 d_pre[s, b] = 0
                 continue
+            _split_by_zoneout(d_out[s, b], dh[b], keep[s, b], d_new_row)
             for j in range(hidden):
-                total = d_out[s, b, j] + dh[b, j]
-                k = keep[s, b, j]
-                d_new = (1 - k) * total
+                d_new = d_new_row[j]
                 r = gates[s, b, j]
                 z = gates[s, b, hidden + j]
                 n = gates[s, b, 2 * hidden + j]
@@ -237,12 +249,12 @@ def _gru_backward(
                     hn = gates[s, b, 3 * hidden + j]
                     d_pre[s, b, j] = d_pre_n * hn * r * (1 - r)
                     d_pre[s, b, 3 * hidden + j] = d_pre_n * r
-                dh[b, j] = k * total + d_new * z
+                dh[b, j] += d_new * z
         d_rz = np.ascontiguousarray(d_pre[s, :, : 2 * hidden])
         if reset_after:
-            d_hm = _product(d_rz, w_rz) + _product(
-                np.ascontiguousarray(d_pre[s, :, 3 * hidden :]), w_n
-            )
+            _add_recurrent_gradient(dh, d_rz, w_rz, mask, lengths, s)
+            d_hn = np.ascontiguousarray(d_pre[s, :, 3 * hidden :])
+            _add_recurrent_gradient(dh, d_hn, w_n, mask, lengths, s)
         else:
             d_rhm = _product(np.ascontiguousarray(d_pre[s, :, 2 * hidden : 3 * hidden]), w_n)
             for b in range(batch):
@@ -253,33 +265,20 @@ def _gru_backward(
                         d_pre[s, b, j] = d_rz[b, j]
             d_hm = _product(d_rz, w_rz)
             for b in range(batch):
-                for j in range(hidden):
-                    d_hm[b, j] += d_rhm[b, j] * gates[s, b, j]
-        for b in range(batch):
-            if _valid(lengths, s, b):
-                for j in range(hidden):
-                    dh[b, j] += d_hm[b, j] * mask[b, j]
+                if _valid(lengths, s, b):
+                    for j in range(hidden):
+                        d_hm[b, j] += d_rhm[b, j] * gates[s, b, j]
+                        dh[b, j] += d_hm[b, j] * mask[b, j]
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """(T, B, K) -> (T * B, K)."""
+    return tensor.reshape(-1, tensor.size(-1))
 
 
 def active(spec: LayerSpec) -> bool:
     """Whether the spec's recurrent dropout (training) or zoneout acts inside the loop."""
     return (spec.training and spec.recurrent_dropout > 0) or any(spec.zoneout)
-
-
-def _array(tensor: Tensor) -> np.ndarray:
-    """A contiguous numpy view (or copy) of a tensor, detached from autograd."""
-    return tensor.detach().contiguous().numpy()
-
-
-def _lengths_array(lengths: Tensor | None) -> np.ndarray:
-    """The kernels' encoding of lengths: an empty array when every sequence is full."""
-    if lengths is None:
-        return np.empty(0, dtype=np.int64)
-    return lengths.to("cpu", torch.int64).contiguous().numpy()
-
-
-def _flat(tensor: Tensor) -> Tensor:
-    return tensor.reshape(-1, tensor.size(-1))
 
 
 class RegularizedFunction(torch.autograd.Function):
@@ -356,7 +355,7 @@ class RegularizedFunction(torch.autograd.Function):
                 _array(keep_c), gates.numpy(), cand_c.numpy(), c_prev.numpy(), d_pre.numpy(),
             )  # fmt: skip
             d_xp = d_pre
-            d_w_hh = _flat(d_pre).T @ _flat(hm)
+            d_w_hh = _rows(d_pre).T @ _rows(hm)
         elif ctx.mode == "GRU":
             gates, h_prev, rhm = saved
             _gru_backward(
@@ -365,12 +364,12 @@ class RegularizedFunction(torch.autograd.Function):
                 hm.numpy(), d_pre.numpy(),
             )  # fmt: skip
             d_xp = d_pre[..., : 3 * hidden]
-            d_rz = _flat(d_pre[..., : 2 * hidden]).T @ _flat(hm)
+            d_rz = _rows(d_pre[..., : 2 * hidden]).T @ _rows(hm)
             if ctx.reset_after:
-                d_w_n = _flat(d_pre[..., 3 * hidden :]).T @ _flat(hm)
+                d_w_n = _rows(d_pre[..., 3 * hidden :]).T @ _rows(hm)
                 d_b_hn = d_pre[..., 3 * hidden :].sum((0, 1))
             else:
-                d_w_n = _flat(d_pre[..., 2 * hidden : 3 * hidden]).T @ _flat(rhm)
+                d_w_n = _rows(d_pre[..., 2 * hidden : 3 * hidden]).T @ _rows(rhm)
             d_w_hh = torch.cat([d_rz, d_w_n])
         else:
             (cand,) = saved
@@ -379,7 +378,7 @@ class RegularizedFunction(torch.autograd.Function):
                 ctx.mode == "RNN_RELU", cand.numpy(), d_pre.numpy(),
             )  # fmt: skip
             d_xp = d_pre
-            d_w_hh = _flat(d_pre).T @ _flat(hm)
+            d_w_hh = _rows(d_pre).T @ _rows(hm)
         if not ctx.needs_input_grad[4]:
             d_b_hn = None
         return d_xp, dh, dc, d_w_hh, d_b_hn, None, None, None, None, None, None

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from rnnkit.scan import run_layer_reference
 from rnnkit.spec import LayerSpec
+from rnnkit.variants.regularization import in_loop_regularizers
 
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Triton's interpreter multiplies the raw bit patterns in tl.dot on bfloat16 operands (reproduced
@@ -50,8 +51,6 @@ class GPUBackend:
             return f"dtype {_compute_dtype(x)} is not float32, float64, float16 or bfloat16"
         if spec.proj_size > 0:
             return "LSTM with proj_size > 0 is not covered by the gpu kernel"
-        from rnnkit.variants.regularization import in_loop_regularizers
-
         regularizers = in_loop_regularizers(spec)
         if regularizers is not None:
             return f"{regularizers}: no gpu kernel with it"
