@@ -119,3 +119,48 @@ def test_gradcheck_with_fixed_masks(cell):
             return (output, *final)
 
         assert torch.autograd.gradcheck(function, (x, w_ih, w_hh, b_ih, b_hh, *states))
+
+
+TORCH_CELLS = {
+    "lstm": torch.nn.LSTM,
+    "gru": torch.nn.GRU,
+    "rnn_tanh": lambda *args, **kw: torch.nn.RNN(*args, nonlinearity="tanh", **kw),
+    "rnn_relu": lambda *args, **kw: torch.nn.RNN(*args, nonlinearity="relu", **kw),
+}
+
+
+@pytest.mark.parametrize("cell", TORCH_CELLS)
+def test_kernels_with_identity_masks_match_torch_nn(cell):
+    """With the masks at their identity (keep every unit, zone out none) the kernels are the
+    plain cells: the same outputs and gradients as torch.nn, both directions, with lengths."""
+    torch.manual_seed(0)
+    theirs = TORCH_CELLS[cell](3, 5, dtype=torch.float64)
+    mine = rnnkit.from_torch(theirs)
+    spec = mine.spec
+    weights = mine.cell_weights(0, 0)[:4]
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 5, 1])
+    h0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    state = (h0, c0) if cell == "lstm" else (h0,)
+    output, final = regularized.run_direction(spec, x, state, weights, lengths, reverse=False)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    hx = (h0[None], c0[None]) if cell == "lstm" else h0[None]
+    expected_packed, expected_final = theirs(packed, hx)
+    expected, _ = torch.nn.utils.rnn.pad_packed_sequence(expected_packed, total_length=6)
+    expected_final = expected_final if cell == "lstm" else (expected_final,)
+    got = [output, *final]
+    wanted = [expected, *(part[0] for part in expected_final)]
+    for a, b in zip(got, wanted):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
+    generator = torch.Generator().manual_seed(2)
+    weights_out = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in got]
+    mine_grads = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(got, weights_out)), [x, *state, *weights]
+    )
+    theirs_grads = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(wanted, weights_out)),
+        [x, *state, *theirs.parameters()],
+    )
+    for a, b in zip(mine_grads, theirs_grads):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()

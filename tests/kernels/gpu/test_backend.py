@@ -54,3 +54,17 @@ def test_explicit_gpu_request_on_cpu_without_interpreter_raises(monkeypatch):
     layer = rnnkit.LSTM(3, 4, backend="gpu")
     with pytest.raises(RuntimeError, match="backend='gpu'"):
         layer(torch.randn(2, 1, 3))
+
+
+def test_in_loop_regularisers_are_a_reason_the_gpu_backend_gives(monkeypatch):
+    from rnnkit.kernels.gpu import backend
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed: the backend stops at that reason first")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spec = LayerSpec("GRU", 4, zoneout=(0.2, 0.0), training=False)
+    reason = backend.unsupported_reason(spec, torch.randn(2, 1, 3), None)
+    assert reason == "zoneout=(0.2, 0.0) (hidden, cell): no gpu kernel with it"
+    spec = LayerSpec("LSTM", 4, recurrent_dropout=0.3, training=True)
+    reason = backend.unsupported_reason(spec, torch.randn(2, 1, 3), None)
+    assert reason == "recurrent_dropout=0.3 in training: no gpu kernel with it"

@@ -1,0 +1,24 @@
+"""The benchmark scripts' argument checks: bad values are refused with a message naming them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import bench_layers  # noqa: E402
+
+
+@pytest.mark.parametrize("value", ["1,2", "16,64,32,x,4,3"])
+def test_gpu_tile_must_be_six_integers(value, capsys):
+    with pytest.raises(SystemExit):
+        bench_layers.parse_args(["--device", "cuda", "--gpu-tile", value])
+    assert "--gpu-tile: six comma-separated integers" in capsys.readouterr().err
+
+
+def test_gpu_tile_and_the_cuda_grid_are_taken():
+    args = bench_layers.parse_args(["--device", "cuda", "--gpu-tile", "16,64,32,64,4,3"])
+    assert args.gpu_tile == (16, 64, 32, 64, 4, 3)
+    assert args.config_list == bench_layers.CUDA_CONFIGS
