@@ -9,10 +9,12 @@ backend="reference", mode="sequential"; target: fused at least 5x faster on the 
 and against torch.nn.LSTM of the same size, over bench_layers' configurations.
 
 min_scan: MinGRU at (batch 1 and 8, input 64, hidden 128) and T = 256, 1024, 4096: the parallel
-mode's log-space scan, with torch.logcumsumexp (backend="reference") and with the compiled CPU
-logcumsumexp (backend="cpu", rnnkit.kernels.cpu.log_scan), against the sequential mode's loop
-(backend="reference", target: scan at least 10x faster at T = 4096), and the fused CPU kernel
-that backend="auto" runs for both modes on CPU.
+mode as rnnkit runs it on CPU (backend="auto": the fused kernels, a batch too small to split over
+the threads scanned in chunks of time) and as the torch log-space scan (backend="reference",
+torch.logcumsumexp), against the sequential mode's step loop (backend="reference", target:
+parallel mode at least 10x faster at T = 4096) and the fused sequential walk (backend="auto",
+mode="sequential"). Run it with torch's default threads and the wall clock
+(`--sections min_scan --timer wall`): the chunks of time are what the threads are for.
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
 
 
 def bench_min_scan(args: argparse.Namespace) -> dict:
-    """MinGRU's parallel log-space scan (torch's and the compiled logcumsumexp) vs its sequential
-    step loop, and the fused kernel."""
+    """MinGRU's parallel mode (fused CPU scan, torch log-space scan) vs its sequential step loop
+    and the fused sequential walk."""
     steps_list = SCAN_STEPS[:2] if args.quick else SCAN_STEPS
     jobs = [(shape, steps) for shape in SCAN_SHAPES for steps in steps_list]
     rows = []
@@ -132,34 +134,30 @@ def bench_min_scan(args: argparse.Namespace) -> dict:
         jobs, desc="min_scan", unit="config", file=sys.stderr
     ):
         torch.manual_seed(0)
-        scan = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="reference")
-        loop = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="reference")
-        compiled = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="cpu")
+        reference = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="reference")
         fused = rnnkit.MinGRU(input_size, hidden, batch_first=True, backend="auto")
-        for layer in (loop, compiled, fused):
-            layer.load_state_dict(scan.state_dict())
+        fused.load_state_dict(reference.state_dict())
         layers = {
-            "log-space scan": _WithMode(scan, "parallel"),
-            "compiled scan": _WithMode(compiled, "parallel"),
-            "step loop": _WithMode(loop, "sequential"),
-            "fused": _WithMode(fused, "parallel"),
+            "fused parallel": _WithMode(fused, "parallel"),
+            "log-space scan": _WithMode(reference, "parallel"),
+            "step loop": _WithMode(reference, "sequential"),
+            "fused sequential": _WithMode(fused, "sequential"),
         }
         # The step loop's training step takes seconds at T = 4096: fewer samples there.
         repeats = max(1, min(args.repeats, 3)) if steps >= 4096 else args.repeats
         rows += _rows("min_gru", (batch, steps, input_size, hidden), layers, repeats, args.timer)
+    _add_ratio(rows, "loop_over_parallel", "step loop", "fused parallel")
     _add_ratio(rows, "loop_over_scan", "step loop", "log-space scan")
-    _add_ratio(rows, "loop_over_compiled", "step loop", "compiled scan")
-    _add_ratio(rows, "loop_over_fused", "step loop", "fused")
-    _add_ratio(rows, "compiled_over_fused", "compiled scan", "fused")
+    _add_ratio(rows, "sequential_over_parallel", "fused sequential", "fused parallel")
     return {
-        "columns": ["log-space scan", "compiled scan", "step loop", "fused"],
+        "columns": ["fused parallel", "log-space scan", "step loop", "fused sequential"],
         "ratios": {
+            "loop_over_parallel": "sequential step loop / parallel mode on the fused CPU "
+            "kernels (backend='auto'; target >= 10 at T=4096)",
             "loop_over_scan": "sequential step loop / parallel log-space scan with "
-            "torch.logcumsumexp (target >= 10 at T=4096)",
-            "loop_over_compiled": "sequential step loop / parallel log-space scan with the "
-            "compiled logcumsumexp (backend='cpu', mode='parallel'; target >= 10 at T=4096)",
-            "loop_over_fused": "sequential step loop / fused CPU kernel (backend='auto')",
-            "compiled_over_fused": "compiled scan / fused CPU kernel (above 1: fused is faster)",
+            "torch.logcumsumexp (backend='reference')",
+            "sequential_over_parallel": "fused sequential walk / fused parallel mode (above 1: "
+            "the chunks of time pay)",
         },
         "rows": rows,
         "geometric_means": {},

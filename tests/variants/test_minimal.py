@@ -272,40 +272,51 @@ def test_dropout_out_of_range_is_named():
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("steps,num_layers", [(1, 2), (37, 2), (4096, 1)])
-def test_cpu_parallel_mode_matches_reference_sequential_mode(cls, steps, num_layers):
-    """backend='cpu', mode='parallel' (log-space scan, compiled logcumsumexp) against the step
-    loop: outputs and every gradient, with lengths and both directions."""
+@pytest.mark.parametrize("split", [False, True])
+def test_cpu_parallel_mode_matches_reference_sequential_mode(
+    cls, steps, num_layers, split, monkeypatch
+):
+    """backend='cpu', mode='parallel' (the fused kernels; split: with thresholds so low that a
+    batch of 2 runs as two parts and a batch of 1 as chunks of time) against the step loop:
+    outputs and every gradient, with lengths and both directions."""
+    from rnnkit.kernels.cpu import minimal as minimal_kernel
+
+    if split:
+        monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+        monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
+        monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
     torch.manual_seed(8)
     compiled = cls(3, 4, num_layers, bidirectional=True, dtype=torch.float64, backend="cpu")
     loop = cls(3, 4, num_layers, bidirectional=True, dtype=torch.float64, backend="reference")
     loop.load_state_dict(compiled.state_dict())
-    x = torch.randn(steps, 2, 3, dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(2 * num_layers, 2, 4, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([steps, steps // 2 + 1])
-    results = []
-    for module, mode in ((compiled, "parallel"), (loop, "sequential")):
-        inputs = [x, hx, *module.parameters()]
-        results.append(loss_and_grads(*module(x, hx, lengths=lengths, mode=mode), inputs))
-    mine, theirs = results
-    assert_close_all(mine[:4], theirs[:4], 1e-9)  # outputs, dL/dx, dL/dh0
-    # The parameters' gradients sum over all 4096 steps of both sequences, through the log-space
-    # scan's cumulative sum of log a: 2-4e-9 relative at T = 4096 with torch.logcumsumexp too.
-    assert_close_all(mine[4:], theirs[4:], 1e-9 if steps < 1000 else 1e-8)
+    for batch in (2, 1):
+        x = torch.randn(steps, batch, 3, dtype=torch.float64, requires_grad=True)
+        hx = torch.randn(2 * num_layers, batch, 4, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([steps, steps // 2 + 1][:batch])
+        results = []
+        for module, mode in ((compiled, "parallel"), (loop, "sequential")):
+            inputs = [x, hx, *module.parameters()]
+            results.append(loss_and_grads(*module(x, hx, lengths=lengths, mode=mode), inputs))
+        mine, theirs = results
+        assert_close_all(mine, theirs, 1e-9)
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-def test_only_cpu_parallel_mode_runs_the_compiled_logcumsumexp(cls, monkeypatch):
-    from rnnkit.kernels.cpu import log_scan
+def test_chunks_of_time_only_in_the_cpu_parallel_mode(cls, monkeypatch):
+    from rnnkit.kernels.cpu import minimal as minimal_kernel
 
+    monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
     calls = []
-    compiled = log_scan.logcumsumexp
+    original = minimal_kernel._forward_chunks
 
-    def counted(values, dim=0):
-        calls.append(tuple(values.shape))
-        return compiled(values, dim)
+    def counted(arrays, h0, count):
+        calls.append(count)
+        return original(arrays, h0, count)
 
-    monkeypatch.setattr(log_scan, "logcumsumexp", counted)
-    x = torch.randn(6, 2, 3)
+    monkeypatch.setattr(minimal_kernel, "_forward_chunks", counted)
+    x = torch.randn(6, 1, 3)
     runs = {}
     for backend in ("auto", "cpu", "reference"):
         module = cls(3, 4, num_layers=2, bidirectional=True, backend=backend)
@@ -314,12 +325,10 @@ def test_only_cpu_parallel_mode_runs_the_compiled_logcumsumexp(cls, monkeypatch)
             module(x, mode=mode)[0].sum().backward()
             runs[backend, mode] = len(calls)
     assert runs == {
-        ("auto", "parallel"): 0,
+        ("auto", "parallel"): 4,  # one per layer and direction
         ("auto", "sequential"): 0,
-        ("cpu", "parallel"): 4,  # one per layer and direction
+        ("cpu", "parallel"): 4,
         ("cpu", "sequential"): 0,
         ("reference", "parallel"): 0,
         ("reference", "sequential"): 0,
     }
-    text = rnnkit.explain_backend(cls(3, 4, backend="cpu"), x)
-    assert "mode='parallel' runs the log-space scan with the compiled CPU logcumsumexp" in text

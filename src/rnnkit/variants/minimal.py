@@ -31,18 +31,19 @@ eps * |A_t| relative, which is 1e-12 in float64 at T = 4096 but can reach 1e-4 i
 sequences with small a_t. The sequential mode walks h_t = a_t h_{t-1} + b_t a step at a time
 (`min_gru_step` / `min_lstm_step`, also the streaming API `MinGRU.step`).
 
-On CPU, backend="auto" runs both modes through one fused numba kernel
-(`rnnkit.kernels.cpu.minimal`, a real-space walk over time): measured 5-8x faster than
-torch.logcumsumexp's scan there (benchmarks/bench_minimal.py), whose several exp/log per element
-cost more on a CPU than the scan's short depth saves. backend="cpu" runs the parallel mode as
-the log-space scan with a compiled logcumsumexp (`rnnkit.kernels.cpu.log_scan`, the CPU
-counterpart of torch's CUDA scan kernel) and the sequential mode through the fused kernel.
-backend="reference" runs the torch scan of the mode asked for.
+On CPU, backend="auto" (or "cpu") runs both modes through fused numba kernels
+(`rnnkit.kernels.cpu.minimal`) in real space, the gates computed inside: the sequential mode walks
+time; the parallel mode is the same associative scan of the maps h -> a_t h + b_t cut into
+chunks of time, one per thread, whose states are joined by the chunks' products of a_t (when the
+batch is too small to split over the threads; otherwise each thread walks its rows). Composing
+the maps never divides, so the real-space products are stable without logarithms and avoid the
+log-space scan's eps * |A_t| rounding, and they cost a few operations per element against the
+log-space form's several exp/log (measured in benchmarks/bench_minimal.py). backend="reference"
+runs the torch scan of the mode asked for (the log-space scan above for "parallel"), which is
+also what runs on other devices.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,29 +125,19 @@ def min_lstm_step(x: Tensor, h: Tensor, w_ih: Tensor, b_ih: Tensor | None) -> Te
     return a * h + b
 
 
-# logcumsumexp(values, dim=0) over time: torch's, or the compiled CPU one (kernels/cpu/log_scan).
-LogCumSumExp = Callable[..., Tensor]
-
-
-def log_space_scan(
-    log_a: Tensor, log_b: Tensor, h0: Tensor, logcumsumexp: LogCumSumExp = torch.logcumsumexp
-) -> Tensor:
+def log_space_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     """(T, B, H) log a, log b, (B, H) h0 -> (T, B, H) h_t = a_t h_{t-1} + b_t, by logcumsumexp."""
     log_decay = torch.cumsum(log_a, dim=0)
-    from_inputs = torch.exp(log_decay + logcumsumexp(log_b - log_decay, dim=0))
+    from_inputs = torch.exp(log_decay + torch.logcumsumexp(log_b - log_decay, dim=0))
     return torch.exp(log_decay) * h0 + from_inputs
 
 
 def parallel_scan(
-    cell: str,
-    gates: Tensor,
-    h0: Tensor,
-    lengths: Tensor | None,
-    logcumsumexp: LogCumSumExp = torch.logcumsumexp,
+    cell: str, gates: Tensor, h0: Tensor, lengths: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """(T, B, G*H) projections, (B, H) h0 -> (T, B, H) output (0 past lengths), (B, H) final."""
     log_a, log_b = _LOG_COEFFICIENTS[cell](gates)
-    output = log_space_scan(log_a, log_b, h0, logcumsumexp)
+    output = log_space_scan(log_a, log_b, h0)
     if lengths is None:
         return output, output[-1]
     last = (lengths.to(output.device) - 1).view(1, -1, 1).expand(1, *output.shape[1:])
@@ -271,27 +262,15 @@ class _MinimalRNN(StreamsStackedState):
     def _scan(
         self, backend: str, mode: str, gates: Tensor, h0: Tensor, lengths: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        if backend == "cpu" and mode == "parallel" and self.backend == "cpu":
-            from rnnkit.kernels.cpu import log_scan
-
-            return parallel_scan(self.cell, gates, h0, lengths, log_scan.logcumsumexp)
         if backend == "cpu":
             from rnnkit.kernels.cpu import minimal
 
-            return minimal.scan_direction(self.cell, gates, h0, lengths)
+            return minimal.scan_direction(
+                self.cell, gates, h0, lengths, parallel=mode == "parallel"
+            )
         if mode == "parallel":
             return parallel_scan(self.cell, gates, h0, lengths)
         return sequential_scan(self.cell, gates, h0, lengths)
-
-    def describe_backend(self, backend: str) -> str | None:
-        """explain_backend's note on what the modes run, where they differ from "fused cpu kernel"
-        (backend='cpu': the parallel mode is the log-space scan with the compiled logcumsumexp)."""
-        if backend == "cpu" and self.backend == "cpu":
-            return (
-                "mode='parallel' runs the log-space scan with the compiled CPU logcumsumexp "
-                "(rnnkit.kernels.cpu.log_scan), mode='sequential' the fused sequential kernel"
-            )
-        return None
 
     def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Streaming: (B, I) one step's input, (L, B, H) state -> (B, H) output, (L, B, H) state.

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rnnkit.kernels.cpu import minimal as minimal_kernel
+from rnnkit.kernels.cpu import threads
 from rnnkit.kernels.cpu.minimal import MinimalScanFunction
 from rnnkit.variants.minimal import parallel_scan, sequential_scan
 
@@ -140,3 +141,168 @@ def test_gradients_at_padded_steps_are_exactly_zero(cell, dtype):
     assert (gates.grad[3:, 1] == 0).all() and (gates.grad[:, 2] == 0).all()
     assert (gates.grad[:3, 1] != 0).any()
     torch.testing.assert_close(h0.grad[2], torch.ones(5, dtype=dtype))
+
+
+# --- threads: batch parts and the parallel mode's chunks of time ------------------------------
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Tiny thresholds, so that tiny inputs run as batch parts or chunks of time."""
+    monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
+
+
+@pytest.fixture(params=[2, 3, 4])
+def thread_count(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _run_counting(monkeypatch, name):
+    """Calls of minimal_kernel.<name> during a test, recorded by their arguments."""
+    calls = []
+    original = getattr(minimal_kernel, name)
+
+    def counted(*arguments):
+        calls.append(arguments)
+        return original(*arguments)
+
+    monkeypatch.setattr(minimal_kernel, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(not threads.AVAILABLE, reason="torch's OpenMP runtime is not GNU libgomp")
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("steps, lengths", [(37, None), (5, None), (37, [20]), (9, [0])])
+def test_chunked_parallel_scan_matches_the_sequential_walk(
+    cell, steps, lengths, split_everything, thread_count, monkeypatch
+):
+    torch.manual_seed(6)
+    gates = (3 * torch.randn(steps, 1, GATES[cell] * 5, dtype=torch.float64)).requires_grad_(True)
+    h0 = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    chunked = _run_counting(monkeypatch, "_forward_chunks")
+    carried = _run_counting(monkeypatch, "_carry_back_kernel")
+    results = [outputs_and_grads(minimal_kernel.scan_direction, cell, gates, h0, lengths)]
+    count = minimal_kernel.chunk_count(steps, 1, 5)
+    assert count == min(thread_count, steps // 2) and len(chunked) == 0
+    results.append(
+        outputs_and_grads(
+            lambda *a: minimal_kernel.scan_direction(*a, parallel=True), cell, gates, h0, lengths
+        )
+    )
+    assert len(chunked) == 1 and len(carried) == count - 1  # one carry per chunk but the last
+    results.append(outputs_and_grads(sequential_scan, cell, gates, h0, lengths))
+    walked, scanned, loop = results
+    for a, b, c in zip(walked, scanned, loop, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-13, rtol=1e-13)
+        torch.testing.assert_close(b, c, atol=1e-12, rtol=1e-12)
+    if lengths is not None:
+        valid = int(lengths[0])
+        assert (scanned[0][valid:] == 0).all() and (scanned[2][valid:] == 0).all()
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_chunked_backward_is_the_sequential_arithmetic(cell, split_everything, monkeypatch):
+    """Given the same saved states, the chunked backward gives bit-identical gradients: each
+    thread's carry repeats the walk's own operations."""
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 3)
+    torch.manual_seed(7)
+    steps, hidden = 40, 6
+    gates = 3 * torch.randn(steps, 1, GATES[cell] * hidden)
+    h0 = torch.randn(1, hidden)
+    lstm = cell == "min_lstm"
+    output, _ = minimal_kernel._forward(gates, h0, None, lstm, parallel=False)
+    grad_output, grad_final = torch.randn(steps, 1, hidden), torch.randn(1, hidden)
+    for lengths in (None, torch.tensor([23])):
+        walked, scanned = (
+            minimal_kernel._backward(
+                grad_output, grad_final, gates, h0, output, lengths, lstm, parallel
+            )
+            for parallel in (False, True)
+        )
+        for a, b in zip(walked, scanned, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_batch_parts_match_one_part(cell, parallel, split_everything, monkeypatch):
+    """Batch rows split over threads (the parallel mode too: chunks only when rows cannot be
+    split) give the same numbers as one walk over all rows."""
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
+    torch.manual_seed(8)
+    gates = (3 * torch.randn(11, 5, GATES[cell] * 4, dtype=torch.float64)).requires_grad_(True)
+    h0 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([11, 3, 7, 1, 11])
+    chunked = _run_counting(monkeypatch, "_forward_chunks")
+    split = outputs_and_grads(
+        lambda *a: minimal_kernel.scan_direction(*a, parallel=parallel), cell, gates, h0, lengths
+    )
+    assert len(chunked) == 0
+    assert len(minimal_kernel._batch_parts(11, 5, 4)) == 2
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+    whole = outputs_and_grads(minimal_kernel.scan_direction, cell, gates, h0, lengths)
+    for a, b in zip(split, whole, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not threads.AVAILABLE, reason="torch's OpenMP runtime is not GNU libgomp")
+@pytest.mark.parametrize("cell", list(GATES))
+def test_gradcheck_of_the_chunked_scan(cell, split_everything, monkeypatch):
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
+    torch.manual_seed(9)
+    gates = torch.randn(7, 1, GATES[cell] * 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    for lengths in (None, torch.tensor([4])):
+        assert torch.autograd.gradcheck(
+            lambda g, h, lengths=lengths: MinimalScanFunction.apply(
+                g, h, lengths, cell == "min_lstm", True
+            ),
+            (gates, h0),
+        )
+
+
+@pytest.mark.parametrize("cell, gate", [("min_gru", 0), ("min_lstm", 1), ("min_lstm", 2)])
+def test_nan_propagates_through_the_chunked_scan_as_through_the_walk(
+    cell, gate, split_everything, monkeypatch
+):
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
+    torch.manual_seed(10)
+    gates = torch.randn(12, 1, GATES[cell] * 3)
+    gates[3, 0, gate * 3 + 1] = float("nan")  # in the first chunk: every later chunk's carry
+    h0 = torch.randn(1, 3)
+    masks = []
+    for parallel in (False, True):
+        inputs = (gates.clone().requires_grad_(True), h0.clone().requires_grad_(True))
+        results = outputs_and_grads(
+            lambda *a, parallel=parallel: minimal_kernel.scan_direction(*a, parallel=parallel),
+            cell,
+            *inputs,
+            None,
+        )
+        masks.append([t.isnan() for t in results])
+    for walked, scanned in zip(*masks, strict=True):
+        assert torch.equal(walked, scanned)
+    assert masks[1][0][3:, 0, 1].all() and masks[1][0].sum() == 9
+
+
+def test_backward_chunks_give_every_thread_the_same_work():
+    for count in (2, 3, 4):
+        sizes = minimal_kernel.backward_chunk_weights(count, carry_cost=0.3)
+        work = [0.3 * sum(sizes[k + 1 :]) + sizes[k] for k in range(count)]
+        assert all(size > 0 for size in sizes)
+        assert max(work) - min(work) < 1e-12
+    assert minimal_kernel._edges(10, [1.0, 1.0, 2.0]) == [0, 2, 5, 10]
+
+
+def test_chunk_count_follows_threads_and_sizes(monkeypatch):
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 4)
+    assert minimal_kernel.chunk_count(4096, 1, 128) == 4
+    assert minimal_kernel.chunk_count(40, 16, 128) == 2  # 16 steps a chunk at least
+    assert minimal_kernel.chunk_count(4096, 1, 4) == 1  # too little work to start a thread
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+    assert minimal_kernel.chunk_count(4096, 1, 128) == 1

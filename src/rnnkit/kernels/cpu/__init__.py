@@ -183,7 +183,7 @@ backend = CPUBackend()
 
 def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
-    from rnnkit.kernels.cpu import indrnn, log_scan, minimal
+    from rnnkit.kernels.cpu import indrnn, minimal
 
-    for cell in (lstm, gru, rnn, layer_norm, regularized, minimal, indrnn, log_scan):
+    for cell in (lstm, gru, rnn, layer_norm, regularized, minimal, indrnn):
         cell.warmup()

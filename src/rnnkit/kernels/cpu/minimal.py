@@ -8,10 +8,11 @@ vectorised over batch and hidden units; the backward is derived by hand and walk
     dh_t = dL/dout_t + a_{t+1} dh_{t+1}
     da_t = dh_t * h_{t-1},  db_t = dh_t,  dL/dh_0 = a_1 dh_1
 
-then through the gate functions to the projections. On a CPU this sequential walk does O(T B H)
-work against the log-space scan's several exp/log per element (measured in
-benchmarks/bench_variants.py), so it runs both of the layers' modes here; the real-space product
-also avoids the log-space scan's rounding of |sum of log a_t|.
+then through the gate functions to the projections. The layers' sequential mode is this walk;
+their parallel mode cuts it into chunks of time that run on separate threads when the batch is
+too small to split over them (see "Threads" below). On a CPU a walk does O(T B H) work against
+the log-space scan's several exp/log per element (measured in benchmarks/bench_minimal.py), and
+the real-space products avoid the log-space scan's rounding of |sum of log a_t|.
 
 Arithmetic: both dtypes use `_exp_nonpositive`, a polynomial exp that LLVM vectorises (a libm
 call stays scalar; float64 stays within 1e-10 of the float64 reference), and every gate is
@@ -34,6 +35,8 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from rnnkit.kernels.cpu import threads
 
 CELLS = ("min_gru", "min_lstm")
 
@@ -177,24 +180,32 @@ def _normalised_gates(k_f, k_i):
 
 
 @_jit
-def _gru_forward_row(row, previous, out, hidden):
+def _gru_forward_row(row, state, out, decay, hidden):
+    """out = state = a * state + b from the row's projections (z, h); decay *= a."""
     gate_z = row[:hidden]
     gate_h = row[hidden : 2 * hidden]
     for j in range(hidden):
         z, keep = _sigmoid_pair(gate_z[j])
         g, _ = _g_and_slope(gate_h[j])
-        out[j] = keep * previous[j] + z * g
+        value = keep * state[j] + z * g
+        out[j] = value
+        state[j] = value
+        decay[j] *= keep
 
 
 @_jit
-def _lstm_forward_row(row, previous, out, hidden):
+def _lstm_forward_row(row, state, out, decay, hidden):
+    """out = state = a * state + b from the row's projections (f, i, h); decay *= a."""
     gate_f = row[:hidden]
     gate_i = row[hidden : 2 * hidden]
     gate_h = row[2 * hidden : 3 * hidden]
     for j in range(hidden):
         keep, write, _, _ = _normalised_gates(gate_f[j], gate_i[j])
         g, _ = _g_and_slope(gate_h[j])
-        out[j] = keep * previous[j] + write * g
+        value = keep * state[j] + write * g
+        out[j] = value
+        state[j] = value
+        decay[j] *= keep
 
 
 @_jit
@@ -238,38 +249,73 @@ def _valid_steps(lengths, b, steps):
     return steps if lengths.size == 0 else min(steps, max(lengths[b], 0))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _forward_kernel(gates, h0, lengths, lstm, output, final):
-    """(T, B, G*H) projections, (B, H) h0 -> output (T, B, H) and final (B, H), in place."""
-    steps, batch, _ = gates.shape
-    hidden = h0.shape[1]
-    for t in range(steps):
-        for b in range(batch):
+@_jit
+def _forward_kernel(
+    gates, state, lengths, lstm, first, stop, batch_start, batch_stop, output, decay, decays
+):  # fmt: skip
+    """Steps [first, stop) of batch rows [batch_start, batch_stop) of (T, B, G*H) projections.
+
+    state (B, H): its rows enter as the state before step `first` and leave as the state after
+    the last valid step; decay (B, H): its rows are multiplied by a_t of each valid step, and
+    copied after each to decays (T, B, H) unless that is empty; output (T, B, H): those steps'
+    states, zero at padded steps.
+    """
+    steps = gates.shape[0]
+    hidden = state.shape[1]
+    for t in range(first, stop):
+        for b in range(batch_start, batch_stop):
             out = output[t, b]
             if t >= _valid_steps(lengths, b, steps):
                 for j in range(hidden):
                     out[j] = 0
                 continue
-            previous = output[t - 1, b] if t > 0 else h0[b]
             if lstm:
-                _lstm_forward_row(gates[t, b], previous, out, hidden)
+                _lstm_forward_row(gates[t, b], state[b], out, decay[b], hidden)
             else:
-                _gru_forward_row(gates[t, b], previous, out, hidden)
-    for b in range(batch):
-        valid = _valid_steps(lengths, b, steps)
-        last = output[valid - 1, b] if valid > 0 else h0[b]
-        state = final[b]
-        for j in range(hidden):
-            state[j] = last[j]
+                _gru_forward_row(gates[t, b], state[b], out, decay[b], hidden)
+            if decays.shape[0] > 0:
+                decays[t, b] = decay[b]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _backward_kernel(grad_output, grad_h, gates, h0, output, lengths, lstm, grad_gates):
-    """dL/dgates (T, B, G*H), every element written; grad_h: dL/dh_final in, dL/dh0 out."""
-    steps, batch, gate_width = gates.shape
-    hidden = h0.shape[1]
-    for t in range(steps - 1, -1, -1):
+@_jit
+def _add_carry_kernel(lengths, first, stop, carry, column_start, column_stop, decays, output):
+    """output[t, :, j] += carry[:, j] * decays[t, :, j] over the valid steps t in [first, stop),
+    for units j in [column_start, column_stop): what the state entering a chunk adds to the
+    states of a chunk walked from zero (decays: the products of a_t since the chunk began)."""
+    steps, batch, _ = output.shape
+    for t in range(first, stop):
         for b in range(batch):
+            if t >= _valid_steps(lengths, b, steps):
+                continue
+            out = output[t, b, column_start:column_stop]
+            products = decays[t, b, column_start:column_stop]
+            entering = carry[b, column_start:column_stop]
+            for j in range(column_stop - column_start):
+                out[j] += entering[j] * products[j]
+
+
+@_jit
+def _backward_kernel(
+    grad_output,
+    grad_h,
+    gates,
+    h0,
+    output,
+    lengths,
+    lstm,
+    first,
+    stop,
+    batch_start,
+    batch_stop,
+    grad_gates,
+):
+    """dL/dgates of steps [first, stop) and rows [batch_start, batch_stop), every element written;
+    grad_h rows: dL/dh reaching step stop - 1 from above in (dL/dh_final at the end), dL/dh of
+    the state before step `first` out (dL/dh0 when first = 0)."""
+    steps, _, gate_width = gates.shape
+    hidden = h0.shape[1]
+    for t in range(stop - 1, first - 1, -1):
+        for b in range(batch_start, batch_stop):
             grad_row = grad_gates[t, b]
             if t >= _valid_steps(lengths, b, steps):
                 for j in range(gate_width):
@@ -286,6 +332,89 @@ def _backward_kernel(grad_output, grad_h, gates, h0, output, lengths, lstm, grad
                 )
 
 
+@_jit
+def _carry_back_kernel(grad_output, grad_h, gates, lengths, lstm, first, stop):
+    """grad_h (B, H): dL/dh reaching step stop - 1 from above in, dL/dh of the state before step
+    `first` out: the backward's recurrence dh <- (dL/dout_t + dh) a_t alone, the same arithmetic
+    as _backward_kernel's, without the gate gradients."""
+    steps, batch, _ = gates.shape
+    hidden = grad_h.shape[1]
+    for t in range(stop - 1, first - 1, -1):
+        for b in range(batch):
+            if t >= _valid_steps(lengths, b, steps):
+                continue
+            row = gates[t, b]
+            incoming = grad_output[t, b]
+            dh = grad_h[b]
+            if lstm:
+                for j in range(hidden):
+                    keep, _, _, _ = _normalised_gates(row[j], row[hidden + j])
+                    dh[j] = (incoming[j] + dh[j]) * keep
+            else:
+                for j in range(hidden):
+                    _, keep = _sigmoid_pair(row[j])
+                    dh[j] = (incoming[j] + dh[j]) * keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads. Rows of a batch are independent: with several torch threads the batch runs as parts
+# (a range of rows each) whose walks run concurrently. A batch too small to split (batch 1) runs
+# the parallel mode as a scan over chunks of time instead, h_t = a_t h_{t-1} + b_t being the
+# composition of the affine maps h -> a_t h + b_t, which is associative:
+#   forward: every chunk is walked at once, the first from h0 and the others from zero, each
+#     keeping the running product of its a_t (at every step, for the chunks after the first);
+#     the state entering chunk c + 1 is then (product over chunk c) * (state entering c) +
+#     (chunk c's end from zero), a few (B, H) operations in turn; and each later chunk adds
+#     (state entering it) * a_first * ... * a_t to its states, its units split over the threads.
+#   backward: dh <- (dL/dout_t + dh) a_t alone needs only a_t, so the thread of chunk k first
+#     carries dL/dh_final back over the chunks after k that way, then runs the full backward of
+#     its chunk; the chunks are sized so that every thread does the same work.
+# The backward's arithmetic is the sequential walk's, step for step; the forward's sums differ
+# from it in rounding only.
+_MIN_ELEMENTS_PER_THREAD = 1 << 15  # T * B * H: below this a thread costs more than it saves
+_MIN_CHUNK_STEPS = 16
+# A step of _carry_back_kernel against one of _backward_kernel (measured 0.25 for minGRU, 0.29
+# for minLSTM, float32, B = 1, H = 128): it sizes the backward's chunks.
+_CARRY_BACK_COST = 0.3
+
+
+def _edges(total: int, weights: list[float]) -> list[int]:
+    """Cut [0, total) into len(weights) consecutive ranges sized in proportion to weights."""
+    scale = total / sum(weights)
+    edges, running = [0], 0.0
+    for weight in weights[:-1]:
+        running += weight
+        edges.append(round(running * scale))
+    return [*edges, total]
+
+
+def backward_chunk_weights(count: int, carry_cost: float = _CARRY_BACK_COST) -> list[float]:
+    """Relative sizes of the backward's chunks of time, first to last: thread k carries the
+    gradient back over the chunks after k (carry_cost a step) and then walks chunk k in full
+    (1 a step), the same work for every thread."""
+    sizes = [1.0]
+    for _ in range(count - 1):
+        sizes.insert(0, 1.0 - carry_cost * sum(sizes))
+    return sizes
+
+
+def chunk_count(steps: int, batch: int, hidden: int) -> int:
+    """Chunks of time for the parallel mode's scan when the batch runs as one part (1: none)."""
+    count = min(
+        threads.concurrency(),
+        steps // _MIN_CHUNK_STEPS,
+        steps * batch * hidden // _MIN_ELEMENTS_PER_THREAD,
+    )
+    # Past a point the backward's carrying work would leave the first chunks no steps.
+    while count > 1 and backward_chunk_weights(count)[0] < 0.1:
+        count -= 1
+    return max(1, count)
+
+
+def _batch_parts(steps: int, batch: int, hidden: int) -> list[slice]:
+    return threads.batch_parts(batch, steps * batch * hidden, 1, _MIN_ELEMENTS_PER_THREAD)
+
+
 def _lengths_array(lengths: Tensor | None) -> np.ndarray:
     """The kernels' encoding of lengths: an empty array when every sequence is full."""
     if lengths is None:
@@ -293,31 +422,127 @@ def _lengths_array(lengths: Tensor | None) -> np.ndarray:
     return lengths.to("cpu", torch.int64).contiguous().numpy()
 
 
-def _forward(gates: Tensor, h0: Tensor, lengths: Tensor | None, lstm: bool):
+def _forward(gates: Tensor, h0: Tensor, lengths: Tensor | None, lstm: bool, parallel: bool):
     """(T, B, G*H) detached projections, (B, H) h0 -> (T, B, H) output, (B, H) final."""
     steps, batch, _ = gates.shape
     hidden = h0.shape[1]
     output = torch.empty(steps, batch, hidden, dtype=gates.dtype)
-    final = torch.empty(batch, hidden, dtype=gates.dtype)
-    _forward_kernel(
-        gates.numpy(),
-        h0.detach().contiguous().numpy(),
-        _lengths_array(lengths),
-        lstm,
-        output.numpy(),
-        final.numpy(),
-    )
-    return output, final
+    arrays = (gates.numpy(), _lengths_array(lengths), lstm, output.numpy())
+    parts = _batch_parts(steps, batch, hidden)
+    chunks = chunk_count(steps, batch, hidden) if parallel and len(parts) == 1 else 1
+    if chunks > 1:
+        return output, _forward_chunks(arrays, h0, chunks)
+    gates_array, lengths_array, _, output_array = arrays
+    state = h0.detach().clone(memory_format=torch.contiguous_format)
+    state_array, decay_array = state.numpy(), np.ones(state.shape, dtype=gates_array.dtype)
+    no_decays = np.empty((0, 0, 0), dtype=gates_array.dtype)
+
+    def walk(rows: slice) -> None:
+        _forward_kernel(
+            gates_array, state_array, lengths_array, lstm, 0, steps, rows.start, rows.stop,
+            output_array, decay_array, no_decays,
+        )  # fmt: skip
+
+    threads.run_concurrently(walk, [(part,) for part in parts])
+    return output, state
+
+
+def _forward_chunks(arrays: tuple, h0: Tensor, count: int) -> Tensor:
+    """The parallel mode's forward over `count` chunks of time (see above); fills the output
+    and returns the final state."""
+    gates, lengths, lstm, output = arrays
+    steps, batch, _ = gates.shape
+    hidden = h0.shape[1]
+    edges = _edges(steps, [1.0] * count)
+    starts = h0.new_zeros(count, batch, hidden)
+    starts[0] = h0.detach()
+    decays = torch.ones_like(starts)
+    ends, products = starts.numpy(), decays.numpy()  # the walks turn starts into ends
+    # Every chunk after the first keeps a_first * ... * a_t of each of its steps.
+    steps_decays = np.empty_like(output)
+    no_decays = np.empty((0, 0, 0), dtype=output.dtype)
+
+    def walk(c: int) -> None:
+        _forward_kernel(
+            gates, ends[c], lengths, lstm, edges[c], edges[c + 1], 0, batch, output, products[c],
+            steps_decays if c > 0 else no_decays,
+        )  # fmt: skip
+
+    threads.run_concurrently(walk, [(c,) for c in range(count)])
+    carries = [starts[0], starts[0]]  # entering chunk 1: chunk 0's end, walked from h0
+    for c in range(1, count):
+        carries.append(decays[c] * carries[c] + starts[c])
+    carry_arrays = [carry.numpy() for carry in carries]
+
+    def add_carries(first: int, stop: int) -> None:  # units [first, stop) of every later chunk
+        for c in range(1, count):
+            _add_carry_kernel(
+                lengths, edges[c], edges[c + 1], carry_arrays[c], first, stop, steps_decays, output
+            )
+
+    columns = _edges(hidden, [1.0] * count)
+    shares = [(first, stop) for first, stop in zip(columns, columns[1:]) if stop > first]
+    threads.run_concurrently(add_carries, shares)
+    return carries[count]
+
+
+def _backward(
+    grad_output: Tensor,
+    grad_final: Tensor,
+    gates: Tensor,
+    h0: Tensor,
+    output: Tensor,
+    lengths: Tensor | None,
+    lstm: bool,
+    parallel: bool,
+) -> tuple[Tensor, Tensor]:
+    """dL/dgates (T, B, G*H) and dL/dh0 (B, H) from dL/doutput and dL/dfinal."""
+    steps, batch, _ = gates.shape
+    hidden = h0.shape[1]
+    grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
+    grad_gates = torch.empty_like(gates)
+    incoming = grad_output.detach().contiguous().numpy()
+    saved = (gates.numpy(), h0.detach().contiguous().numpy(), output.numpy())
+    lengths_array, grad_gates_array = _lengths_array(lengths), grad_gates.numpy()
+    parts = _batch_parts(steps, batch, hidden)
+    chunks = chunk_count(steps, batch, hidden) if parallel and len(parts) == 1 else 1
+    # With chunks, thread 0 ends with dL/dh0 in grad_h itself; the others carry copies of
+    # dL/dh_final back to their chunks.
+    carried = [grad_h.numpy()] + [grad_h.numpy().copy() for _ in range(chunks - 1)]
+    edges = _edges(steps, backward_chunk_weights(chunks))
+
+    def walk(rows: slice) -> None:
+        _backward_kernel(
+            incoming, carried[0], *saved, lengths_array, lstm, 0, steps, rows.start, rows.stop,
+            grad_gates_array,
+        )  # fmt: skip
+
+    def walk_chunk(k: int) -> None:
+        if k < chunks - 1:
+            _carry_back_kernel(
+                incoming, carried[k], saved[0], lengths_array, lstm, edges[k + 1], steps
+            )
+        _backward_kernel(
+            incoming, carried[k], *saved, lengths_array, lstm, edges[k], edges[k + 1], 0, batch,
+            grad_gates_array,
+        )  # fmt: skip
+
+    if chunks > 1:
+        threads.run_concurrently(walk_chunk, [(k,) for k in range(chunks)])
+    else:
+        threads.run_concurrently(walk, [(part,) for part in parts])
+    return grad_gates, grad_h
 
 
 class MinimalScanFunction(torch.autograd.Function):
     """Autograd node for the gates + recurrence of minGRU/minLSTM: numba forward and backward."""
 
     @staticmethod
-    def forward(ctx, gates, h0, lengths, lstm):
+    def forward(ctx, gates, h0, lengths, lstm, parallel=False):
         gates = gates.detach().contiguous()
-        output, final = _forward(gates, h0, lengths, lstm)
+        output, final = _forward(gates, h0, lengths, lstm, parallel)
         ctx.lstm = lstm
+        ctx.parallel = parallel
         ctx.save_for_backward(gates, h0, output, lengths)
         return output, final
 
@@ -325,33 +550,27 @@ class MinimalScanFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output, grad_final):
         gates, h0, output, lengths = ctx.saved_tensors
-        grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
-        grad_gates = torch.empty_like(gates)
-        _backward_kernel(
-            grad_output.detach().contiguous().numpy(),
-            grad_h.numpy(),
-            gates.numpy(),
-            h0.detach().contiguous().numpy(),
-            output.numpy(),
-            _lengths_array(lengths),
-            ctx.lstm,
-            grad_gates.numpy(),
+        grad_gates, grad_h = _backward(
+            grad_output, grad_final, gates, h0, output, lengths, ctx.lstm, ctx.parallel
         )
-        return grad_gates, grad_h, None, None
+        return grad_gates, grad_h, None, None, None
 
 
 def scan_direction(
-    cell: str, gates: Tensor, h0: Tensor, lengths: Tensor | None
+    cell: str, gates: Tensor, h0: Tensor, lengths: Tensor | None, parallel: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """(T, B, G*H) projections, (B, H) h0 -> (T, B, H) output (zero past lengths), (B, H) final."""
+    """(T, B, G*H) projections, (B, H) h0 -> (T, B, H) output (zero past lengths), (B, H) final.
+
+    parallel: a batch too small to split over the threads is scanned in chunks of time.
+    """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
     lstm = cell == "min_lstm"
     if lengths is not None:
         lengths = lengths.to("cpu", torch.int64).contiguous()
     if torch.is_grad_enabled() and (gates.requires_grad or h0.requires_grad):
-        return MinimalScanFunction.apply(gates, h0, lengths, lstm)
-    return _forward(gates.detach().contiguous(), h0, lengths, lstm)
+        return MinimalScanFunction.apply(gates, h0, lengths, lstm, parallel)
+    return _forward(gates.detach().contiguous(), h0, lengths, lstm, parallel)
 
 
 def warmup() -> None:
@@ -363,3 +582,10 @@ def warmup() -> None:
             for lengths in (None, torch.tensor([3, 1])):
                 output, final = scan_direction(cell, gates, h0, lengths)
                 (output.sum() + final.sum()).backward()
+            # The parallel mode's chunked scan (tiny sizes never split, so call it directly).
+            lstm = cell == "min_lstm"
+            projections = gates.detach().numpy()
+            output = np.empty((3, 2, 2), dtype=projections.dtype)
+            _forward_chunks((projections, _lengths_array(None), lstm, output), h0.detach(), 2)
+            grad_h = np.zeros((2, 2), dtype=projections.dtype)
+            _carry_back_kernel(output, grad_h, projections, _lengths_array(None), lstm, 1, 3)
