@@ -164,3 +164,20 @@ def test_kernels_with_identity_masks_match_torch_nn(cell):
     )
     for a, b in zip(mine_grads, theirs_grads):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_parts_match_the_reference_loop(cell, monkeypatch):
+    """Uneven parts of the batch (as run concurrently with several torch threads) give the
+    reference loop's numbers: each part walks its own rows of the shared arrays."""
+    parts = [slice(0, 1), slice(1, 4), slice(4, 7)]
+    monkeypatch.setattr(regularized, "_batch_parts", lambda batch, step_work: parts)
+    fused, reference = make_pair(cell, (0.3, (0.2, 0.4)), torch.float64)
+    x = torch.randn(9, 7, 3, dtype=torch.float64, requires_grad=True)
+    make = lambda: torch.randn(4, 7, 5, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    hx = (make(), make()) if cell == "lstm" else make()
+    lengths = torch.tensor([9, 2, 5, 1, 9, 4, 7])
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=13)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=13)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())

@@ -15,6 +15,11 @@ before its product), one matmul over all T * B rows after the loop. The input pr
 its gradients are autograd's (one matmul outside), and the caller reverses a backward direction,
 so the kernels always walk forward in processing order: the masks are drawn in the reference
 loop's order (rnnkit.scan) and give the same numbers for the same seed.
+
+As in the plain kernels, the per-step products take a weight packed once per call (`blas`:
+rnnkit's AVX-512 panels for float32, else MKL), and with several torch threads and a large
+enough per-step product the batch runs as parts whose time loops run concurrently on torch's
+OpenMP threads (`threads`), each on its rows of the shared arrays.
 """
 
 from __future__ import annotations
@@ -26,254 +31,393 @@ from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rnnkit.kernels.cpu import blas
-from rnnkit.kernels.cpu.indrnn import _array, _lengths_array
+from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.indrnn import _array
 from rnnkit.kernels.cpu.lstm import _gate_activations, _sigmoid, _tanh
 from rnnkit.scan import reverse_padded
 from rnnkit.spec import LayerSpec
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
 CELLS = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+# Packing a weight costs about as much as a few products with it (as in the plain kernels).
+_PACK_MIN_STEPS = 8
+# A part's per-step product must be large enough to pay for the lower efficiency of fewer rows
+# (threads.batch_parts; the plain GRU and RNN kernels' thresholds).
+_MIN_PART = 4
+_MIN_PART_STEP_WORK = 1 << 17
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled loops. Each runs the sequences first..last-1 of the batch (one part) on its rows
+# of the shared (T, B, ...) arrays; h, c, dh, dc are (B, H) and updated in place.
+
+
+@_inline
+def _keep_row(keep, step, sequence):
+    """The (H,) zoneout weights of a step and sequence: keep is (T, B, H), or (1, 1, H) when
+    they are the same everywhere (eval, or no zoneout)."""
+    if keep.shape[0] == 1 and keep.shape[1] == 1:
+        return keep[0, 0]
+    return keep[step, sequence]
+
+
+@_inline
+def _one(array):
+    """1 in the array's dtype: a plain 1 would promote float32 arithmetic to float64."""
+    return np.ones(1, array.dtype)[0]
 
 
 @_jit
-def _product(a, b):
-    """a (M, K) @ b (K, N) by the BLAS the other CPU kernels use (torch's MKL where it has one)."""
-    c = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    blas.matmul(a, b, c)
-    return c
-
-
-@_jit
-def _valid(lengths, step, b):
-    return lengths.size == 0 or step < lengths[b]
+def _drop_state(h, mask, first, hm):
+    """hm (B', H) = h * m on rows first.. of (B, H) h and m."""
+    for b in range(hm.shape[0]):
+        h_row, m_row, hm_row = h[first + b], mask[first + b], hm[b]
+        for j in range(hm_row.size):
+            hm_row[j] = h_row[j] * m_row[j]
 
 
 @_jit
 def _split_by_zoneout(d_out, dh, keep, d_new):
-    """One row of a step, backward: d_new = (1 - k) (d_out + dh) reaches the cell's new state,
-    and dh becomes k (d_out + dh), what zoneout carries straight to the previous state."""
+    """One row, backward: d_new = (1 - k) (d_out + dh) reaches the cell's new state, and dh
+    becomes k (d_out + dh), what zoneout carries straight to the previous state."""
     for j in range(dh.size):
         total = d_out[j] + dh[j]
-        d_new[j] = (1 - keep[j]) * total
-        dh[j] = keep[j] * total
+        kept = keep[j] * total
+        d_new[j] = total - kept
+        dh[j] = kept
 
 
 @_jit
-def _add_recurrent_gradient(dh, d_pre_recurrent, w, mask, lengths, step):
-    """dh += (d_pre_recurrent @ W_hh) * m on the rows valid at this step: the gradient through
-    the recurrent products, which saw the dropped state h * m."""
-    d_hm = _product(d_pre_recurrent, w)
-    for b in range(dh.shape[0]):
-        if _valid(lengths, step, b):
-            for j in range(dh.shape[1]):
-                dh[b, j] += d_hm[b, j] * mask[b, j]
+def _add_dropped(dh, recurrent, mask, lengths, step, first):
+    """dh[first + b] += recurrent[b] * m[first + b] on the rows valid at this step: the gradient
+    through the recurrent products, which saw the dropped state h * m."""
+    for b in range(recurrent.shape[0]):
+        sequence = first + b
+        if step < lengths[sequence]:
+            dh_row, r_row, m_row = dh[sequence], recurrent[b], mask[sequence]
+            for j in range(dh_row.size):
+                dh_row[j] += r_row[j] * m_row[j]
 
 
 @_jit
-def _rnn_forward(xp, h, wt, lengths, mask, keep, relu, out, cand, hm_all):
-    """xp (T, B, H), h (B, H): h0 in, h_n out; wt = W_hh^T; saves h~ and hm per step."""
-    steps, batch, hidden = xp.shape
+def _zone_out(state, keep, new):
+    """state = k * state + (1 - k) * new, as new + k (state - new)."""
+    for j in range(state.size):
+        state[j] = new[j] + keep[j] * (state[j] - new[j])
+
+
+@_jit
+def _rnn_forward(
+    xp, h, w_hh, lengths, mask, keep, relu, use_packing, first, last, out, cand, hm_all
+):
+    """xp (T, B, H); h (B, H): h0 in, h_n out; saves the activations h~ in cand and hm per step."""
+    steps, _, hidden = xp.shape
+    batch = last - first
+    work = blas.workspace(xp)
+    hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     for s in range(steps):
-        hm = h * mask
-        hm_all[s] = hm
-        recurrent = _product(hm, wt)
+        hm = hm_all[s, first:last]
+        _drop_state(h, mask, first, hm)
+        step_cand = cand[s, first:last]
+        blas.gemm_weight(hm, hh, hh_transposed, packed, step_cand, False, work)
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                out[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                out[s, sequence, :] = 0
                 continue
-            new, pre, rec = cand[s, b], xp[s, b], recurrent[b]
-            for j in range(hidden):
-                new[j] = pre[j] + rec[j]
+            new, pre = step_cand[b], xp[s, sequence]
             if relu:
                 for j in range(hidden):
-                    new[j] = new[j] if new[j] > 0 else new[j] * 0  # NaN stays NaN
+                    value = new[j] + pre[j]
+                    new[j] = value if value > 0 else value * 0  # NaN stays NaN
             else:
                 for j in range(hidden):
-                    new[j] = _tanh(new[j])
-            h_row, k = h[b], keep[s, b]
-            for j in range(hidden):
-                h_row[j] = k[j] * h_row[j] + (1 - k[j]) * new[j]
-            out[s, b] = h_row
+                    new[j] = _tanh(new[j] + pre[j])
+            _zone_out(h[sequence], _keep_row(keep, s, sequence), new)
+            blas.copy_vector(h[sequence], out[s, sequence])
 
 
 @_jit
-def _rnn_backward(d_out, dh, w, lengths, mask, keep, relu, cand, d_pre):
+def _rnn_backward(
+    d_out, dh, w_hh, lengths, mask, keep, relu, cand, use_packing, first, last, d_pre
+):
     """dh: dL/dh_n in, dL/dh0 out; d_pre (T, B, H): dL/d(pre-activation), zero at padding."""
-    steps, batch, hidden = d_out.shape
-    d_new = np.empty(hidden, dtype=d_out.dtype)
+    steps, _, hidden = d_out.shape
+    batch = last - first
+    work = blas.workspace(d_out)
+    hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    one = _one(d_out)
+    d_new = np.empty(hidden, d_out.dtype)
+    recurrent = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
+        step_d = d_pre[s, first:last]
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                d_pre[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                step_d[b, :] = 0
                 continue
-            _split_by_zoneout(d_out[s, b], dh[b], keep[s, b], d_new)
-            new, d_row = cand[s, b], d_pre[s, b]
+            _split_by_zoneout(d_out[s, sequence], dh[sequence], _keep_row(keep, s, sequence), d_new)
+            new, d_row = cand[s, sequence], step_d[b]
             if relu:
                 for j in range(hidden):
                     d_row[j] = d_new[j] if new[j] > 0 else d_new[j] * 0
             else:
                 for j in range(hidden):
-                    d_row[j] = d_new[j] * (1 - new[j] * new[j])
-        _add_recurrent_gradient(dh, d_pre[s], w, mask, lengths, s)
+                    d_row[j] = d_new[j] * (one - new[j] * new[j])
+        blas.gemm_weight(step_d, hh, hh_transposed, packed, recurrent, False, work)
+        _add_dropped(dh, recurrent, mask, lengths, s, first)
 
 
 @_jit
-def _lstm_forward(xp, h, c, wt, lengths, mask, keep_h, keep_c, out, gates, cand_c, c_prev, hm_all):
-    """xp (T, B, 4H) in torch's gate order (i, f, g, o); h, c: initial in, final out."""
-    steps, batch, hidden = out.shape
-    new_h = np.empty(hidden, dtype=out.dtype)
+def _lstm_forward(
+    xp, h, c, w_hh, lengths, mask, keep_h, keep_c, use_packing, first, last, out, gates,
+    tanh_cand, c_prev, hm_all,
+):  # fmt: skip
+    """xp (T, B, 4H) in torch's gate order (i, f, g, o); h, c: initial in, final out; saves the
+    gate activations, tanh(c~), the cell each step started from, and hm."""
+    steps, _, hidden = out.shape
+    batch = last - first
+    work = blas.workspace(xp)
+    hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    new_h = np.empty(hidden, xp.dtype)
+    new_c = np.empty(hidden, xp.dtype)
     for s in range(steps):
-        hm = h * mask
-        hm_all[s] = hm
-        recurrent = _product(hm, wt)
+        hm = hm_all[s, first:last]
+        _drop_state(h, mask, first, hm)
+        step_gates = gates[s, first:last]
+        blas.gemm_weight(hm, hh, hh_transposed, packed, step_gates, False, work)
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                out[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                out[s, sequence, :] = 0
                 continue
             # Loops over whole rows from 0, each writing one array, so that LLVM vectorises them.
-            row = gates[s, b]
-            pre, rec = xp[s, b], recurrent[b]
-            for k in range(4 * hidden):
-                row[k] = pre[k] + rec[k]
+            row, pre = step_gates[b], xp[s, sequence]
+            for k in range(row.size):
+                row[k] += pre[k]
             _gate_activations(row, hidden)
-            c_row, h_row, kc, kh = c[b], h[b], keep_c[s, b], keep_h[s, b]
-            c_prev[s, b] = c_row
-            cand = cand_c[s, b]
+            gate_i, gate_f = row[:hidden], row[hidden : 2 * hidden]
+            gate_g, gate_o = row[2 * hidden : 3 * hidden], row[3 * hidden :]
+            c_row, tanh_row = c[sequence], tanh_cand[s, sequence]
+            blas.copy_vector(c_row, c_prev[s, sequence])
             for j in range(hidden):
-                cand[j] = row[hidden + j] * c_row[j] + row[j] * row[2 * hidden + j]
+                new_c[j] = gate_f[j] * c_row[j] + gate_i[j] * gate_g[j]
             for j in range(hidden):
-                new_h[j] = row[3 * hidden + j] * _tanh(cand[j])
+                tanh_row[j] = _tanh(new_c[j])
             for j in range(hidden):
-                c_row[j] = kc[j] * c_row[j] + (1 - kc[j]) * cand[j]
-            for j in range(hidden):
-                h_row[j] = kh[j] * h_row[j] + (1 - kh[j]) * new_h[j]
-            out[s, b] = h_row
+                new_h[j] = gate_o[j] * tanh_row[j]
+            _zone_out(c_row, _keep_row(keep_c, s, sequence), new_c)
+            _zone_out(h[sequence], _keep_row(keep_h, s, sequence), new_h)
+            blas.copy_vector(h[sequence], out[s, sequence])
 
 
 @_jit
-def _lstm_backward(d_out, dh, dc, w, lengths, mask, keep_h, keep_c, gates, cand_c, c_prev, d_pre):
+def _lstm_backward(
+    d_out, dh, dc, w_hh, lengths, mask, keep_h, keep_c, gates, tanh_cand, c_prev, use_packing,
+    first, last, d_pre,
+):  # fmt: skip
     """dh, dc: dL/d(h_n, c_n) in, dL/d(h0, c0) out; d_pre (T, B, 4H), zero at padding."""
-    steps, batch, hidden = d_out.shape
-    d_new = np.empty(hidden, dtype=d_out.dtype)
+    steps, _, hidden = d_out.shape
+    batch = last - first
+    work = blas.workspace(d_out)
+    hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    one = _one(d_out)
+    d_new_h = np.empty(hidden, d_out.dtype)
+    d_new_c = np.empty(hidden, d_out.dtype)
+    recurrent = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
+        step_d = d_pre[s, first:last]
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                d_pre[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                step_d[b, :] = 0
                 continue
-            _split_by_zoneout(d_out[s, b], dh[b], keep_h[s, b], d_new)
+            keep = _keep_row(keep_h, s, sequence)
+            _split_by_zoneout(d_out[s, sequence], dh[sequence], keep, d_new_h)
+            row, tanh_row, c_before = (
+                gates[s, sequence],
+                tanh_cand[s, sequence],
+                c_prev[s, sequence],
+            )
+            gate_i, gate_f = row[:hidden], row[hidden : 2 * hidden]
+            gate_g, gate_o = row[2 * hidden : 3 * hidden], row[3 * hidden :]
+            keep, dc_row, d_row = _keep_row(keep_c, s, sequence), dc[sequence], step_d[b]
             for j in range(hidden):
-                kc = keep_c[s, b, j]
-                d_new_h = d_new[j]
-                i = gates[s, b, j]
-                f = gates[s, b, hidden + j]
-                g = gates[s, b, 2 * hidden + j]
-                o = gates[s, b, 3 * hidden + j]
-                tanh_c = _tanh(cand_c[s, b, j])
-                d_new_c = (1 - kc) * dc[b, j] + d_new_h * o * (1 - tanh_c * tanh_c)
-                d_pre[s, b, j] = d_new_c * g * i * (1 - i)
-                d_pre[s, b, hidden + j] = d_new_c * c_prev[s, b, j] * f * (1 - f)
-                d_pre[s, b, 2 * hidden + j] = d_new_c * i * (1 - g * g)
-                d_pre[s, b, 3 * hidden + j] = d_new_h * tanh_c * o * (1 - o)
-                dc[b, j] = kc * dc[b, j] + d_new_c * f
-        _add_recurrent_gradient(dh, d_pre[s], w, mask, lengths, s)
+                t = tanh_row[j]
+                d_new_c[j] = (one - keep[j]) * dc_row[j] + d_new_h[j] * gate_o[j] * (one - t * t)
+            for j in range(hidden):
+                dc_row[j] = keep[j] * dc_row[j] + d_new_c[j] * gate_f[j]
+            d_i, d_f = d_row[:hidden], d_row[hidden : 2 * hidden]
+            d_g, d_o = d_row[2 * hidden : 3 * hidden], d_row[3 * hidden :]
+            for j in range(hidden):
+                d_i[j] = d_new_c[j] * gate_g[j] * gate_i[j] * (one - gate_i[j])
+            for j in range(hidden):
+                d_f[j] = d_new_c[j] * c_before[j] * gate_f[j] * (one - gate_f[j])
+            for j in range(hidden):
+                d_g[j] = d_new_c[j] * gate_i[j] * (one - gate_g[j] * gate_g[j])
+            for j in range(hidden):
+                d_o[j] = d_new_h[j] * tanh_row[j] * gate_o[j] * (one - gate_o[j])
+        blas.gemm_weight(step_d, hh, hh_transposed, packed, recurrent, False, work)
+        _add_dropped(dh, recurrent, mask, lengths, s, first)
 
 
 @_jit
 def _gru_forward(
-    xp, h, wt_rz, wt_n, b_hn, lengths, mask, keep, reset_after, out, gates, h_prev, hm_all, rhm_all
-):
-    """xp (T, B, 3H) in torch's gate order (r, z, n); wt_rz, wt_n: W_hh^T's two column blocks.
+    xp, h, w_hh, w_rz, w_n, b_hn, lengths, mask, keep, reset_after, use_packing, first, last,
+    out, gates, hm_all, rhm_all,
+):  # fmt: skip
+    """xp (T, B, 3H) in torch's gate order (r, z, n); w_rz, w_n: W_hh's two row blocks.
 
-    Saves r, z, n and (reset_after) hn = hm W_hn^T + b_hn in gates (T, B, 4H), the whole h each
-    step started from, hm, and (reset before the product) r * hm.
+    Saves r, z, n and (reset_after) hn = hm W_hn^T + b_hn in gates (T, B, 4H), hm, and (reset
+    before the product) r * hm.
     """
-    steps, batch, hidden = out.shape
+    steps, _, hidden = out.shape
+    batch = last - first
+    work = blas.workspace(xp)
+    # reset_after: one product with the whole W_hh; else one with W_rz, then one with W_n.
+    hh, hh_transposed, packed = blas.prepare_weight(
+        batch, w_hh if reset_after else w_rz, True, use_packing, work
+    )
+    hn_weight, hn_transposed, hn_packed = blas.prepare_weight(
+        batch, w_n[:0] if reset_after else w_n, True, use_packing, work
+    )
+    one = _one(xp)
+    recurrent = np.empty((batch, 3 * hidden), xp.dtype)
     for s in range(steps):
-        hm = h * mask
-        hm_all[s] = hm
-        h_prev[s] = h
-        recurrent = _product(hm, wt_rz)
+        hm = hm_all[s, first:last]
+        _drop_state(h, mask, first, hm)
+        columns = 3 * hidden if reset_after else 2 * hidden
+        blas.gemm_weight(hm, hh, hh_transposed, packed, recurrent[:, :columns], False, work)
         for b in range(batch):
-            for j in range(hidden):
-                gates[s, b, j] = _sigmoid(xp[s, b, j] + recurrent[b, j])
-                gates[s, b, hidden + j] = _sigmoid(xp[s, b, hidden + j] + recurrent[b, hidden + j])
-        if reset_after:
-            candidate = _product(hm, wt_n)
+            sequence = first + b
+            row, pre, rec = gates[s, sequence], xp[s, sequence], recurrent[b]
+            rz = row[: 2 * hidden]
+            for k in range(2 * hidden):
+                rz[k] = _sigmoid(pre[k] + rec[k])
+        if not reset_after:
+            rhm = rhm_all[s, first:last]
             for b in range(batch):
+                sequence = first + b
+                gate_r, hm_row, rhm_row = gates[s, sequence, :hidden], hm[b], rhm[b]
+                if s >= lengths[sequence]:
+                    rhm_row[:] = 0  # its products are never read, but dW_n sums 0 * rhm
+                    continue
                 for j in range(hidden):
-                    candidate[b, j] += b_hn[j]
-                    gates[s, b, 3 * hidden + j] = candidate[b, j]
-                    candidate[b, j] *= gates[s, b, j]
-        else:
-            rhm = gates[s, :, :hidden] * hm
-            rhm_all[s] = rhm
-            candidate = _product(rhm, wt_n)
+                    rhm_row[j] = gate_r[j] * hm_row[j]
+            n_part = recurrent[:, 2 * hidden :]
+            blas.gemm_weight(rhm, hn_weight, hn_transposed, hn_packed, n_part, False, work)
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                out[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                out[s, sequence, :] = 0
                 continue
+            row, pre = gates[s, sequence], xp[s, sequence, 2 * hidden :]
+            rec_n = recurrent[b, 2 * hidden :]
+            gate_r, gate_z = row[:hidden], row[hidden : 2 * hidden]
+            gate_n, hn = row[2 * hidden : 3 * hidden], row[3 * hidden :]
+            if reset_after:
+                for j in range(hidden):
+                    hn[j] = rec_n[j] + b_hn[j]
+                for j in range(hidden):
+                    gate_n[j] = _tanh(pre[j] + gate_r[j] * hn[j])
+            else:
+                for j in range(hidden):
+                    gate_n[j] = _tanh(pre[j] + rec_n[j])
+            h_row, k = h[sequence], _keep_row(keep, s, sequence)
             for j in range(hidden):
-                n = _tanh(xp[s, b, 2 * hidden + j] + candidate[b, j])
-                gates[s, b, 2 * hidden + j] = n
-                z = gates[s, b, hidden + j]
-                new = (1 - z) * n + z * h[b, j]
-                k = keep[s, b, j]
-                h[b, j] = k * h[b, j] + (1 - k) * new
-                out[s, b, j] = h[b, j]
+                new = (one - gate_z[j]) * gate_n[j] + gate_z[j] * h_row[j]
+                h_row[j] = new + k[j] * (h_row[j] - new)
+            blas.copy_vector(h_row, out[s, sequence])
 
 
 @_jit
 def _gru_backward(
-    d_out, dh, w_rz, w_n, lengths, mask, keep, reset_after, gates, h_prev, hm_all, d_pre
-):
-    """dh: dL/dh_n in, dL/dh0 out; d_pre (T, B, 4H): d(r, z, n pre-activations) and, with
+    d_out, dh, w_rz, w_n, lengths, mask, keep, reset_after, gates, out, h0, hm_all, use_packing,
+    first, last, d_pre,
+):  # fmt: skip
+    """dh: dL/dh_n in, dL/dh0 out; out (T, B, H) the forward output and h0 (B, H), whence the
+    state each step started from; d_pre (T, B, 4H): d(r, z, n pre-activations) and, with
     reset_after, d(hn); zero at padding."""
-    steps, batch, hidden = d_out.shape
-    d_new_row = np.empty(hidden, dtype=d_out.dtype)
+    steps, _, hidden = d_out.shape
+    batch = last - first
+    work = blas.workspace(d_out)
+    rz, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, False, use_packing, work)
+    wn, wn_transposed, wn_packed = blas.prepare_weight(batch, w_n, False, use_packing, work)
+    one = _one(d_out)
+    d_new = np.empty(hidden, d_out.dtype)
+    recurrent = np.empty((batch, hidden), d_out.dtype)
+    d_rhm = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
+        step_d = d_pre[s, first:last]
         for b in range(batch):
-            if not _valid(lengths, s, b):
-                d_pre[s, b] = 0
+            sequence = first + b
+            if s >= lengths[sequence]:
+                step_d[b, :] = 0
                 continue
-            _split_by_zoneout(d_out[s, b], dh[b], keep[s, b], d_new_row)
+            _split_by_zoneout(d_out[s, sequence], dh[sequence], _keep_row(keep, s, sequence), d_new)
+            row, d_row, dh_row = gates[s, sequence], step_d[b], dh[sequence]
+            h_prev = out[s - 1, sequence] if s > 0 else h0[sequence]
+            gate_r, gate_z = row[:hidden], row[hidden : 2 * hidden]
+            gate_n, hn = row[2 * hidden : 3 * hidden], row[3 * hidden :]
+            d_r, d_z = d_row[:hidden], d_row[hidden : 2 * hidden]
+            d_n, d_hn = d_row[2 * hidden : 3 * hidden], d_row[3 * hidden :]
             for j in range(hidden):
-                d_new = d_new_row[j]
-                r = gates[s, b, j]
-                z = gates[s, b, hidden + j]
-                n = gates[s, b, 2 * hidden + j]
-                d_pre_n = d_new * (1 - z) * (1 - n * n)
-                d_pre[s, b, hidden + j] = d_new * (h_prev[s, b, j] - n) * z * (1 - z)
-                d_pre[s, b, 2 * hidden + j] = d_pre_n
-                if reset_after:
-                    hn = gates[s, b, 3 * hidden + j]
-                    d_pre[s, b, j] = d_pre_n * hn * r * (1 - r)
-                    d_pre[s, b, 3 * hidden + j] = d_pre_n * r
-                dh[b, j] += d_new * z
-        d_rz = np.ascontiguousarray(d_pre[s, :, : 2 * hidden])
+                d_n[j] = d_new[j] * (one - gate_z[j]) * (one - gate_n[j] * gate_n[j])
+            for j in range(hidden):
+                d_z[j] = d_new[j] * (h_prev[j] - gate_n[j]) * gate_z[j] * (one - gate_z[j])
+            for j in range(hidden):
+                dh_row[j] += d_new[j] * gate_z[j]
+            if reset_after:
+                for j in range(hidden):
+                    d_r[j] = d_n[j] * hn[j] * gate_r[j] * (one - gate_r[j])
+                for j in range(hidden):
+                    d_hn[j] = d_n[j] * gate_r[j]
         if reset_after:
-            _add_recurrent_gradient(dh, d_rz, w_rz, mask, lengths, s)
-            d_hn = np.ascontiguousarray(d_pre[s, :, 3 * hidden :])
-            _add_recurrent_gradient(dh, d_hn, w_n, mask, lengths, s)
+            blas.gemm_weight(
+                step_d[:, : 2 * hidden], rz, rz_transposed, rz_packed, recurrent, False, work
+            )
+            d_hn_part = step_d[:, 3 * hidden :]
+            blas.gemm_weight(d_hn_part, wn, wn_transposed, wn_packed, recurrent, True, work)
         else:
-            d_rhm = _product(np.ascontiguousarray(d_pre[s, :, 2 * hidden : 3 * hidden]), w_n)
+            d_n_part = step_d[:, 2 * hidden : 3 * hidden]
+            blas.gemm_weight(d_n_part, wn, wn_transposed, wn_packed, d_rhm, False, work)
             for b in range(batch):
-                if _valid(lengths, s, b):
+                sequence = first + b
+                if s < lengths[sequence]:
+                    gate_r, d_r = gates[s, sequence, :hidden], step_d[b, :hidden]
+                    hm_row, d_rhm_row = hm_all[s, sequence], d_rhm[b]
                     for j in range(hidden):
-                        r = gates[s, b, j]
-                        d_rz[b, j] = d_rhm[b, j] * hm_all[s, b, j] * r * (1 - r)
-                        d_pre[s, b, j] = d_rz[b, j]
-            d_hm = _product(d_rz, w_rz)
+                        d_r[j] = d_rhm_row[j] * hm_row[j] * gate_r[j] * (one - gate_r[j])
+            blas.gemm_weight(
+                step_d[:, : 2 * hidden], rz, rz_transposed, rz_packed, recurrent, False, work
+            )
             for b in range(batch):
-                if _valid(lengths, s, b):
-                    for j in range(hidden):
-                        d_hm[b, j] += d_rhm[b, j] * gates[s, b, j]
-                        dh[b, j] += d_hm[b, j] * mask[b, j]
+                gate_r, rec, d_rhm_row = gates[s, first + b, :hidden], recurrent[b], d_rhm[b]
+                for j in range(hidden):
+                    rec[j] += d_rhm_row[j] * gate_r[j]
+        _add_dropped(dh, recurrent, mask, lengths, s, first)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch glue.
 
 
 def _rows(tensor: Tensor) -> Tensor:
     """(T, B, K) -> (T * B, K)."""
     return tensor.reshape(-1, tensor.size(-1))
+
+
+def _batch_parts(batch: int, step_work: int) -> list[slice]:
+    """Slices of the batch whose time loops run concurrently (see threads.batch_parts)."""
+    if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
+        return [slice(0, batch)]
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+
+
+def _run(kernel, arguments: tuple, parts: list[slice], out: tuple) -> None:
+    """kernel(*arguments, use_packing, first, last, *out) for each part, concurrently."""
+    threads.run_concurrently(kernel, [(*arguments, part.start, part.stop, *out) for part in parts])
 
 
 def active(spec: LayerSpec) -> bool:
@@ -293,39 +437,45 @@ class RegularizedFunction(torch.autograd.Function):
         h = h0.detach().clone(memory_format=torch.contiguous_format)
         out = torch.empty(steps, batch, hidden, dtype=dtype)
         hm = torch.empty(steps, batch, hidden, dtype=dtype)
-        kernel_lengths = _lengths_array(lengths)
-        arrays = (_array(mask), _array(keep_h))
+        w = _array(w_hh)
+        parts = _batch_parts(batch, batch * w.shape[0] * hidden)
+        use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
+        lengths_array = lengths.numpy()
+        masks = (_array(mask), _array(keep_h))
         if mode == "LSTM":
             c = c0.detach().clone(memory_format=torch.contiguous_format)
             gates = torch.empty(steps, batch, 4 * hidden, dtype=dtype)
-            cand_c, c_prev = torch.empty_like(out), torch.empty_like(out)
-            _lstm_forward(
-                xp_array, h.numpy(), c.numpy(), _array(w_hh.T), kernel_lengths, *arrays,
-                _array(keep_c), out.numpy(), gates.numpy(), cand_c.numpy(), c_prev.numpy(),
-                hm.numpy(),
-            )  # fmt: skip
-            saved = (gates, cand_c, c_prev)
+            tanh_cand, c_prev = torch.empty_like(out), torch.empty_like(out)
+            arguments = (xp_array, h.numpy(), c.numpy(), w, lengths_array, *masks, _array(keep_c))
+            results = (out, gates, tanh_cand, c_prev, hm)
+            saved = (gates, tanh_cand, c_prev)
+            kernel = _lstm_forward
         elif mode == "GRU":
             c = None
             gates = torch.empty(steps, batch, 4 * hidden, dtype=dtype)
-            h_prev = torch.empty_like(out)
-            rhm = torch.empty_like(out) if not reset_after else torch.empty(0, 0, 0, dtype=dtype)
-            wt = w_hh.T
-            _gru_forward(
-                xp_array, h.numpy(), _array(wt[:, : 2 * hidden]), _array(wt[:, 2 * hidden :]),
-                _array(b_hn), kernel_lengths, *arrays, reset_after, out.numpy(), gates.numpy(),
-                h_prev.numpy(), hm.numpy(), rhm.numpy(),
+            rhm = torch.empty(steps if not reset_after else 0, batch, hidden, dtype=dtype)
+            arguments = (
+                xp_array, h.numpy(), w, w[: 2 * hidden], w[2 * hidden :],
+                _array(b_hn) if b_hn is not None else np.zeros(hidden, w.dtype),
+                lengths_array, *masks, reset_after,
             )  # fmt: skip
-            saved = (gates, h_prev, rhm)
+            results = (out, gates, hm, rhm)
+            saved = (gates, h0.detach(), out, rhm)
+            kernel = _gru_forward
         else:
             c = None
             cand = torch.empty_like(out)
-            _rnn_forward(
-                xp_array, h.numpy(), _array(w_hh.T), kernel_lengths, *arrays,
-                mode == "RNN_RELU", out.numpy(), cand.numpy(), hm.numpy(),
-            )  # fmt: skip
+            arguments = (xp_array, h.numpy(), w, lengths_array, *masks, mode == "RNN_RELU")
+            results = (out, cand, hm)
             saved = (cand,)
-        ctx.mode, ctx.reset_after = mode, reset_after
+            kernel = _rnn_forward
+        _run(kernel, (*arguments, use_packing), parts, tuple(t.numpy() for t in results))
+        ctx.mode, ctx.reset_after, ctx.parts, ctx.use_packing = (
+            mode,
+            reset_after,
+            parts,
+            use_packing,
+        )
         ctx.save_for_backward(w_hh, lengths, mask, keep_h, keep_c, hm, *saved)
         return out, h, c
 
@@ -339,54 +489,60 @@ class RegularizedFunction(torch.autograd.Function):
         dh = torch.zeros(batch, hidden, dtype=dtype)
         if d_h_n is not None:
             dh.copy_(d_h_n)
-        kernel_lengths = _lengths_array(lengths)
-        arrays = (_array(mask), _array(keep_h))
-        gates_per_step = {"LSTM": 4, "GRU": 4}.get(ctx.mode, 1)
-        d_pre = torch.empty(steps, batch, gates_per_step * hidden, dtype=dtype)
+        w = _array(w_hh)
+        lengths_array = lengths.numpy()
+        masks = (_array(mask), _array(keep_h))
+        d_pre = torch.empty(
+            steps, batch, (4 if ctx.mode in ("LSTM", "GRU") else 1) * hidden, dtype=dtype
+        )
         dc = None
         d_b_hn = None
         if ctx.mode == "LSTM":
-            gates, cand_c, c_prev = saved
+            gates, tanh_cand, c_prev = saved
             dc = torch.zeros(batch, hidden, dtype=dtype)
             if d_c_n is not None:
                 dc.copy_(d_c_n)
-            _lstm_backward(
-                d_out.numpy(), dh.numpy(), dc.numpy(), _array(w_hh), kernel_lengths, *arrays,
-                _array(keep_c), gates.numpy(), cand_c.numpy(), c_prev.numpy(), d_pre.numpy(),
+            arguments = (
+                d_out.numpy(), dh.numpy(), dc.numpy(), w, lengths_array, *masks, _array(keep_c),
+                gates.numpy(), tanh_cand.numpy(), c_prev.numpy(),
             )  # fmt: skip
-            d_xp = d_pre
-            d_w_hh = _rows(d_pre).T @ _rows(hm)
+            kernel = _lstm_backward
         elif ctx.mode == "GRU":
-            gates, h_prev, rhm = saved
-            _gru_backward(
-                d_out.numpy(), dh.numpy(), _array(w_hh[: 2 * hidden]), _array(w_hh[2 * hidden :]),
-                kernel_lengths, *arrays, ctx.reset_after, gates.numpy(), h_prev.numpy(),
-                hm.numpy(), d_pre.numpy(),
+            gates, h0, out, rhm = saved
+            arguments = (
+                d_out.numpy(), dh.numpy(), w[: 2 * hidden], w[2 * hidden :], lengths_array,
+                *masks, ctx.reset_after, gates.numpy(), out.numpy(), _array(h0), hm.numpy(),
             )  # fmt: skip
-            d_xp = d_pre[..., : 3 * hidden]
-            d_rz = _rows(d_pre[..., : 2 * hidden]).T @ _rows(hm)
-            if ctx.reset_after:
-                d_w_n = _rows(d_pre[..., 3 * hidden :]).T @ _rows(hm)
-                d_b_hn = d_pre[..., 3 * hidden :].sum((0, 1))
-            else:
-                d_w_n = _rows(d_pre[..., 2 * hidden : 3 * hidden]).T @ _rows(rhm)
-            d_w_hh = torch.cat([d_rz, d_w_n])
+            kernel = _gru_backward
         else:
             (cand,) = saved
-            _rnn_backward(
-                d_out.numpy(), dh.numpy(), _array(w_hh), kernel_lengths, *arrays,
-                ctx.mode == "RNN_RELU", cand.numpy(), d_pre.numpy(),
+            arguments = (
+                d_out.numpy(), dh.numpy(), w, lengths_array, *masks, ctx.mode == "RNN_RELU",
+                cand.numpy(),
             )  # fmt: skip
+            kernel = _rnn_backward
+        _run(kernel, (*arguments, ctx.use_packing), ctx.parts, (d_pre.numpy(),))
+        hm_rows = _rows(hm)
+        if ctx.mode == "GRU":
+            d_xp = d_pre[..., : 3 * hidden]
+            d_w_hh = torch.empty_like(w_hh)
+            torch.mm(_rows(d_pre[..., : 2 * hidden]).T, hm_rows, out=d_w_hh[: 2 * hidden])
+            if ctx.reset_after:
+                d_n, n_input = d_pre[..., 3 * hidden :], hm_rows
+                if ctx.needs_input_grad[4]:
+                    d_b_hn = d_n.sum((0, 1))
+            else:
+                d_n, n_input = d_pre[..., 2 * hidden : 3 * hidden], _rows(saved[3])
+            torch.mm(_rows(d_n).T, n_input, out=d_w_hh[2 * hidden :])
+        else:
             d_xp = d_pre
-            d_w_hh = _rows(d_pre).T @ _rows(hm)
-        if not ctx.needs_input_grad[4]:
-            d_b_hn = None
+            d_w_hh = _rows(d_pre).T @ hm_rows
         return d_xp, dh, dc, d_w_hh, d_b_hn, None, None, None, None, None, None
 
 
 def _masks(spec: LayerSpec, state: tuple[Tensor, ...], steps: int):
-    """(B, H) recurrent mask and (T, B, H) zoneout keep weights for h and c, as the kernels take
-    them (ones and zeros where off), drawn as the reference loop draws them."""
+    """(B, H) recurrent mask and zoneout keep weights for h and c, as the kernels take them:
+    (T, B, H) drawn as the reference loop draws them, or (1, 1, H) where the same everywhere."""
     from rnnkit.variants.regularization import draw_masks
 
     recurrent, zoneout = draw_masks(spec, state, steps)
@@ -394,7 +550,7 @@ def _masks(spec: LayerSpec, state: tuple[Tensor, ...], steps: int):
     keeps = []
     for part, keep in zip(state, zoneout):
         if keep is None or isinstance(keep, float):
-            keep = torch.full((steps, *part.shape), keep or 0.0, dtype=part.dtype)
+            keep = torch.full((1, 1, part.size(1)), keep or 0.0, dtype=part.dtype)
         keeps.append(keep)
     return mask, keeps[0], keeps[-1]
 
@@ -415,7 +571,7 @@ def run_direction(
     w_ih, w_hh, b_ih, b_hh = weights[:4]
     hidden = w_hh.size(1)
     reset_after = mode == "GRU" and spec.reset_after
-    b_hn = torch.zeros(hidden, dtype=x.dtype)
+    b_hn = None
     bias = None
     if b_ih is not None:
         if reset_after:
@@ -428,10 +584,12 @@ def run_direction(
         xp = reverse_padded(xp, lengths)
     h0, c0 = state[0], (state[1] if mode == "LSTM" else None)
     mask, keep_h, keep_c = _masks(spec, tuple(state), x.size(0))
-    if lengths is not None:
-        lengths = lengths.to("cpu", torch.int64).contiguous()
+    if lengths is None:
+        kernel_lengths = torch.full((x.size(1),), x.size(0), dtype=torch.int64)
+    else:
+        lengths = kernel_lengths = lengths.to("cpu", torch.int64).contiguous()
     output, h_n, c_n = RegularizedFunction.apply(
-        xp, h0, c0, w_hh, b_hn, lengths, mask, keep_h, keep_c, spec.mode, reset_after
+        xp, h0, c0, w_hh, b_hn, kernel_lengths, mask, keep_h, keep_c, spec.mode, reset_after
     )
     if reverse:
         output = reverse_padded(output, lengths)
