@@ -15,9 +15,10 @@ layer with backend="reference" (the cell's step in a Python autograd loop; targe
 5x faster on the training step, geometric mean) and against torch.nn.LSTM / torch.nn.GRU of the
 same size (no layer norm; target: fused within 1.3x of it).
 
-regularized: LSTM / GRU / RNN in training mode with recurrent_dropout=0.25 and zoneout=0.1,
-the fused kernels of rnnkit.kernels.cpu.regularized against the same layers' autograd loop and
-against torch.nn's plain layer of the same size (no regularisers), with the same two targets.
+regularized: LSTM / GRU / RNN and LayerNormLSTM / LayerNormGRU in training mode with
+recurrent_dropout=0.25 and zoneout=0.1, the fused kernels of rnnkit.kernels.cpu.regularized (and
+layer_norm) against the same layers' autograd loop and against torch.nn's plain layer of the same
+size (no regularisers, no layer norm), with the same two targets.
 
 Prints a table per section, writes JSON; asserts no times.
 """
@@ -86,6 +87,8 @@ REGULARIZED_VARIANTS = {
     "reg_lstm": (rnnkit.LSTM, torch.nn.LSTM, REGULARIZERS),
     "reg_gru": (rnnkit.GRU, torch.nn.GRU, REGULARIZERS),
     "reg_rnn": (rnnkit.RNN, torch.nn.RNN, REGULARIZERS),
+    "reg_ln_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM, REGULARIZERS),
+    "reg_ln_gru": (rnnkit.LayerNormGRU, torch.nn.GRU, REGULARIZERS),
 }
 
 
@@ -152,7 +155,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
 # -- output ------------------------------------------------------------------------------------
 def print_section(name: str, result: dict) -> None:
     columns, ratios = result["columns"], list(result["ratios"])
-    header = f"{'variant':<9} {'B,T,I,H':<16} {'mode':<9} " + " ".join(
+    header = f"{'variant':<11} {'B,T,I,H':<16} {'mode':<9} " + " ".join(
         f"{column + ' ms':>16}" for column in columns
     )
     header += " " + " ".join(f"{ratio:>18}" for ratio in ratios)
@@ -170,7 +173,7 @@ def print_section(name: str, result: dict) -> None:
             f"{row[ratio]:>17.2f}x" if ratio in row else f"{'-':>18}" for ratio in ratios
         ]
         print(
-            f"{row['variant']:<9} {','.join(map(str, row['config'])):<16} {row['mode']:<9} "
+            f"{row['variant']:<11} {','.join(map(str, row['config'])):<16} {row['mode']:<9} "
             + " ".join(cells)
             + " "
             + " ".join(ratio_cells)

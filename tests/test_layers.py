@@ -489,11 +489,25 @@ def test_spec_follows_the_attributes_it_is_built_from(change):
     assert layer.spec != spec
 
 
-def test_train_and_eval_switch_the_backend_of_a_training_only_regulariser():
-    layer = rnnkit.LayerNormLSTM(3, 4, recurrent_dropout=0.3)
+def test_train_and_eval_switch_the_kernel_of_a_training_only_regulariser(monkeypatch):
+    # Recurrent dropout acts in training only: each call must run the kernel of the layer's
+    # current mode (the regularised one in training, the plain LSTM's in eval).
+    from rnnkit.kernels.cpu import lstm, regularized
+
+    calls = []
+    for module in (regularized, lstm):
+        original = module.run_direction
+
+        def counted(*args, _original=original, _name=module.__name__, **kwargs):
+            calls.append(_name.rsplit(".", 1)[-1])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "run_direction", counted)
+    layer = rnnkit.LSTM(3, 4, proj_size=2, recurrent_dropout=0.3)
     x = torch.randn(5, 2, 3)
-    assert "recurrent_dropout=0.3 in training" in rnnkit.explain_backend(layer, x)
+    layer(x)
     layer.eval()
-    assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+    layer(x)
     layer.train()
-    assert "recurrent_dropout=0.3 in training" in rnnkit.explain_backend(layer, x)
+    layer(x)
+    assert calls == ["regularized", "lstm", "regularized"]

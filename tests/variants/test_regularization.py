@@ -153,10 +153,7 @@ def test_zoneout_eval_layer_matches_the_expectation_equations(cls):
     layer = cls(3, 4, dtype=DOUBLE, zoneout=(0.2, 0.5)).eval()
     x = torch.randn(6, 2, 3, dtype=DOUBLE)
     output, (h_n, c_n) = layer(x)
-    if cls is LayerNormLSTM:
-        assert "zoneout" in rnnkit.explain_backend(layer, x)
-    else:
-        assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+    assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
     step = rnnkit.scan.step_function(layer.spec)
     h = c = torch.zeros(2, 4, dtype=DOUBLE)
     for t in range(6):
@@ -206,16 +203,17 @@ def test_gru_recurrent_dropout_drops_the_matmul_input_but_carries_the_whole_stat
         torch.testing.assert_close(output[t], h, atol=1e-12, rtol=0)
 
 
-def test_explicit_cpu_backend_refuses_in_loop_regularisers_only_where_it_has_no_kernel():
+def test_explicit_cpu_backend_runs_every_in_loop_regulariser():
     x = torch.randn(3, 2, 3)
     assert rnnkit.GRU(3, 4, backend="cpu", recurrent_dropout=0.2)(x)[0].shape == (3, 2, 4)
-    layer = LayerNormGRU(3, 4, backend="cpu", recurrent_dropout=0.2)
-    with pytest.raises(RuntimeError, match="recurrent_dropout=0.2 in training: no fused kernel"):
-        layer(x)
+    # The layer-normalised cells have theirs (rnnkit.kernels.cpu.layer_norm), in both modes.
+    layer = LayerNormGRU(3, 4, backend="cpu", recurrent_dropout=0.2, zoneout=0.1)
+    assert layer(x)[0].shape == (3, 2, 4)
     layer.eval()
     assert layer(x)[0].shape == (3, 2, 4)
-    projected = rnnkit.LSTM(3, 4, proj_size=2, zoneout=0.1)
-    assert "no fused kernel for it with proj_size > 0" in rnnkit.explain_backend(projected, x)
+    projected = rnnkit.LSTM(3, 4, proj_size=2, zoneout=0.1, backend="cpu")
+    assert rnnkit.explain_backend(projected, x) == "backend='cpu' was requested"
+    assert projected(x)[0].shape == (3, 2, 2)
 
 
 def test_options_are_validated_and_shown():

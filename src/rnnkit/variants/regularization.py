@@ -17,9 +17,10 @@ Dropout masks are scaled by 1 / (1 - p), so that they are the identity in expect
 them are off in eval mode (zoneout takes its expectation form there). input_dropout and
 weight_drop act outside the recurrence and run with every fused kernel; recurrent_dropout in
 training and zoneout act inside it: the CPU backend runs them for RNN, LSTM and GRU in kernels of
-their own (rnnkit.kernels.cpu.regularized, same masks as the reference loop for the same seed),
-and the other cases (layer-normalised cells, proj_size, the GPU) run the reference loop, which
-`rnnkit.explain_backend` says.
+their own (rnnkit.kernels.cpu.regularized) and for the layer-normalised cells in theirs
+(rnnkit.kernels.cpu.layer_norm), with the same masks as the reference loop for the same seed;
+the GPU backend has none and leaves them to the reference loop, which `rnnkit.explain_backend`
+says.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from rnnkit.kernels.cpu import regularized
 
 CELLS = {
     "lstm": (rnnkit.LSTM, {}),
+    "lstm_proj": (rnnkit.LSTM, {"proj_size": 3}),
     "gru": (rnnkit.GRU, {}),
     "gru_reset_before": (rnnkit.GRU, {"reset_after": False}),
     "rnn_tanh": (rnnkit.RNN, {}),
@@ -37,10 +38,22 @@ def outputs_and_gradients(layer, x, hx, lengths, seed):
     return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
 
 
+def initial_state(cell, batch, dtype=torch.float64):
+    """hx for make_pair's layers (2 layers, both directions, H = 5): (h0, c0) for the LSTMs,
+    h0 of the projection's size where there is one."""
+
+    def make(size):
+        return torch.randn(4, batch, size, dtype=dtype, requires_grad=True)
+
+    if cell.startswith("lstm"):
+        return make(CELLS[cell][1].get("proj_size", 5)), make(5)
+    return make(5)
+
+
 def make_pair(cell, rates, dtype):
     layer_class, options = CELLS[cell]
     recurrent_dropout, zoneout = rates
-    if cell != "lstm" and isinstance(zoneout, tuple):
+    if not cell.startswith("lstm") and isinstance(zoneout, tuple):
         zoneout = zoneout[0]
     options = options | {
         "num_layers": 2,
@@ -64,8 +77,7 @@ def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, tra
     fused.train(training)
     reference.train(training)
     x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
-    make = lambda: torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    hx = (make(), make()) if cell == "lstm" else make()
+    hx = initial_state(cell, 4)
     lengths = torch.tensor([6, 2, 5, 1])
     got = outputs_and_gradients(fused, x, hx, lengths, seed=11)
     expected = outputs_and_gradients(reference, x, hx, lengths, seed=11)
@@ -78,8 +90,7 @@ def test_matches_the_reference_loop_float32_batch_first_without_lengths(cell):
     fused, reference = make_pair(cell, (0.3, (0.2, 0.3)), torch.float32)
     fused.batch_first = reference.batch_first = True
     x = torch.randn(3, 40, 3, requires_grad=True)
-    make = lambda: torch.randn(4, 3, 5, requires_grad=True)  # noqa: E731
-    hx = (make(), make()) if cell == "lstm" else make()
+    hx = initial_state(cell, 3, torch.float32)
     got = outputs_and_gradients(fused, x, hx, None, seed=5)
     expected = outputs_and_gradients(reference, x, hx, None, seed=5)
     for index, (a, b) in enumerate(zip(got, expected)):
@@ -98,27 +109,26 @@ def test_auto_runs_the_fused_kernel_and_the_masks_act():
     assert torch.equal(layer(x)[0], layer(x)[0])  # eval: zoneout's expectation, no randomness
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "gru_reset_before", "rnn_tanh"])
 def test_gradcheck_with_fixed_masks(cell):
     layer_class, options = CELLS[cell]
-    layer = layer_class(2, 3, dtype=torch.float64, recurrent_dropout=0.3, zoneout=0.2, **options)
+    layer = layer_class(2, 4, dtype=torch.float64, recurrent_dropout=0.3, zoneout=0.2, **options)
     spec = layer.spec
-    w_ih, w_hh, b_ih, b_hh = layer.cell_weights(0, 0)[:4]
+    weights = [w for w in layer.cell_weights(0, 0) if w is not None]  # W_hr after the four
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, options.get("proj_size", 4), dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([4, 2, 3])
-    states = (h0, c0) if cell == "lstm" else (h0,)
+    states = (h0, c0) if cell.startswith("lstm") else (h0,)
     for reverse in (False, True):
 
-        def function(x, w_ih, w_hh, b_ih, b_hh, *state, reverse=reverse):
+        def function(*inputs, reverse=reverse):
             torch.manual_seed(7)  # the same masks at every evaluation
-            output, final = regularized.run_direction(
-                spec, x, state, (w_ih, w_hh, b_ih, b_hh), lengths, reverse
-            )
+            x, used, state = inputs[0], inputs[1 : 1 + len(weights)], inputs[-len(states) :]
+            output, final = regularized.run_direction(spec, x, state, used, lengths, reverse)
             return (output, *final)
 
-        assert torch.autograd.gradcheck(function, (x, w_ih, w_hh, b_ih, b_hh, *states))
+        assert torch.autograd.gradcheck(function, (x, *weights, *states))
 
 
 TORCH_CELLS = {
@@ -174,8 +184,7 @@ def test_batch_parts_match_the_reference_loop(cell, monkeypatch):
     monkeypatch.setattr(regularized, "_batch_parts", lambda batch, step_work: parts)
     fused, reference = make_pair(cell, (0.3, (0.2, 0.4)), torch.float64)
     x = torch.randn(9, 7, 3, dtype=torch.float64, requires_grad=True)
-    make = lambda: torch.randn(4, 7, 5, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    hx = (make(), make()) if cell == "lstm" else make()
+    hx = initial_state(cell, 7)
     lengths = torch.tensor([9, 2, 5, 1, 9, 4, 7])
     got = outputs_and_gradients(fused, x, hx, lengths, seed=13)
     expected = outputs_and_gradients(reference, x, hx, lengths, seed=13)

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from rnnkit.kernels.cpu import gru, layer_norm, lstm, regularized, rnn
 from rnnkit.spec import LayerSpec
-from rnnkit.variants.regularization import in_loop_regularizers
 
 # Compiling the layer-norm kernels, which inline the GRU file's tanh overload, trips one of
 # numba's internal "pedantic" SSA checks (numba 0.68): a note for numba's developers, printed to
@@ -36,11 +35,6 @@ class CPUBackend:
             return f"input is on {x.device}, not the CPU"
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not float32 or float64"
-        if regularized.active(spec):
-            if spec.mode not in regularized.CELLS:
-                return f"{in_loop_regularizers(spec)}: no fused kernel for {spec.mode} with it"
-            if spec.proj_size > 0:
-                return f"{in_loop_regularizers(spec)}: no fused kernel for it with proj_size > 0"
         return None
 
     def run_layer(
@@ -56,12 +50,12 @@ class CPUBackend:
         outputs, finals = [], []
         for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
             reverse = direction == 1
-            if regularized.active(spec):
-                output, final = regularized.run_direction(
+            if spec.mode in _LAYER_NORM_MODES:  # with or without in-loop regularisers
+                output, final = layer_norm.run_direction(
                     spec, x, state, tuple(direction_weights), lengths, reverse
                 )
-            elif spec.mode in _LAYER_NORM_MODES:
-                output, final = layer_norm.run_direction(
+            elif regularized.active(spec):
+                output, final = regularized.run_direction(
                     spec, x, state, tuple(direction_weights), lengths, reverse
                 )
             elif spec.mode == "LSTM":

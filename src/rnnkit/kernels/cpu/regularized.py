@@ -171,26 +171,34 @@ def _rnn_backward(
 
 @_jit
 def _lstm_forward(
-    xp, h, c, w_hh, lengths, mask, keep_h, keep_c, use_packing, first, last, out, gates,
-    tanh_cand, c_prev, hm_all,
+    xp, h, c, w_hh, w_hr, lengths, mask, keep_h, keep_c, use_packing, first, last, out, gates,
+    tanh_cand, c_prev, hm_all, projected_all,
 ):  # fmt: skip
-    """xp (T, B, 4H) in torch's gate order (i, f, g, o); h, c: initial in, final out; saves the
-    gate activations, tanh(c~), the cell each step started from, and hm."""
-    steps, _, hidden = out.shape
+    """xp (T, B, 4H) in torch's gate order (i, f, g, o); h (B, P), c (B, H): initial in, final
+    out; w_hr (P, H), or (0, 0) without a projection (P = H). Saves the gate activations,
+    tanh(c~), the cell each step started from, hm, and (with a projection) o * tanh(c~), the
+    projection's input, in projected_all (T, B, H)."""
+    steps, _, hidden = c_prev.shape
     batch = last - first
+    project = w_hr.shape[0] > 0
     work = blas.workspace(xp)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
-    new_h = np.empty(hidden, xp.dtype)
+    hr, hr_transposed, hr_packed = blas.prepare_weight(batch, w_hr, True, use_packing, work)
     new_c = np.empty(hidden, xp.dtype)
+    # The new h before zoneout: o * tanh(c~), then (with a projection) its product with W_hr.
+    unprojected = np.empty((batch, hidden), xp.dtype)
+    new_h = np.empty((batch, h.shape[1]), xp.dtype) if project else unprojected
     for s in range(steps):
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         step_gates = gates[s, first:last]
         blas.gemm_weight(hm, hh, hh_transposed, packed, step_gates, False, work)
+        step_unprojected = projected_all[s, first:last] if project else unprojected
         for b in range(batch):
             sequence = first + b
             if s >= lengths[sequence]:
                 out[s, sequence, :] = 0
+                step_unprojected[b, :] = 0  # a product input: no stale values
                 continue
             # Loops over whole rows from 0, each writing one array, so that LLVM vectorises them.
             row, pre = step_gates[b], xp[s, sequence]
@@ -199,53 +207,72 @@ def _lstm_forward(
             _gate_activations(row, hidden)
             gate_i, gate_f = row[:hidden], row[hidden : 2 * hidden]
             gate_g, gate_o = row[2 * hidden : 3 * hidden], row[3 * hidden :]
-            c_row, tanh_row = c[sequence], tanh_cand[s, sequence]
+            c_row, tanh_row, u_row = c[sequence], tanh_cand[s, sequence], step_unprojected[b]
             blas.copy_vector(c_row, c_prev[s, sequence])
             for j in range(hidden):
                 new_c[j] = gate_f[j] * c_row[j] + gate_i[j] * gate_g[j]
             for j in range(hidden):
                 tanh_row[j] = _tanh(new_c[j])
             for j in range(hidden):
-                new_h[j] = gate_o[j] * tanh_row[j]
+                u_row[j] = gate_o[j] * tanh_row[j]
             _zone_out(c_row, _keep_row(keep_c, s, sequence), new_c)
-            _zone_out(h[sequence], _keep_row(keep_h, s, sequence), new_h)
-            blas.copy_vector(h[sequence], out[s, sequence])
+        if project:
+            blas.gemm_weight(step_unprojected, hr, hr_transposed, hr_packed, new_h, False, work)
+        for b in range(batch):
+            sequence = first + b
+            if s < lengths[sequence]:
+                _zone_out(h[sequence], _keep_row(keep_h, s, sequence), new_h[b])
+                blas.copy_vector(h[sequence], out[s, sequence])
 
 
 @_jit
 def _lstm_backward(
-    d_out, dh, dc, w_hh, lengths, mask, keep_h, keep_c, gates, tanh_cand, c_prev, use_packing,
-    first, last, d_pre,
+    d_out, dh, dc, w_hh, w_hr, lengths, mask, keep_h, keep_c, gates, tanh_cand, c_prev,
+    use_packing, first, last, d_pre, d_projected_all,
 ):  # fmt: skip
-    """dh, dc: dL/d(h_n, c_n) in, dL/d(h0, c0) out; d_pre (T, B, 4H), zero at padding."""
-    steps, _, hidden = d_out.shape
+    """dh (B, P), dc (B, H): dL/d(h_n, c_n) in, dL/d(h0, c0) out; d_pre (T, B, 4H), zero at
+    padding; with a projection (w_hr (P, H)), d_projected_all (T, B, P) gets dL/d(W_hr u) of
+    every step (zero at padding), for dW_hr."""
+    steps, _, hidden = c_prev.shape
     batch = last - first
+    project = w_hr.shape[0] > 0
     work = blas.workspace(d_out)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    hr, hr_transposed, hr_packed = blas.prepare_weight(batch, w_hr, False, use_packing, work)
     one = _one(d_out)
-    d_new_h = np.empty(hidden, d_out.dtype)
     d_new_c = np.empty(hidden, d_out.dtype)
-    recurrent = np.empty((batch, hidden), d_out.dtype)
+    # dL/d(the new h before zoneout), then (with a projection) through W_hr to o * tanh(c~).
+    d_unprojected = np.empty((batch, hidden), d_out.dtype)
+    recurrent = np.empty((batch, dh.shape[1]), d_out.dtype)
     for s in range(steps - 1, -1, -1):
         step_d = d_pre[s, first:last]
+        step_d_new_h = d_projected_all[s, first:last] if project else d_unprojected
+        for b in range(batch):
+            sequence = first + b
+            if s >= lengths[sequence]:
+                step_d_new_h[b, :] = 0
+                continue
+            keep = _keep_row(keep_h, s, sequence)
+            _split_by_zoneout(d_out[s, sequence], dh[sequence], keep, step_d_new_h[b])
+        if project:
+            blas.gemm_weight(step_d_new_h, hr, hr_transposed, hr_packed, d_unprojected, False, work)
         for b in range(batch):
             sequence = first + b
             if s >= lengths[sequence]:
                 step_d[b, :] = 0
                 continue
-            keep = _keep_row(keep_h, s, sequence)
-            _split_by_zoneout(d_out[s, sequence], dh[sequence], keep, d_new_h)
             row, tanh_row, c_before = (
                 gates[s, sequence],
                 tanh_cand[s, sequence],
                 c_prev[s, sequence],
             )
+            d_u = d_unprojected[b]
             gate_i, gate_f = row[:hidden], row[hidden : 2 * hidden]
             gate_g, gate_o = row[2 * hidden : 3 * hidden], row[3 * hidden :]
             keep, dc_row, d_row = _keep_row(keep_c, s, sequence), dc[sequence], step_d[b]
             for j in range(hidden):
                 t = tanh_row[j]
-                d_new_c[j] = (one - keep[j]) * dc_row[j] + d_new_h[j] * gate_o[j] * (one - t * t)
+                d_new_c[j] = (one - keep[j]) * dc_row[j] + d_u[j] * gate_o[j] * (one - t * t)
             for j in range(hidden):
                 dc_row[j] = keep[j] * dc_row[j] + d_new_c[j] * gate_f[j]
             d_i, d_f = d_row[:hidden], d_row[hidden : 2 * hidden]
@@ -257,7 +284,7 @@ def _lstm_backward(
             for j in range(hidden):
                 d_g[j] = d_new_c[j] * gate_i[j] * (one - gate_g[j] * gate_g[j])
             for j in range(hidden):
-                d_o[j] = d_new_h[j] * tanh_row[j] * gate_o[j] * (one - gate_o[j])
+                d_o[j] = d_u[j] * tanh_row[j] * gate_o[j] * (one - gate_o[j])
         blas.gemm_weight(step_d, hh, hh_transposed, packed, recurrent, False, work)
         _add_dropped(dh, recurrent, mask, lengths, s, first)
 
@@ -403,6 +430,15 @@ def _gru_backward(
 # torch glue.
 
 
+# The kernels' stand-in for an absent array (no projection), per dtype.
+_EMPTY = {dtype: torch.empty(0, 0, 0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+
+
+def _projection(w_hr: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """W_hr (P, H) as the LSTM kernels take it: (0, 0) without a projection."""
+    return np.empty((0, 0), _EMPTY[dtype].numpy().dtype) if w_hr is None else _array(w_hr)
+
+
 def _rows(tensor: Tensor) -> Tensor:
     """(T, B, K) -> (T * B, K)."""
     return tensor.reshape(-1, tensor.size(-1))
@@ -429,9 +465,11 @@ class RegularizedFunction(torch.autograd.Function):
     """One direction's recurrence with its masks: (T, B, G*H) projections -> (T, B, H) output."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_hh, b_hn, lengths, mask, keep_h, keep_c, mode, reset_after):
+    def forward(
+        ctx, xp, h0, c0, w_hh, w_hr, b_hn, lengths, mask, keep_h, keep_c, mode, reset_after
+    ):
         steps, batch, _ = xp.shape
-        hidden = w_hh.size(1)
+        hidden = w_hh.size(1)  # the state's size: the LSTM's projection size when it has one
         dtype = xp.dtype
         xp_array = _array(xp)
         h = h0.detach().clone(memory_format=torch.contiguous_format)
@@ -443,12 +481,19 @@ class RegularizedFunction(torch.autograd.Function):
         lengths_array = lengths.numpy()
         masks = (_array(mask), _array(keep_h))
         if mode == "LSTM":
+            cell = w_hh.size(0) // 4
             c = c0.detach().clone(memory_format=torch.contiguous_format)
-            gates = torch.empty(steps, batch, 4 * hidden, dtype=dtype)
-            tanh_cand, c_prev = torch.empty_like(out), torch.empty_like(out)
-            arguments = (xp_array, h.numpy(), c.numpy(), w, lengths_array, *masks, _array(keep_c))
-            results = (out, gates, tanh_cand, c_prev, hm)
-            saved = (gates, tanh_cand, c_prev)
+            gates = torch.empty(steps, batch, 4 * cell, dtype=dtype)
+            tanh_cand = torch.empty(steps, batch, cell, dtype=dtype)
+            c_prev = torch.empty_like(tanh_cand)
+            # With a projection, its input o * tanh(c~) of every step, for dW_hr.
+            projected = torch.empty_like(tanh_cand) if w_hr is not None else _EMPTY[dtype]
+            arguments = (
+                xp_array, h.numpy(), c.numpy(), w, _projection(w_hr, dtype), lengths_array,
+                *masks, _array(keep_c),
+            )  # fmt: skip
+            results = (out, gates, tanh_cand, c_prev, hm, projected)
+            saved = (gates, tanh_cand, c_prev, projected, w_hr)
             kernel = _lstm_forward
         elif mode == "GRU":
             c = None
@@ -493,19 +538,23 @@ class RegularizedFunction(torch.autograd.Function):
         lengths_array = lengths.numpy()
         masks = (_array(mask), _array(keep_h))
         d_pre = torch.empty(
-            steps, batch, (4 if ctx.mode in ("LSTM", "GRU") else 1) * hidden, dtype=dtype
+            steps, batch, w_hh.size(0) if ctx.mode != "GRU" else 4 * hidden, dtype=dtype
         )
         dc = None
         d_b_hn = None
+        d_w_hr = None
+        results = (d_pre,)
         if ctx.mode == "LSTM":
-            gates, tanh_cand, c_prev = saved
-            dc = torch.zeros(batch, hidden, dtype=dtype)
+            gates, tanh_cand, c_prev, projected, w_hr = saved
+            dc = torch.zeros(batch, tanh_cand.size(2), dtype=dtype)
             if d_c_n is not None:
                 dc.copy_(d_c_n)
             arguments = (
-                d_out.numpy(), dh.numpy(), dc.numpy(), w, lengths_array, *masks, _array(keep_c),
-                gates.numpy(), tanh_cand.numpy(), c_prev.numpy(),
+                d_out.numpy(), dh.numpy(), dc.numpy(), w, _projection(w_hr, dtype), lengths_array,
+                *masks, _array(keep_c), gates.numpy(), tanh_cand.numpy(), c_prev.numpy(),
             )  # fmt: skip
+            d_projected = torch.empty_like(hm) if w_hr is not None else _EMPTY[dtype]
+            results = (d_pre, d_projected)
             kernel = _lstm_backward
         elif ctx.mode == "GRU":
             gates, h0, out, rhm = saved
@@ -521,7 +570,7 @@ class RegularizedFunction(torch.autograd.Function):
                 cand.numpy(),
             )  # fmt: skip
             kernel = _rnn_backward
-        _run(kernel, (*arguments, ctx.use_packing), ctx.parts, (d_pre.numpy(),))
+        _run(kernel, (*arguments, ctx.use_packing), ctx.parts, tuple(t.numpy() for t in results))
         hm_rows = _rows(hm)
         if ctx.mode == "GRU":
             d_xp = d_pre[..., : 3 * hidden]
@@ -529,7 +578,7 @@ class RegularizedFunction(torch.autograd.Function):
             torch.mm(_rows(d_pre[..., : 2 * hidden]).T, hm_rows, out=d_w_hh[: 2 * hidden])
             if ctx.reset_after:
                 d_n, n_input = d_pre[..., 3 * hidden :], hm_rows
-                if ctx.needs_input_grad[4]:
+                if ctx.needs_input_grad[5]:
                     d_b_hn = d_n.sum((0, 1))
             else:
                 d_n, n_input = d_pre[..., 2 * hidden : 3 * hidden], _rows(saved[3])
@@ -537,7 +586,9 @@ class RegularizedFunction(torch.autograd.Function):
         else:
             d_xp = d_pre
             d_w_hh = _rows(d_pre).T @ hm_rows
-        return d_xp, dh, dc, d_w_hh, d_b_hn, None, None, None, None, None, None
+            if ctx.mode == "LSTM" and saved[4] is not None:
+                d_w_hr = _rows(d_projected).T @ _rows(saved[3])
+        return d_xp, dh, dc, d_w_hh, d_w_hr, d_b_hn, None, None, None, None, None, None
 
 
 def _masks(spec: LayerSpec, state: tuple[Tensor, ...], steps: int):
@@ -566,9 +617,10 @@ def run_direction(
     """(T, B, I) input, (h0,) or (h0, c0) -> (T, B, H) output, final state, with the spec's
     recurrent dropout and zoneout."""
     mode = "RNN" if spec.mode.startswith("RNN") else spec.mode
-    if spec.mode not in CELLS or spec.proj_size > 0:
-        raise ValueError(f"no regularised kernel for {spec.mode} with proj_size={spec.proj_size}")
+    if spec.mode not in CELLS:
+        raise ValueError(f"no regularised kernel for {spec.mode}")
     w_ih, w_hh, b_ih, b_hh = weights[:4]
+    w_hr = weights[4] if mode == "LSTM" and spec.proj_size > 0 else None
     hidden = w_hh.size(1)
     reset_after = mode == "GRU" and spec.reset_after
     b_hn = None
@@ -589,7 +641,7 @@ def run_direction(
     else:
         lengths = kernel_lengths = lengths.to("cpu", torch.int64).contiguous()
     output, h_n, c_n = RegularizedFunction.apply(
-        xp, h0, c0, w_hh, b_hn, kernel_lengths, mask, keep_h, keep_c, spec.mode, reset_after
+        xp, h0, c0, w_hh, w_hr, b_hn, kernel_lengths, mask, keep_h, keep_c, spec.mode, reset_after
     )
     if reverse:
         output = reverse_padded(output, lengths)
