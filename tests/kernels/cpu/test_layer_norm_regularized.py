@@ -37,19 +37,6 @@ def make_pair(cell, rates, dtype, hidden=5, **options):
     return fused, reference
 
 
-def outputs_and_gradients(layer, x, hx, lengths, seed):
-    """[output, *final state, dL/dx, dL/dhx..., dL/dparameter...] for a fixed random loss."""
-    torch.manual_seed(seed)
-    output, state = layer(x, hx, lengths=lengths)
-    states = state if isinstance(state, tuple) else (state,)
-    generator = torch.Generator().manual_seed(3)
-    loss = (output * torch.randn(output.shape, generator=generator, dtype=x.dtype)).sum()
-    for part in states:
-        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=x.dtype)).sum()
-    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
-    return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
-
-
 def initial_state(cell, layers, batch, hidden, dtype):
     make = lambda: torch.randn(layers, batch, hidden, dtype=dtype, requires_grad=True)  # noqa: E731
     return (make(), make()) if cell == "ln_lstm" else make()
@@ -58,7 +45,9 @@ def initial_state(cell, layers, batch, hidden, dtype):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("rates", RATES.values(), ids=RATES.keys())
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, training):
+def test_matches_the_reference_loop_with_the_same_masks_float64(
+    cell, rates, training, outputs_and_gradients
+):
     fused, reference = make_pair(cell, rates, torch.float64, num_layers=2, bidirectional=True)
     fused.train(training)
     reference.train(training)
@@ -75,7 +64,9 @@ def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, tra
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_the_reference_loop_float32_batch_first_without_lengths(cell):
+def test_matches_the_reference_loop_float32_batch_first_without_lengths(
+    cell, outputs_and_gradients
+):
     # 32 units: normalising a few units in float32 can divide by a tiny standard deviation.
     fused, reference = make_pair(cell, RATES["both"], torch.float32, hidden=32, batch_first=True)
     x = torch.randn(3, 40, 3, requires_grad=True)
@@ -109,7 +100,9 @@ def test_the_path_without_gradients_matches_the_reference_loop(cell, training):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_batch_split_over_threads_matches_the_reference_loop(cell, monkeypatch):
+def test_batch_split_over_threads_matches_the_reference_loop(
+    cell, monkeypatch, outputs_and_gradients
+):
     # Thresholds lowered so that two torch threads run this small batch as two parts, each on
     # its rows of the masks.
     threads = torch.get_num_threads()

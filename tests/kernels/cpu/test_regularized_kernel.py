@@ -26,18 +26,6 @@ CELLS = {
 RATES = [(0.3, 0.0), (0.0, 0.25), (0.35, (0.2, 0.4))]
 
 
-def outputs_and_gradients(layer, x, hx, lengths, seed):
-    torch.manual_seed(seed)
-    output, state = layer(x, hx, lengths=lengths)
-    states = state if isinstance(state, tuple) else (state,)
-    generator = torch.Generator().manual_seed(3)
-    loss = (output * torch.randn(output.shape, generator=generator, dtype=x.dtype)).sum()
-    for part in states:
-        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=x.dtype)).sum()
-    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
-    return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
-
-
 def initial_state(cell, batch, dtype=torch.float64):
     """hx for make_pair's layers (2 layers, both directions, H = 5): (h0, c0) for the LSTMs,
     h0 of the projection's size where there is one."""
@@ -72,7 +60,9 @@ def make_pair(cell, rates, dtype):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("rates", RATES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, training):
+def test_matches_the_reference_loop_with_the_same_masks_float64(
+    cell, rates, training, outputs_and_gradients
+):
     fused, reference = make_pair(cell, rates, torch.float64)
     fused.train(training)
     reference.train(training)
@@ -86,7 +76,9 @@ def test_matches_the_reference_loop_with_the_same_masks_float64(cell, rates, tra
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_the_reference_loop_float32_batch_first_without_lengths(cell):
+def test_matches_the_reference_loop_float32_batch_first_without_lengths(
+    cell, outputs_and_gradients
+):
     fused, reference = make_pair(cell, (0.3, (0.2, 0.3)), torch.float32)
     fused.batch_first = reference.batch_first = True
     x = torch.randn(3, 40, 3, requires_grad=True)
@@ -177,7 +169,7 @@ def test_kernels_with_identity_masks_match_torch_nn(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_batch_parts_match_the_reference_loop(cell, monkeypatch):
+def test_batch_parts_match_the_reference_loop(cell, monkeypatch, outputs_and_gradients):
     """Uneven parts of the batch (as run concurrently with several torch threads) give the
     reference loop's numbers: each part walks its own rows of the shared arrays."""
     parts = [slice(0, 1), slice(1, 4), slice(4, 7)]
