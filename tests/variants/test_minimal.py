@@ -283,6 +283,7 @@ def test_cpu_parallel_mode_matches_reference_sequential_mode(
 
     if split:
         monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+        monkeypatch.setattr(minimal_kernel, "_MIN_FORWARD_ELEMENTS_PER_THREAD", 1)
         monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
         monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
     torch.manual_seed(8)
@@ -306,6 +307,7 @@ def test_chunks_of_time_only_in_the_cpu_parallel_mode(cls, monkeypatch):
     from rnnkit.kernels.cpu import minimal as minimal_kernel
 
     monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(minimal_kernel, "_MIN_FORWARD_ELEMENTS_PER_THREAD", 1)
     monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
     monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
     calls = []

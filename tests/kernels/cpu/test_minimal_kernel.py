@@ -150,6 +150,7 @@ def test_gradients_at_padded_steps_are_exactly_zero(cell, dtype):
 def split_everything(monkeypatch):
     """Tiny thresholds, so that tiny inputs run as batch parts or chunks of time."""
     monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(minimal_kernel, "_MIN_FORWARD_ELEMENTS_PER_THREAD", 1)
     monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
 
 
@@ -304,5 +305,8 @@ def test_chunk_count_follows_threads_and_sizes(monkeypatch):
     assert minimal_kernel.chunk_count(4096, 1, 128) == 4
     assert minimal_kernel.chunk_count(40, 16, 128) == 2  # 16 steps a chunk at least
     assert minimal_kernel.chunk_count(4096, 1, 4) == 1  # too little work to start a thread
+    assert minimal_kernel.chunk_count(1024, 1, 128) == 4
+    assert minimal_kernel.chunk_count(1024, 1, 128, forward=True) == 1  # the forward pays later
+    assert minimal_kernel.chunk_count(4096, 1, 128, forward=True) == 2
     monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
     assert minimal_kernel.chunk_count(4096, 1, 128) == 1
