@@ -89,6 +89,22 @@ def _split_by_zoneout(d_out, dh, keep, d_new):
 
 
 @_jit
+def _zoneout_rows(d_out, dh, keep, lengths, step, first, d_new, step_d):
+    """A step of a part's rows, backward through zoneout: d_new[b] = (1 - k) (dL/dout + dh)
+    reaches the cell's new state and dh keeps k (dL/dout + dh); a row padded at this step gets
+    d_new[b] = 0 and step_d[b] = 0, its pre-activations' gradient."""
+    for b in range(d_new.shape[0]):
+        sequence = first + b
+        if step >= lengths[sequence]:
+            d_new[b, :] = 0
+            step_d[b, :] = 0
+            continue
+        _split_by_zoneout(
+            d_out[step, sequence], dh[sequence], _keep_row(keep, step, sequence), d_new[b]
+        )
+
+
+@_jit
 def _add_dropped(dh, recurrent, mask, lengths, step, first):
     """dh[first + b] += recurrent[b] * m[first + b] on the rows valid at this step: the gradient
     through the recurrent products, which saw the dropped state h * m."""
@@ -148,23 +164,22 @@ def _rnn_backward(
     work = blas.workspace(d_out)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     one = _one(d_out)
-    d_new = np.empty(hidden, d_out.dtype)
+    d_new = np.empty((batch, hidden), d_out.dtype)
     recurrent = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
         step_d = d_pre[s, first:last]
+        _zoneout_rows(d_out, dh, keep, lengths, s, first, d_new, step_d)
         for b in range(batch):
             sequence = first + b
             if s >= lengths[sequence]:
-                step_d[b, :] = 0
                 continue
-            _split_by_zoneout(d_out[s, sequence], dh[sequence], _keep_row(keep, s, sequence), d_new)
-            new, d_row = cand[s, sequence], step_d[b]
+            new, d_row, d_new_row = cand[s, sequence], step_d[b], d_new[b]
             if relu:
                 for j in range(hidden):
-                    d_row[j] = d_new[j] if new[j] > 0 else d_new[j] * 0
+                    d_row[j] = d_new_row[j] if new[j] > 0 else d_new_row[j] * 0
             else:
                 for j in range(hidden):
-                    d_row[j] = d_new[j] * (one - new[j] * new[j])
+                    d_row[j] = d_new_row[j] * (one - new[j] * new[j])
         blas.gemm_weight(step_d, hh, hh_transposed, packed, recurrent, False, work)
         _add_dropped(dh, recurrent, mask, lengths, s, first)
 
@@ -247,19 +262,12 @@ def _lstm_backward(
     for s in range(steps - 1, -1, -1):
         step_d = d_pre[s, first:last]
         step_d_new_h = d_projected_all[s, first:last] if project else d_unprojected
-        for b in range(batch):
-            sequence = first + b
-            if s >= lengths[sequence]:
-                step_d_new_h[b, :] = 0
-                continue
-            keep = _keep_row(keep_h, s, sequence)
-            _split_by_zoneout(d_out[s, sequence], dh[sequence], keep, step_d_new_h[b])
+        _zoneout_rows(d_out, dh, keep_h, lengths, s, first, step_d_new_h, step_d)
         if project:
             blas.gemm_weight(step_d_new_h, hr, hr_transposed, hr_packed, d_unprojected, False, work)
         for b in range(batch):
             sequence = first + b
             if s >= lengths[sequence]:
-                step_d[b, :] = 0
                 continue
             row, tanh_row, c_before = (
                 gates[s, sequence],
@@ -372,17 +380,17 @@ def _gru_backward(
     rz, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, False, use_packing, work)
     wn, wn_transposed, wn_packed = blas.prepare_weight(batch, w_n, False, use_packing, work)
     one = _one(d_out)
-    d_new = np.empty(hidden, d_out.dtype)
+    d_new_rows = np.empty((batch, hidden), d_out.dtype)
     recurrent = np.empty((batch, hidden), d_out.dtype)
     d_rhm = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
         step_d = d_pre[s, first:last]
+        _zoneout_rows(d_out, dh, keep, lengths, s, first, d_new_rows, step_d)
         for b in range(batch):
             sequence = first + b
             if s >= lengths[sequence]:
-                step_d[b, :] = 0
                 continue
-            _split_by_zoneout(d_out[s, sequence], dh[sequence], _keep_row(keep, s, sequence), d_new)
+            d_new = d_new_rows[b]
             row, d_row, dh_row = gates[s, sequence], step_d[b], dh[sequence]
             h_prev = out[s - 1, sequence] if s > 0 else h0[sequence]
             gate_r, gate_z = row[:hidden], row[hidden : 2 * hidden]
