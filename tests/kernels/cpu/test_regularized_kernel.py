@@ -125,6 +125,7 @@ def test_gradcheck_with_fixed_masks(cell):
 
 TORCH_CELLS = {
     "lstm": torch.nn.LSTM,
+    "lstm_proj": lambda *args, **kw: torch.nn.LSTM(*args, proj_size=2, **kw),
     "gru": torch.nn.GRU,
     "rnn_tanh": lambda *args, **kw: torch.nn.RNN(*args, nonlinearity="tanh", **kw),
     "rnn_relu": lambda *args, **kw: torch.nn.RNN(*args, nonlinearity="relu", **kw),
@@ -139,18 +140,19 @@ def test_kernels_with_identity_masks_match_torch_nn(cell):
     theirs = TORCH_CELLS[cell](3, 5, dtype=torch.float64)
     mine = rnnkit.from_torch(theirs)
     spec = mine.spec
-    weights = mine.cell_weights(0, 0)[:4]
+    weights = [w for w in mine.cell_weights(0, 0) if w is not None]  # W_hr last, if any
     x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([6, 2, 5, 1])
-    h0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, spec.proj_size or 5, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    state = (h0, c0) if cell == "lstm" else (h0,)
+    lstm = cell.startswith("lstm")
+    state = (h0, c0) if lstm else (h0,)
     output, final = regularized.run_direction(spec, x, state, weights, lengths, reverse=False)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    hx = (h0[None], c0[None]) if cell == "lstm" else h0[None]
+    hx = (h0[None], c0[None]) if lstm else h0[None]
     expected_packed, expected_final = theirs(packed, hx)
     expected, _ = torch.nn.utils.rnn.pad_packed_sequence(expected_packed, total_length=6)
-    expected_final = expected_final if cell == "lstm" else (expected_final,)
+    expected_final = expected_final if lstm else (expected_final,)
     got = [output, *final]
     wanted = [expected, *(part[0] for part in expected_final)]
     for a, b in zip(got, wanted):
