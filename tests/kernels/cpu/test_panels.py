@@ -20,6 +20,10 @@ SHAPES = [
     (5, 513, 31),  # K one past two blocks, narrower than a panel
     (1, 300, 264),  # one row: two groups of four panels, K past one block, a partial panel
     (1, 64, 200),  # one row: one group of four panels, two single panels, a partial panel
+    (1, 64, 64),  # one row, two panels: K in two partial sums
+    (1, 7, 32),  # one row, one panel: K split in four with three steps left over
+    (1, 3, 96),  # one row, three panels: K shorter than its split
+    (1, 261, 224),  # one row: a group of four, then three panels split over K, past one block
 ]
 
 
