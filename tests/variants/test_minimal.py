@@ -334,3 +334,107 @@ def test_chunks_of_time_only_in_the_cpu_parallel_mode(cls, monkeypatch):
         ("reference", "parallel"): 0,
         ("reference", "sequential"): 0,
     }
+
+
+# --- inference: the input projection fused into the CPU kernels ---------------------------------
+
+
+@pytest.fixture
+def count_fused_projections(monkeypatch):
+    """The calls of the fused projection-and-walk, one per layer and direction."""
+    from rnnkit.kernels.cpu import minimal as minimal_kernel
+
+    calls = []
+    original = minimal_kernel._projected_forward
+
+    def counted(*arguments):
+        calls.append(arguments)
+        return original(*arguments)
+
+    monkeypatch.setattr(minimal_kernel, "_projected_forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_inference_matches_linear_then_scan_and_the_reference(
+    cls, dtype, bias, split, batch_first, count_fused_projections, monkeypatch
+):
+    """backend='cpu' under torch.inference_mode (the projection inside the kernels) against the
+    same layer with gradients (F.linear, then the fused scan) and backend='reference': two
+    bidirectional layers, lengths 1 to full, h0 given or not, batch 4 and 1, both modes; split:
+    two threads with thresholds so low that the batch of 4 runs as two parts of its rows, the
+    batch of 1 as two parts of the hidden units, with chunks of projection that do not divide
+    T."""
+    from rnnkit.kernels.cpu import minimal as minimal_kernel
+
+    if split:
+        monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", 1)
+        monkeypatch.setattr(minimal_kernel, "_MIN_FORWARD_ELEMENTS_PER_THREAD", 1)
+        monkeypatch.setattr(minimal_kernel, "_MIN_CHUNK_STEPS", 2)
+        monkeypatch.setattr(minimal_kernel, "_UNIT_ALIGNMENT", 1)
+        monkeypatch.setattr(minimal_kernel, "_PROJECTION_ELEMENTS", 7 * cls.gates * 5)
+        monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
+    else:  # one thread: walks too small to split are fused only there
+        monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+    torch.manual_seed(9)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    options = {"bidirectional": True, "bias": bias, "batch_first": batch_first, "dtype": dtype}
+    fused = cls(3, 5, 2, backend="cpu", **options)
+    reference = cls(3, 5, 2, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    steps = 30
+    for batch, lengths in ((4, [30, 1, 17, 8]), (1, None)):
+        x = torch.randn(steps, batch, 3, dtype=dtype)
+        x = x.transpose(0, 1).contiguous() if batch_first else x
+        lengths = None if lengths is None else torch.tensor(lengths)
+        for hx in (None, torch.randn(4, batch, 5, dtype=dtype)):
+            for mode in MODES:
+                count_fused_projections.clear()
+                with torch.inference_mode():
+                    inferred = fused(x, hx, lengths=lengths, mode=mode)
+                assert len(count_fused_projections) == 4  # 2 layers x 2 directions
+                trained = fused(x.clone().requires_grad_(True), hx, lengths=lengths, mode=mode)
+                assert len(count_fused_projections) == 4 and trained[0].requires_grad
+                with torch.no_grad():
+                    expected = reference(x, hx, lengths=lengths, mode="sequential")
+                for theirs in (trained, expected):
+                    assert_close_all(inferred, [t.detach() for t in theirs], tol)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fused_projection_runs_only_where_no_gradient_is_recorded(
+    cls, count_fused_projections, monkeypatch
+):
+    from rnnkit.kernels.cpu import minimal as minimal_kernel
+
+    # One thread, on which the fused projection runs however small the walk.
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+    torch.manual_seed(10)
+    x = torch.randn(6, 2, 3)
+    runs = {}
+    for backend in ("auto", "cpu", "reference"):
+        module = cls(3, 4, num_layers=2, bidirectional=True, backend=backend)
+        for name, context in (
+            ("inference_mode", torch.inference_mode),
+            ("no_grad", torch.no_grad),
+            ("grad", torch.enable_grad),
+        ):
+            count_fused_projections.clear()
+            with context():
+                module(x)
+            runs[backend, name] = len(count_fused_projections)
+        count_fused_projections.clear()
+        module.requires_grad_(False)  # nothing requires grad: no gradient to record either
+        module(x)
+        runs[backend, "frozen"] = len(count_fused_projections)
+    assert runs == {
+        **{("auto", name): 4 for name in ("inference_mode", "no_grad", "frozen")},
+        **{("cpu", name): 4 for name in ("inference_mode", "no_grad", "frozen")},
+        ("auto", "grad"): 0,
+        ("cpu", "grad"): 0,
+        **{("reference", name): 0 for name in ("inference_mode", "no_grad", "grad", "frozen")},
+    }

@@ -38,7 +38,10 @@ chunks of time, one per thread, whose states are joined by the chunks' products 
 batch is too small to split over the threads; otherwise each thread walks its rows). Composing
 the maps never divides, so the real-space products are stable without logarithms and avoid the
 log-space scan's eps * |A_t| rounding, and they cost a few operations per element against the
-log-space form's several exp/log (measured in benchmarks/bench_minimal.py). backend="reference"
+log-space form's several exp/log (measured in benchmarks/bench_minimal.py). When no gradient is
+recorded (inference, torch.no_grad) the kernels also compute the input projection, a few dozen
+steps of a sequence at a time, instead of taking F.linear's (T, B, G*H) result, and a batch too
+small to split over the threads is split by hidden units in either mode. backend="reference"
 runs the torch scan of the mode asked for (the log-space scan above for "parallel"), which is
 also what runs on other devices.
 """
@@ -253,24 +256,21 @@ class _MinimalRNN(StreamsStackedState):
         lengths = prepared.lengths
 
         def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):
-            gates = F.linear(source, *self.layer_weights(layer, direction))
-            return self._scan(backend, mode, gates, state, lengths)
+            weight, bias = self.layer_weights(layer, direction)
+            if backend == "cpu":
+                from rnnkit.kernels.cpu import minimal
+
+                # The projection runs inside the kernel when no gradient is recorded.
+                return minimal.project_and_scan(
+                    self.cell, source, weight, bias, state, lengths, parallel=mode == "parallel"
+                )
+            gates = F.linear(source, weight, bias)
+            if mode == "parallel":
+                return parallel_scan(self.cell, gates, state, lengths)
+            return sequential_scan(self.cell, gates, state, lengths)
 
         x, h_n = run_stacked(self, prepared.x, h0, lengths, run_direction)
         return format_output(x, h_n, prepared, self.batch_first)
-
-    def _scan(
-        self, backend: str, mode: str, gates: Tensor, h0: Tensor, lengths: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        if backend == "cpu":
-            from rnnkit.kernels.cpu import minimal
-
-            return minimal.scan_direction(
-                self.cell, gates, h0, lengths, parallel=mode == "parallel"
-            )
-        if mode == "parallel":
-            return parallel_scan(self.cell, gates, h0, lengths)
-        return sequential_scan(self.cell, gates, h0, lengths)
 
     def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Streaming: (B, I) one step's input, (L, B, H) state -> (B, H) output, (L, B, H) state.

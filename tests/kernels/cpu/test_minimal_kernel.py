@@ -310,3 +310,173 @@ def test_chunk_count_follows_threads_and_sizes(monkeypatch):
     assert minimal_kernel.chunk_count(4096, 1, 128, forward=True) == 2
     monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
     assert minimal_kernel.chunk_count(4096, 1, 128) == 1
+
+
+# --- the input projection fused into the forward (no gradients) -------------------------------
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One thread: the fused projection runs however small the walk (see the next tests)."""
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+
+
+@pytest.fixture
+def small_projection_chunks(monkeypatch):
+    """Chunks of 4 steps for minGRU's gate width of 10, 3 for minLSTM's 15 (no test's length is
+    a multiple)."""
+    monkeypatch.setattr(minimal_kernel, "_PROJECTION_ELEMENTS", 45)
+    monkeypatch.setattr(minimal_kernel, "_MIN_PROJECTION_STEPS", 1)
+
+
+def _projection_inputs(cell, dtype, steps, batch, layout, seed, hidden=5, features=4):
+    torch.manual_seed(seed)
+    if layout == "batch_first":  # a transposed view, as the layers pass batch-first input
+        x = torch.randn(batch, steps, features, dtype=dtype).transpose(0, 1)
+    elif layout == "strided":  # every other feature: neither layout, copied
+        x = torch.randn(steps, batch, 2 * features, dtype=dtype)[:, :, ::2]
+    else:
+        x = torch.randn(steps, batch, features, dtype=dtype)
+    weight = torch.randn(GATES[cell] * hidden, features, dtype=dtype)
+    bias = torch.randn(GATES[cell] * hidden, dtype=dtype)
+    h0 = torch.randn(batch, hidden, dtype=dtype)
+    return x, weight, bias, h0
+
+
+def _fused_and_unfused(cell, x, weight, bias, h0, lengths, parallel):
+    with torch.no_grad():
+        fused = minimal_kernel.project_and_scan(cell, x, weight, bias, h0, lengths, parallel)
+        gates = torch.nn.functional.linear(x, weight, bias)
+        unfused = minimal_kernel.scan_direction(cell, gates, h0, lengths, parallel)
+        loop = sequential_scan(cell, gates, h0, lengths)
+    return fused, unfused, loop
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths", [None, [37, 1, 14, 0]])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "strided"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_projection_matches_linear_then_scan(
+    cell, dtype, lengths, layout, with_bias, small_projection_chunks, one_thread, monkeypatch
+):
+    x, weight, bias, h0 = _projection_inputs(cell, dtype, 37, 4, layout, seed=11)
+    bias = bias if with_bias else None
+    lengths = None if lengths is None else torch.tensor(lengths)
+    chunk = minimal_kernel.projection_chunk(37, weight.shape[0])
+    assert 1 < chunk < 37 and 37 % chunk != 0
+    walks = _run_counting(monkeypatch, "_projected_forward_kernel")
+    fused, unfused, loop = _fused_and_unfused(cell, x, weight, bias, h0, lengths, False)
+    assert len(walks) == 1
+    for reference in (unfused, loop):
+        for a, b in zip(fused, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    if lengths is not None:
+        assert (fused[0][1:, 1] == 0).all() and (fused[0][:, 3] == 0).all()
+        torch.testing.assert_close(fused[1][3], h0[3], atol=0, rtol=0)
+        torch.testing.assert_close(fused[1][2], fused[0][13, 2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_projection_at_the_default_chunk_size(cell, dtype, one_thread):
+    """Real sizes: the panel product (float32 with AVX-512) or BLAS, several chunks and a part
+    of one, with every step of the walk reading its row of the chunk."""
+    torch.manual_seed(12)
+    steps, batch, features, hidden = 203, 3, 64, 128
+    x = torch.randn(batch, steps, features, dtype=dtype).transpose(0, 1)
+    weight = torch.randn(GATES[cell] * hidden, features, dtype=dtype) / 8
+    bias = torch.randn(GATES[cell] * hidden, dtype=dtype)
+    h0 = torch.randn(batch, hidden, dtype=dtype)
+    lengths = torch.tensor([203, 150, 1])
+    assert steps % minimal_kernel.projection_chunk(steps, weight.shape[0]) != 0
+    fused, unfused, loop = _fused_and_unfused(cell, x, weight, bias, h0, lengths, False)
+    for reference in (unfused, loop):
+        for a, b in zip(fused, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, lengths", [(5, [23, 3, 1, 23, 9]), (1, None), (1, [17])])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fused_projection_over_parts_of_the_batch_or_of_the_units(
+    cell, dtype, batch, lengths, parallel, split_everything, small_projection_chunks, monkeypatch
+):
+    """Two threads: a batch of 5 as two parts of its rows (the weight packed once), a batch of 1
+    as two parts of the hidden units (each part's rows of the weight packed once), in either
+    mode; never chunks of time."""
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 2)
+    monkeypatch.setattr(minimal_kernel, "_UNIT_ALIGNMENT", 2)
+    x, weight, bias, h0 = _projection_inputs(cell, dtype, 23, batch, "batch_first", seed=13)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    chunked = _run_counting(monkeypatch, "_forward_chunks")
+    prepared = _run_counting(monkeypatch, "_prepare_projection")
+    walks = _run_counting(monkeypatch, "_projected_forward_kernel")
+    fused, unfused, loop = _fused_and_unfused(cell, x, weight, bias, h0, lengths, parallel)
+    # In the order the threads started them: sorted.
+    units = sorted((walk[13], walk[14]) for walk in walks)  # unit_start, unit_stop
+    rows = sorted((walk[11], walk[12]) for walk in walks)  # batch_start, batch_stop
+    if batch == 1:
+        assert units == [(0, 2), (2, 5)] and rows == [(0, 1)] * 2 and len(prepared) == 2
+        assert sorted(len(call[1]) for call in prepared) == [GATES[cell] * 2, GATES[cell] * 3]
+    else:
+        assert units == [(0, 5)] * 2 and rows == [(0, 2), (2, 5)] and len(prepared) == 1
+    # Only scan_direction, for the unfused result, runs chunks of time.
+    assert len(chunked) == (1 if batch == 1 and parallel else 0)
+    for reference in (unfused, loop):
+        for a, b in zip(fused, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_unit_parts_are_aligned_and_cover_the_units(monkeypatch):
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 3)
+    assert minimal_kernel.unit_parts(4096, 1, 128) == [(0, 48), (48, 80), (80, 128)]
+    assert minimal_kernel.unit_parts(4096, 1, 40) == [(0, 16), (16, 40)]  # 16 units a part
+    assert minimal_kernel.unit_parts(4096, 1, 31) == [(0, 31)]
+    assert minimal_kernel.unit_parts(256, 1, 128) == [(0, 128)]  # too little work to split
+    monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda: 1)
+    assert minimal_kernel.unit_parts(4096, 1, 128) == [(0, 128)]
+
+
+def test_fused_projection_only_without_gradients(one_thread, monkeypatch):
+    """Fused under no_grad, inference_mode, or when nothing requires grad; otherwise F.linear
+    and the autograd node, whose gradients reach the weight."""
+    calls = _run_counting(monkeypatch, "_projected_forward")
+    x, weight, bias, h0 = _projection_inputs("min_gru", torch.float64, 6, 2, "time_major", 14)
+    arguments = ("min_gru", x, weight, bias, h0, None)
+    with torch.no_grad():
+        minimal_kernel.project_and_scan(*arguments)
+    with torch.inference_mode():
+        minimal_kernel.project_and_scan(*arguments)
+    minimal_kernel.project_and_scan(*arguments)
+    assert len(calls) == 3
+    for requires in ("x", "weight", "bias", "h0"):
+        tensors = {"x": x, "weight": weight, "bias": bias, "h0": h0}
+        tensors[requires] = tensors[requires].clone().requires_grad_(True)
+        output, final = minimal_kernel.project_and_scan(
+            "min_gru", tensors["x"], tensors["weight"], tensors["bias"], tensors["h0"], None
+        )
+        assert output.requires_grad and final.requires_grad
+        (output.sum() + final.sum()).backward()
+        assert tensors[requires].grad is not None
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_a_walk_too_small_to_split_takes_linear_while_threads_wait(cell, monkeypatch):
+    """On several threads a walk that runs as one part takes F.linear's projections (which the
+    threads share); on one thread, or split over several, the projection is fused."""
+    fused_calls = _run_counting(monkeypatch, "_projected_forward")
+    scanned = _run_counting(monkeypatch, "scan_direction")  # of F.linear's projections
+    x, weight, bias, h0 = _projection_inputs(cell, torch.float64, 9, 2, "time_major", seed=15)
+    runs = []
+    for concurrency, per_thread in ((2, 1 << 15), (1, 1 << 15), (2, 1)):
+        monkeypatch.setattr(minimal_kernel.threads, "concurrency", lambda c=concurrency: c)
+        monkeypatch.setattr(minimal_kernel, "_MIN_ELEMENTS_PER_THREAD", per_thread)
+        with torch.no_grad():
+            runs.append(minimal_kernel.project_and_scan(cell, x, weight, bias, h0, None))
+    assert len(scanned) == 1 and len(fused_calls) == 2
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
