@@ -9,12 +9,13 @@ backend="reference", mode="sequential"; target: fused at least 5x faster on the 
 and against torch.nn.LSTM of the same size, over bench_layers' configurations.
 
 min_scan: MinGRU at (batch 1 and 8, input 64, hidden 128) and T = 256, 1024, 4096: the parallel
-mode as rnnkit runs it on CPU (backend="auto": the fused kernels, a batch too small to split over
-the threads scanned in chunks of time) and as the torch log-space scan (backend="reference",
-torch.logcumsumexp), against the sequential mode's step loop (backend="reference", target:
-parallel mode at least 10x faster at T = 4096) and the fused sequential walk (backend="auto",
-mode="sequential"). Run it with torch's default threads and the wall clock
-(`--sections min_scan --timer wall`): the chunks of time are what the threads are for.
+mode as rnnkit runs it on CPU (backend="auto": the fused kernels; in training a batch too small
+to split over the threads is scanned in chunks of time, in inference the kernel projects the
+input itself and such a batch is split by hidden units) and as the torch log-space scan
+(backend="reference", torch.logcumsumexp), against the sequential mode's step loop
+(backend="reference", target: parallel mode at least 10x faster at T = 4096) and the fused
+sequential walk (backend="auto", mode="sequential"). Run it with torch's default threads and the
+wall clock (`--sections min_scan --timer wall`): the threads are what the parts are for.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def bench_min_scan(args: argparse.Namespace) -> dict:
             "loop_over_scan": "sequential step loop / parallel log-space scan with "
             "torch.logcumsumexp (backend='reference')",
             "sequential_over_parallel": "fused sequential walk / fused parallel mode (above 1: "
-            "the chunks of time pay)",
+            "the chunks of time pay; inference runs the same walk in both modes)",
         },
         "rows": rows,
         "geometric_means": {},
