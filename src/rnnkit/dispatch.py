@@ -128,29 +128,51 @@ def run_layer(
     return backend.run_layer(spec, x, hx, weights, lengths)
 
 
-def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str]:
+def resolve_elementwise(
+    owner: str, requested: str, x: Tensor, gpu_kernel: bool = False
+) -> tuple[str, str]:
     """(backend name, reason) for the layers with an element-wise recurrence (MinGRU, MinLSTM,
-    IndRNN): their fused kernels run float32/float64 CPU tensors, the reference loop the rest."""
+    IndRNN): their fused CPU kernels run float32/float64 CPU tensors; with gpu_kernel (MinGRU,
+    MinLSTM) the Triton walk runs CUDA tensors; the reference loop runs the rest."""
     supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if requested == "reference":
         return "reference", "backend='reference' was requested"
     if requested == "auto":
+        if gpu_kernel and x.is_cuda:
+            unsupported = _gpu_elementwise_reason(x)
+            if unsupported is None:
+                return "gpu", "auto: fused gpu kernel for cuda tensors"
+            return "reference", f"auto: {unsupported}; reference loop"
         if supported:
             return "cpu", "auto: fused cpu kernel for cpu tensors"
         return "reference", f"auto: no fused kernel for {x.dtype} on {x.device}; reference loop"
     if requested == "cpu" and supported:
         return "cpu", "backend='cpu' was requested"
+    if requested == "gpu" and gpu_kernel:
+        unsupported = _gpu_elementwise_reason(x)
+        if unsupported is None:
+            return "gpu", "backend='gpu' was requested"
+        raise RuntimeError(f"{owner}: backend='gpu' is unavailable: {unsupported}")
     raise RuntimeError(
         f"{owner}: backend={requested!r} needs a float32/float64 CPU input for this layer, "
         f"got {x.dtype} on {x.device}"
     )
 
 
+def _gpu_elementwise_reason(x: Tensor) -> str | None:
+    """Why the gpu backend's element-wise kernels cannot run x, or None."""
+    backend = _load("gpu")
+    if isinstance(backend, str):
+        return backend
+    return backend.elementwise_unsupported_reason(x)
+
+
 def explain_backend(module, input, lengths: Tensor | None = None) -> str:
     """Which backend `module(input)` would run on, and why."""
     if hasattr(module, "dispatch_input"):
         x = module.dispatch_input(input, lengths)
-        name, reason = resolve_elementwise(type(module).__name__, module.backend, x)
+        gpu_kernel = getattr(module, "gpu_kernel", False)
+        name, reason = resolve_elementwise(type(module).__name__, module.backend, x, gpu_kernel)
         # Layers with more than one path per backend (MinGRU/MinLSTM modes) say which runs.
         note = module.describe_backend(name) if hasattr(module, "describe_backend") else None
         return reason if note is None else f"{reason}; {note}"

@@ -229,7 +229,7 @@ def test_bad_constructor_arguments_are_named():
     with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
         MinGRU(3, 0)
     with pytest.raises(ValueError, match="backend must be one of"):
-        MinLSTM(3, 4, backend="gpu")
+        MinLSTM(3, 4, backend="cuda")
     with pytest.raises(ValueError, match="step needs a unidirectional layer"):
         MinGRU(3, 4, bidirectional=True).step(torch.randn(2, 3))
 

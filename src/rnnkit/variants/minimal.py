@@ -41,9 +41,11 @@ log-space scan's eps * |A_t| rounding, and they cost a few operations per elemen
 log-space form's several exp/log (measured in benchmarks/bench_minimal.py). When no gradient is
 recorded (inference, torch.no_grad) the kernels also compute the input projection, a few dozen
 steps of a sequence at a time, instead of taking F.linear's (T, B, G*H) result, and a batch too
-small to split over the threads is split by hidden units in either mode. backend="reference"
-runs the torch scan of the mode asked for (the log-space scan above for "parallel"), which is
-also what runs on other devices.
+small to split over the threads is split by hidden units in either mode. On CUDA tensors
+backend="auto" (or "gpu") runs both modes as one Triton walk over time with the B * H units
+spread over the GPU's programs (`rnnkit.kernels.gpu.minimal`; tested under Triton's interpreter,
+not yet timed on a GPU). backend="reference" runs the torch scan of the mode asked for (the
+log-space scan above for "parallel"), which is also what runs on other devices.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class _MinimalRNN(StreamsStackedState):
 
     cell = ""
     gates = 0
+    gpu_kernel = True  # read by the dispatch: CUDA tensors run kernels/gpu/minimal.py
 
     def __init__(
         self,
@@ -190,7 +193,7 @@ class _MinimalRNN(StreamsStackedState):
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
         self.dropout = check_dropout(name, dropout)
-        self.backend = check_choice(name, "backend", backend, BACKENDS)
+        self.backend = check_choice(name, "backend", backend, (*BACKENDS, "gpu"))
         factory = {"device": device, "dtype": dtype}
         rows = self.gates * hidden_size
         for layer in range(num_layers):
@@ -252,7 +255,7 @@ class _MinimalRNN(StreamsStackedState):
         h0 = initial_hidden(
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
-        backend = resolve_backend(name, self.backend, prepared.x)
+        backend = resolve_backend(name, self.backend, prepared.x, self.gpu_kernel)
         lengths = prepared.lengths
 
         def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):
@@ -265,6 +268,10 @@ class _MinimalRNN(StreamsStackedState):
                     self.cell, source, weight, bias, state, lengths, parallel=mode == "parallel"
                 )
             gates = F.linear(source, weight, bias)
+            if backend == "gpu":
+                from rnnkit.kernels.gpu import minimal as gpu_minimal
+
+                return gpu_minimal.scan_direction(self.cell, gates, state, lengths)
             if mode == "parallel":
                 return parallel_scan(self.cell, gates, state, lengths)
             return sequential_scan(self.cell, gates, state, lengths)

@@ -176,9 +176,10 @@ def run_stacked(
     return x, torch.stack(finals)
 
 
-def resolve_backend(name: str, requested: str, x: Tensor) -> str:
-    """'reference' or 'cpu' for this input (decided by rnnkit.dispatch, which says why)."""
-    return resolve_elementwise(name, requested, x)[0]
+def resolve_backend(name: str, requested: str, x: Tensor, gpu_kernel: bool = False) -> str:
+    """'reference', 'cpu' or (gpu_kernel: the layer has one) 'gpu' for this input (decided by
+    rnnkit.dispatch, which says why)."""
+    return resolve_elementwise(name, requested, x, gpu_kernel)[0]
 
 
 def step_loop(

@@ -68,3 +68,11 @@ def test_in_loop_regularisers_are_a_reason_the_gpu_backend_gives(monkeypatch):
     spec = LayerSpec("LSTM", 4, recurrent_dropout=0.3, training=True)
     reason = backend.unsupported_reason(spec, torch.randn(2, 1, 3), None)
     assert reason == "recurrent_dropout=0.3 in training: no gpu kernel with it"
+
+
+def test_minimal_layers_ask_for_the_interpreter_on_cpu_and_indrnn_has_no_gpu_kernel(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="MinGRU: backend='gpu' is unavailable: "):
+        rnnkit.MinGRU(3, 4, backend="gpu")(torch.randn(2, 1, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rnnkit.IndRNN(3, 4, backend="gpu")

@@ -177,3 +177,25 @@ def test_hidden_units_split_over_programs_match_one_program_per_tile(cell, monke
         results.append([output, *grads])
     for index, (a, b) in enumerate(zip(*results)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (index, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+@pytest.mark.parametrize("layer_class", [rnnkit.MinGRU, rnnkit.MinLSTM])
+def test_minimal_walk_matches_reference_float64_on_cuda(layer_class, mode):
+    torch.manual_seed(0)
+    options = {"num_layers": 2, "bidirectional": True, "device": CUDA, "dtype": torch.float64}
+    fused = layer_class(3, 130, **options)
+    reference = layer_class(3, 130, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    assert rnnkit.explain_backend(
+        fused, torch.randn(2, 1, 3, device=CUDA, dtype=torch.float64)
+    ) == ("auto: fused gpu kernel for cuda tensors")
+    x = torch.randn(9, 37, 3, device=CUDA, dtype=torch.float64, requires_grad=True)
+    lengths = torch.randint(1, 10, (37,))
+    results = []
+    for layer in (fused, reference):
+        output, h_n = layer(x, lengths=lengths, mode=mode)
+        loss = (output * torch.cos(output)).sum() + (h_n * h_n).sum()
+        results.append([output, h_n, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    for got, expected in zip(*results):
+        assert torch.allclose(got, expected, atol=1e-9, rtol=1e-9), (got - expected).abs().max()

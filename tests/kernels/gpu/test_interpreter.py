@@ -36,7 +36,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 try:
     import triton  # noqa: F401
 
-    from rnnkit.kernels.gpu import _common, gru, lstm, rnn
+    from rnnkit.kernels.gpu import _common, gru, lstm, minimal, rnn
 finally:
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]
@@ -275,3 +275,86 @@ def test_tile_plan_splits_hidden_units_only_where_every_program_has_a_multiproce
     assert options["SPLIT"] == (grid[1] > 1)
     assert grid[0] * grid[1] <= 132 or grid[1] == 1
     assert _common.tile_plan(batch, hidden, slots=None)[0] == (-(-batch // 16), 1)
+
+
+# -- MinGRU / MinLSTM: the element-wise walk (kernels/gpu/minimal.py) --------------------------
+MINIMAL = {"min_gru": rnnkit.MinGRU, "min_lstm": rnnkit.MinLSTM}
+
+
+def minimal_pair(cell: str, dtype: torch.dtype, **options):
+    """The same MinGRU/MinLSTM twice: on the gpu kernel and on the reference scans."""
+    torch.manual_seed(0)
+    fused = MINIMAL[cell](dtype=dtype, backend="gpu", **options)
+    reference = MINIMAL[cell](dtype=dtype, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def minimal_outputs_and_gradients(layer, x, hx, lengths, mode):
+    """Output, h_n and the gradients of a random projection of both for x, hx and the weights."""
+    output, h_n = layer(x, hx, lengths=lengths, mode=mode)
+    generator = torch.Generator().manual_seed(1)
+    loss = (output * torch.randn(output.shape, generator=generator, dtype=output.dtype)).sum()
+    loss = loss + (h_n * torch.randn(h_n.shape, generator=generator, dtype=h_n.dtype)).sum()
+    grads = torch.autograd.grad(loss, [x, hx, *layer.parameters()])
+    return [output, h_n, *grads]
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+@pytest.mark.parametrize("cell", MINIMAL)
+def test_minimal_two_layers_bidirectional_with_lengths_matches_reference_float64(cell, mode):
+    fused, reference = minimal_pair(
+        cell, torch.float64, input_size=3, hidden_size=5, num_layers=2, bidirectional=True
+    )
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(4, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 1, 4, 3])
+    got = minimal_outputs_and_gradients(fused, x, hx, lengths, mode)
+    expected = minimal_outputs_and_gradients(reference, x, hx, lengths, mode)
+    assert_all_close(got, expected, 1e-10)
+    assert got[0][1:, 1].abs().max() == 0 and got[0][3:, 3].abs().max() == 0
+
+
+@pytest.mark.parametrize("cell", MINIMAL)
+def test_minimal_float32_batch_first_without_bias_over_several_programs(cell):
+    # B * H = 3 * 50 units: two programs of minimal.BLOCK = 128.
+    assert 3 * 50 > minimal.BLOCK
+    fused, reference = minimal_pair(
+        cell, torch.float32, input_size=4, hidden_size=50, bias=False, batch_first=True
+    )
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    hx = torch.randn(1, 3, 50, requires_grad=True)
+    got = minimal_outputs_and_gradients(fused, x, hx, None, "sequential")
+    expected = minimal_outputs_and_gradients(reference, x, hx, None, "sequential")
+    assert_all_close(got, expected, 1e-5)
+    with torch.no_grad():
+        inference_output, _ = fused(x, hx)
+    assert torch.allclose(inference_output, expected[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", MINIMAL)
+def test_minimal_walk_passes_gradcheck_with_lengths(cell):
+    gate_count = 3 if cell == "min_lstm" else 2
+    # Pre-activations of both signs: g(v) changes form at 0.
+    gates = torch.randn(4, 3, gate_count * 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2, 1])
+    assert torch.autograd.gradcheck(
+        lambda g, h: minimal.scan_direction(cell, g, h, lengths), (gates, h0)
+    )
+
+
+def test_minimal_explain_backend_names_the_gpu_kernel():
+    layer = rnnkit.MinGRU(3, 4, backend="gpu")
+    assert rnnkit.explain_backend(layer, torch.randn(2, 1, 3)) == "backend='gpu' was requested"
+    # auto never takes the gpu kernel for CPU tensors, interpreter or not.
+    assert rnnkit.explain_backend(rnnkit.MinGRU(3, 4), torch.randn(2, 1, 3)).startswith(
+        "auto: fused cpu kernel"
+    )
+
+
+def test_minimal_scan_direction_names_bad_shapes():
+    with pytest.raises(ValueError, match=r"gates must be \(T, B, 2\*H\) with h0 \(B, H\)"):
+        minimal.scan_direction("min_gru", torch.randn(2, 3, 5), torch.randn(3, 2), None)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        minimal.scan_direction("gru", torch.randn(2, 3, 4), torch.randn(3, 2), None)

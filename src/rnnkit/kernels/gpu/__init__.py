@@ -59,6 +59,22 @@ class GPUBackend:
             return f"T * B * 4 * hidden_size >= 2**31 (T={x.size(0)}, B={x.size(1)})"
         return None
 
+    def elementwise_unsupported_reason(self, x: Tensor) -> str | None:
+        """Why the element-wise kernels (minimal.py: MinGRU, MinLSTM) cannot run x, or None."""
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if x.device.type == "cpu":
+            if not _interpreting():
+                return "input is on the CPU and TRITON_INTERPRET=1 is not set"
+            if x.dtype not in (torch.float32, torch.float64):
+                return f"dtype {x.dtype} is not float32 or float64 under Triton's interpreter"
+            return None
+        if x.device.type != "cuda":
+            return f"input is on {x.device}, not a CUDA device"
+        if x.dtype not in _CUDA_DTYPES:
+            return f"dtype {x.dtype} is not float32, float64, float16 or bfloat16"
+        return None
+
     def run_layer(self, spec, x, hx, weights, lengths):
         if x.size(1) == 0:
             return run_layer_reference(spec, x, hx, weights, lengths)
@@ -113,6 +129,7 @@ def warmup(
     alignment (a multiple of 16 or not); the default hidden sizes cover both alignments.
     """
     from rnnkit.layers import GRU, LSTM, RNN
+    from rnnkit.variants.minimal import MinGRU, MinLSTM
 
     cells = [
         (LSTM, {}),
@@ -120,6 +137,8 @@ def warmup(
         (GRU, {"reset_after": False}),
         (RNN, {}),
         (RNN, {"nonlinearity": "relu"}),
+        (MinGRU, {}),
+        (MinLSTM, {}),
     ]
     for dtype in dtypes:
         for hidden in hidden_sizes:

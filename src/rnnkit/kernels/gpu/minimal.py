@@ -1,0 +1,221 @@
+"""Fused minGRU/minLSTM walk in Triton: the element-wise recurrence h_t = a_t h_{t-1} + b_t.
+
+The input projections (T, B, G*H) come from one matmul (torch). Each hidden unit of each sequence
+is independent of every other, so the units are spread over the programs, BLOCK of them each, and
+every program walks its units through time with the state in registers: nothing is shared
+between programs and no step waits for another program. The same walk runs both of the layer's
+modes on the GPU: with B * H units in flight the device is busy without splitting time, which the
+log-space scan does at the price of several passes over (T, B, H) tensors.
+
+minGRU:  z = sigmoid(k_z), a = 1 - z, b = z g(k_h)
+minLSTM: r = softplus(-k_i) - softplus(-k_f), a = f / (f + i) = sigmoid(r), b = (1 - a) g(k_h)
+with g(v) = v + 0.5 for v >= 0 and sigmoid(v) below (as variants/minimal.py). Backward, per step:
+minGRU   dk_z = dh (g - h_prev) z (1 - z),  dk_h = dh z g'(k_h),        dh_prev = dh a
+minLSTM  dr = dh (h_prev - g) a (1 - a),    dk_f = dr sigmoid(-k_f),   dk_i = -dr sigmoid(-k_i),
+         dk_h = dh (1 - a) g'(k_h),         dh_prev = dh a
+Steps t >= lengths[b] output zero, keep the state and get zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+CELLS = ("min_gru", "min_lstm")
+BLOCK = 128
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _softplus(v):
+    return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+
+
+@triton.jit
+def _g_and_slope(v):
+    """g(v) and g'(v)."""
+    s = _sigmoid(v)
+    positive = v >= 0
+    return tl.where(positive, v + 0.5, s), tl.where(positive, 1.0, s * (1.0 - s))
+
+
+@triton.jit
+def _load_gates(gates_ptr, row, H, j, valid, acc_dtype, LSTM: tl.constexpr):
+    """The step's pre-activations of these units: (k_f or k_z, k_i or unused, k_h)."""
+    k_0 = tl.load(gates_ptr + row + j, mask=valid, other=0.0).to(acc_dtype)
+    if LSTM:
+        k_1 = tl.load(gates_ptr + row + H + j, mask=valid, other=0.0).to(acc_dtype)
+        k_h = tl.load(gates_ptr + row + 2 * H + j, mask=valid, other=0.0).to(acc_dtype)
+    else:
+        k_1 = k_0
+        k_h = tl.load(gates_ptr + row + H + j, mask=valid, other=0.0).to(acc_dtype)
+    return k_0, k_1, k_h
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def min_scan_forward_kernel(
+    gates_ptr,  # (T, B, G*H) projections with bias
+    h0_ptr,  # (B, H)
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, H)
+    final_ptr,  # (B, H) accumulate dtype
+    T,
+    B,
+    H,
+    LSTM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_dtype = final_ptr.dtype.element_ty
+    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = units < B * H
+    sequence = units // H
+    j = units % H
+    gate_width = (3 if LSTM else 2) * H
+    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    h = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
+    for t in range(T):
+        valid = ok & (t < length)
+        row = (t * B + sequence) * gate_width
+        k_0, k_1, k_h = _load_gates(gates_ptr, row, H, j, valid, acc_dtype, LSTM)
+        g, _ = _g_and_slope(k_h)
+        if LSTM:
+            a = _sigmoid(_softplus(-k_1) - _softplus(-k_0))
+            b = (1.0 - a) * g
+        else:
+            z = _sigmoid(k_0)
+            a = 1.0 - z
+            b = z * g
+        h = tl.where(valid, a * h + b, h)
+        output = tl.where(valid, h, 0.0)
+        tl.store(out_ptr + t * B * H + units, output.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(final_ptr + units, h, mask=ok)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def min_scan_backward_kernel(
+    gates_ptr,  # (T, B, G*H)
+    h0_ptr,  # (B, H)
+    out_ptr,  # (T, B, H) the forward's states
+    lengths_ptr,  # (B,) int32
+    dout_ptr,  # (T, B, H)
+    dh_ptr,  # (B, H) accumulate dtype: dL/dh_final in, dL/dh0 out
+    dgates_ptr,  # (T, B, G*H)
+    T,
+    B,
+    H,
+    LSTM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_dtype = dh_ptr.dtype.element_ty
+    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = units < B * H
+    sequence = units // H
+    j = units % H
+    gate_width = (3 if LSTM else 2) * H
+    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    h0 = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
+    dh = tl.load(dh_ptr + units, mask=ok, other=0.0)
+    dgate_type = dgates_ptr.dtype.element_ty
+    for step in range(T):
+        t = T - 1 - step
+        valid = ok & (t < length)
+        dh += tl.load(dout_ptr + t * B * H + units, mask=valid, other=0.0).to(acc_dtype)
+        has_earlier = valid & ((units * 0 + t) > 0)  # a block mask (the interpreter's need)
+        earlier = tl.load(out_ptr + (t - 1) * B * H + units, mask=has_earlier, other=0.0)
+        h_prev = tl.where(has_earlier, earlier.to(acc_dtype), h0)
+        row = (t * B + sequence) * gate_width
+        k_0, k_1, k_h = _load_gates(gates_ptr, row, H, j, valid, acc_dtype, LSTM)
+        g, slope = _g_and_slope(k_h)
+        if LSTM:
+            a = _sigmoid(_softplus(-k_1) - _softplus(-k_0))
+            dr = dh * (h_prev - g) * a * (1.0 - a)
+            d_0 = dr * _sigmoid(-k_0)
+            d_1 = -dr * _sigmoid(-k_1)
+            d_h = dh * (1.0 - a) * slope
+            tl.store(dgates_ptr + row + H + j, tl.where(valid, d_1, 0.0).to(dgate_type), mask=ok)
+            tl.store(
+                dgates_ptr + row + 2 * H + j, tl.where(valid, d_h, 0.0).to(dgate_type), mask=ok
+            )
+        else:
+            z = _sigmoid(k_0)
+            a = 1.0 - z
+            d_0 = dh * (g - h_prev) * z * a
+            d_h = dh * z * slope
+            tl.store(dgates_ptr + row + H + j, tl.where(valid, d_h, 0.0).to(dgate_type), mask=ok)
+        tl.store(dgates_ptr + row + j, tl.where(valid, d_0, 0.0).to(dgate_type), mask=ok)
+        dh = tl.where(valid, dh * a, dh)
+    tl.store(dh_ptr + units, dh, mask=ok)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class MinimalScanFunction(torch.autograd.Function):
+    """One direction's walk: (T, B, G*H) projections, (B, H) h0 -> (T, B, H) output, (B, H) final."""
+
+    @staticmethod
+    def forward(ctx, gates, h0, lengths, lstm):
+        steps, batch, _ = gates.shape
+        hidden = h0.size(1)
+        gates = gates.detach().contiguous()
+        h0 = h0.detach().contiguous()
+        output = torch.empty(steps, batch, hidden, dtype=gates.dtype, device=gates.device)
+        final = torch.empty(batch, hidden, dtype=_accumulate_dtype(gates.dtype), device=h0.device)
+        grid = (triton.cdiv(batch * hidden, BLOCK),)
+        min_scan_forward_kernel[grid](
+            gates, h0, lengths, output, final, steps, batch, hidden, LSTM=lstm, BLOCK=BLOCK
+        )
+        ctx.lstm = lstm
+        ctx.save_for_backward(gates, h0, lengths, output)
+        return output, final.to(gates.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_final):
+        gates, h0, lengths, output = ctx.saved_tensors
+        steps, batch, hidden = output.shape
+        grad_output = grad_output.contiguous()
+        # A copy of its own: the kernel writes dL/dh0 over it.
+        dh = torch.empty(batch, hidden, dtype=_accumulate_dtype(gates.dtype), device=h0.device)
+        dh.copy_(grad_final)
+        grad_gates = torch.empty_like(gates)
+        grid = (triton.cdiv(batch * hidden, BLOCK),)
+        min_scan_backward_kernel[grid](
+            gates, h0, output, lengths, grad_output, dh, grad_gates, steps, batch, hidden,
+            LSTM=ctx.lstm, BLOCK=BLOCK,
+        )  # fmt: skip
+        return grad_gates, dh.to(h0.dtype), None, None
+
+
+def scan_direction(
+    cell: str, gates: Tensor, h0: Tensor, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(T, B, G*H) projections, (B, H) h0 -> (T, B, H) output (zero past lengths), (B, H) final
+    state at each sequence's last valid step, on the device of the tensors."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    steps, batch, width = gates.shape
+    gate_count = 3 if cell == "min_lstm" else 2
+    if h0.shape != (batch, width // gate_count) or width % gate_count:
+        raise ValueError(
+            f"gates must be (T, B, {gate_count}*H) with h0 (B, H), got {tuple(gates.shape)} "
+            f"and {tuple(h0.shape)}"
+        )
+    if steps * batch * width >= 2**31:
+        raise ValueError(f"T * B * {gate_count} * H must be below 2**31 for the gpu kernel")
+    if lengths is None:
+        lengths = torch.full((batch,), steps, dtype=torch.int32, device=gates.device)
+    else:
+        lengths = lengths.to(device=gates.device, dtype=torch.int32).contiguous()
+    if batch == 0:
+        empty = gates.new_zeros(steps, 0, h0.size(1))
+        return empty, h0
+    return MinimalScanFunction.apply(gates, h0, lengths, cell == "min_lstm")
