@@ -132,8 +132,8 @@ def resolve_elementwise(
     owner: str, requested: str, x: Tensor, gpu_kernel: bool = False
 ) -> tuple[str, str]:
     """(backend name, reason) for the layers with an element-wise recurrence (MinGRU, MinLSTM,
-    IndRNN): their fused CPU kernels run float32/float64 CPU tensors; with gpu_kernel (MinGRU,
-    MinLSTM) the Triton walk runs CUDA tensors; the reference loop runs the rest."""
+    IndRNN): their fused CPU kernels run float32/float64 CPU tensors; with gpu_kernel (the layer
+    has a Triton walk) CUDA tensors run on the GPU; the reference loop runs the rest."""
     supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if requested == "reference":
         return "reference", "backend='reference' was requested"

@@ -14,7 +14,8 @@ Weights per layer and direction: weight_ih_l{k}[_reverse] (H, I), weight_hh_l{k}
 recurrent default), u uniform in [0, min(1, recurrent_max_abs)].
 
 backend="auto" runs the recurrence through the fused numba kernel (`rnnkit.kernels.cpu.indrnn`)
-on CPU; backend="reference" runs `indrnn_step` in an autograd loop.
+on CPU and a Triton walk over time (`rnnkit.kernels.gpu.minimal`) on CUDA tensors;
+backend="reference" runs `indrnn_step` in an autograd loop.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def indrnn_step(pre: Tensor, h: Tensor, u: Tensor, nonlinearity: str = "relu") -
 class IndRNN(StreamsStackedState):
     """Stacked, optionally bidirectional IndRNN layers: h_t = act(W x_t + b + u * h_{t-1})."""
 
+    gpu_kernel = True  # read by the dispatch: CUDA tensors run kernels/gpu/minimal.py
+
     def __init__(
         self,
         input_size: int,
@@ -88,7 +91,7 @@ class IndRNN(StreamsStackedState):
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
         self.dropout = check_dropout(name, dropout)
-        self.backend = check_choice(name, "backend", backend, BACKENDS)
+        self.backend = check_choice(name, "backend", backend, (*BACKENDS, "gpu"))
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * self.directions
@@ -154,7 +157,7 @@ class IndRNN(StreamsStackedState):
         h0 = initial_hidden(
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
-        backend = resolve_backend(name, self.backend, prepared.x)
+        backend = resolve_backend(name, self.backend, prepared.x, self.gpu_kernel)
         lengths = prepared.lengths
 
         def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):
@@ -164,6 +167,10 @@ class IndRNN(StreamsStackedState):
                 from rnnkit.kernels.cpu import indrnn
 
                 return indrnn.recurrence(pre, state, u, lengths, self.nonlinearity)
+            if backend == "gpu":
+                from rnnkit.kernels.gpu import minimal as gpu_walks
+
+                return gpu_walks.indrnn_recurrence(pre, state, u, lengths, self.nonlinearity)
             return step_loop(
                 lambda pre_t, h: indrnn_step(pre_t, h, u, self.nonlinearity), pre, state, lengths
             )

@@ -70,9 +70,11 @@ def test_in_loop_regularisers_are_a_reason_the_gpu_backend_gives(monkeypatch):
     assert reason == "recurrent_dropout=0.3 in training: no gpu kernel with it"
 
 
-def test_minimal_layers_ask_for_the_interpreter_on_cpu_and_indrnn_has_no_gpu_kernel(monkeypatch):
+@pytest.mark.parametrize("make", [rnnkit.MinGRU, rnnkit.MinLSTM, rnnkit.IndRNN])
+def test_element_wise_layers_ask_for_the_interpreter_on_cpu(make, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="MinGRU: backend='gpu' is unavailable: "):
-        rnnkit.MinGRU(3, 4, backend="gpu")(torch.randn(2, 1, 3))
+    name = make.__name__
+    with pytest.raises(RuntimeError, match=f"{name}: backend='gpu' is unavailable: "):
+        make(3, 4, backend="gpu")(torch.randn(2, 1, 3))
     with pytest.raises(ValueError, match="backend must be one of"):
-        rnnkit.IndRNN(3, 4, backend="gpu")
+        make(3, 4, backend="cuda")

@@ -81,6 +81,14 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "ieee")):
         minimal_backward = ["gates_ptr", "h0_ptr", "out_ptr", "dout_ptr", "dh_ptr", "dgates_ptr"]
         compile_variant(minimal.min_scan_backward_kernel, pointers(minimal_backward, dtype),
                         {"LSTM": lstm_cell, "BLOCK": 128})
+    for relu in (True, False):
+        indrnn_forward = ["pre_ptr", "h0_ptr", "u_ptr", "out_ptr", "final_ptr"]
+        compile_variant(minimal.indrnn_forward_kernel, pointers(indrnn_forward, dtype),
+                        {"RELU": relu, "BLOCK": 128})
+        indrnn_backward = ["h0_ptr", "u_ptr", "out_ptr", "dout_ptr", "dh_ptr", "dpre_ptr",
+                           "du_ptr"]
+        compile_variant(minimal.indrnn_backward_kernel, pointers(indrnn_backward, dtype),
+                        {"RELU": relu, "BLOCK": 128})
 """
 
 
@@ -100,4 +108,4 @@ def test_every_kernel_compiles_for_sm90():
     if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count(" ok") == 13, result.stdout
+    assert result.stdout.count(" ok") == 17, result.stdout

@@ -179,9 +179,17 @@ def test_hidden_units_split_over_programs_match_one_program_per_tile(cell, monke
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (index, (a - b).abs().max())
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential"])
-@pytest.mark.parametrize("layer_class", [rnnkit.MinGRU, rnnkit.MinLSTM])
-def test_minimal_walk_matches_reference_float64_on_cuda(layer_class, mode):
+@pytest.mark.parametrize(
+    "layer_class, mode",
+    [
+        (rnnkit.MinGRU, "parallel"),
+        (rnnkit.MinGRU, "sequential"),
+        (rnnkit.MinLSTM, "parallel"),
+        (rnnkit.MinLSTM, "sequential"),
+        (rnnkit.IndRNN, None),
+    ],
+)
+def test_element_wise_walks_match_reference_float64_on_cuda(layer_class, mode):
     torch.manual_seed(0)
     options = {"num_layers": 2, "bidirectional": True, "device": CUDA, "dtype": torch.float64}
     fused = layer_class(3, 130, **options)
@@ -194,7 +202,8 @@ def test_minimal_walk_matches_reference_float64_on_cuda(layer_class, mode):
     lengths = torch.randint(1, 10, (37,))
     results = []
     for layer in (fused, reference):
-        output, h_n = layer(x, lengths=lengths, mode=mode)
+        modes = {} if mode is None else {"mode": mode}
+        output, h_n = layer(x, lengths=lengths, **modes)
         loss = (output * torch.cos(output)).sum() + (h_n * h_n).sum()
         results.append([output, h_n, *torch.autograd.grad(loss, [x, *layer.parameters()])])
     for got, expected in zip(*results):

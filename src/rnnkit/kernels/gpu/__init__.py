@@ -60,7 +60,7 @@ class GPUBackend:
         return None
 
     def elementwise_unsupported_reason(self, x: Tensor) -> str | None:
-        """Why the element-wise kernels (minimal.py: MinGRU, MinLSTM) cannot run x, or None."""
+        """Why the element-wise walks (minimal.py: MinGRU, MinLSTM, IndRNN) cannot run x, or None."""
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
         if x.device.type == "cpu":
@@ -129,6 +129,7 @@ def warmup(
     alignment (a multiple of 16 or not); the default hidden sizes cover both alignments.
     """
     from rnnkit.layers import GRU, LSTM, RNN
+    from rnnkit.variants.indrnn import IndRNN
     from rnnkit.variants.minimal import MinGRU, MinLSTM
 
     cells = [
@@ -139,6 +140,8 @@ def warmup(
         (RNN, {"nonlinearity": "relu"}),
         (MinGRU, {}),
         (MinLSTM, {}),
+        (IndRNN, {}),
+        (IndRNN, {"nonlinearity": "tanh"}),
     ]
     for dtype in dtypes:
         for hidden in hidden_sizes:

@@ -1,4 +1,4 @@
-"""Fused minGRU/minLSTM walk in Triton: the element-wise recurrence h_t = a_t h_{t-1} + b_t.
+"""Fused minGRU/minLSTM and IndRNN walks in Triton: element-wise recurrences over time.
 
 The input projections (T, B, G*H) come from one matmul (torch). Each hidden unit of each sequence
 is independent of every other, so the units are spread over the programs, BLOCK of them each, and
@@ -14,6 +14,11 @@ minGRU   dk_z = dh (g - h_prev) z (1 - z),  dk_h = dh z g'(k_h),        dh_prev 
 minLSTM  dr = dh (h_prev - g) a (1 - a),    dk_f = dr sigmoid(-k_f),   dk_i = -dr sigmoid(-k_i),
          dk_h = dh (1 - a) g'(k_h),         dh_prev = dh a
 Steps t >= lengths[b] output zero, keep the state and get zero gradients.
+
+IndRNN (variants/indrnn.py) is the same walk with h_t = act(p_t + u h_{t-1}), p the projections,
+u (H,) one recurrent weight per unit: dp = dh act'(h_t) (relu: [h_t > 0], tanh: 1 - h_t^2),
+dh_prev = dp u, and du = sum over t and b of dp h_{t-1} (each program sums its units over time;
+torch sums the (B, H) partial sums over the batch).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from rnnkit.kernels.gpu._common import tanh
 
 CELLS = ("min_gru", "min_lstm")
 BLOCK = 128
@@ -154,6 +161,87 @@ def min_scan_backward_kernel(
     tl.store(dh_ptr + units, dh, mask=ok)
 
 
+@triton.jit(do_not_specialize=["T", "B"])
+def indrnn_forward_kernel(
+    pre_ptr,  # (T, B, H) projections with bias
+    h0_ptr,  # (B, H)
+    u_ptr,  # (H,)
+    lengths_ptr,  # (B,) int32
+    out_ptr,  # (T, B, H)
+    final_ptr,  # (B, H) accumulate dtype
+    T,
+    B,
+    H,
+    RELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_dtype = final_ptr.dtype.element_ty
+    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = units < B * H
+    sequence = units // H
+    j = units % H
+    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    u = tl.load(u_ptr + j, mask=ok, other=0.0).to(acc_dtype)
+    h = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
+    for t in range(T):
+        valid = ok & (t < length)
+        value = tl.load(pre_ptr + t * B * H + units, mask=valid, other=0.0).to(acc_dtype) + u * h
+        if RELU:
+            new = tl.maximum(value, 0.0)
+        else:
+            new = tanh(value)
+        h = tl.where(valid, new, h)
+        output = tl.where(valid, h, 0.0)
+        tl.store(out_ptr + t * B * H + units, output.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(final_ptr + units, h, mask=ok)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def indrnn_backward_kernel(
+    h0_ptr,  # (B, H)
+    u_ptr,  # (H,)
+    out_ptr,  # (T, B, H) the forward's states
+    lengths_ptr,  # (B,) int32
+    dout_ptr,  # (T, B, H)
+    dh_ptr,  # (B, H) accumulate dtype: dL/dh_final in, dL/dh0 out
+    dpre_ptr,  # (T, B, H)
+    du_ptr,  # (B, H) accumulate dtype: each unit's sum over time of dpre * h_prev
+    T,
+    B,
+    H,
+    RELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_dtype = dh_ptr.dtype.element_ty
+    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = units < B * H
+    sequence = units // H
+    j = units % H
+    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    u = tl.load(u_ptr + j, mask=ok, other=0.0).to(acc_dtype)
+    h0 = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
+    dh = tl.load(dh_ptr + units, mask=ok, other=0.0)
+    du = dh * 0.0
+    for step in range(T):
+        t = T - 1 - step
+        valid = ok & (t < length)
+        dh += tl.load(dout_ptr + t * B * H + units, mask=valid, other=0.0).to(acc_dtype)
+        h = tl.load(out_ptr + t * B * H + units, mask=valid, other=0.0).to(acc_dtype)
+        has_earlier = valid & ((units * 0 + t) > 0)  # a block mask (the interpreter's need)
+        earlier = tl.load(out_ptr + (t - 1) * B * H + units, mask=has_earlier, other=0.0)
+        h_prev = tl.where(has_earlier, earlier.to(acc_dtype), h0)
+        if RELU:
+            dpre = tl.where(h > 0, dh, 0.0)
+        else:
+            dpre = dh * (1.0 - h * h)
+        dpre = tl.where(valid, dpre, 0.0)
+        tl.store(dpre_ptr + t * B * H + units, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+        du += dpre * h_prev
+        dh = tl.where(valid, dpre * u, dh)
+    tl.store(dh_ptr + units, dh, mask=ok)
+    tl.store(du_ptr + units, du, mask=ok)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -219,3 +307,66 @@ def scan_direction(
         empty = gates.new_zeros(steps, 0, h0.size(1))
         return empty, h0
     return MinimalScanFunction.apply(gates, h0, lengths, cell == "min_lstm")
+
+
+class IndRNNWalkFunction(torch.autograd.Function):
+    """One direction's IndRNN walk: (T, B, H) projections, (B, H) h0, (H,) u -> output, final."""
+
+    @staticmethod
+    def forward(ctx, pre, h0, u, lengths, relu):
+        steps, batch, hidden = pre.shape
+        pre = pre.detach().contiguous()
+        h0 = h0.detach().contiguous()
+        u = u.detach().contiguous()
+        output = torch.empty_like(pre)
+        final = torch.empty(batch, hidden, dtype=_accumulate_dtype(pre.dtype), device=pre.device)
+        grid = (triton.cdiv(batch * hidden, BLOCK),)
+        indrnn_forward_kernel[grid](
+            pre, h0, u, lengths, output, final, steps, batch, hidden, RELU=relu, BLOCK=BLOCK
+        )
+        ctx.relu = relu
+        ctx.save_for_backward(h0, u, lengths, output)
+        return output, final.to(pre.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_final):
+        h0, u, lengths, output = ctx.saved_tensors
+        steps, batch, hidden = output.shape
+        accumulate = _accumulate_dtype(output.dtype)
+        grad_output = grad_output.contiguous()
+        # A copy of its own: the kernel writes dL/dh0 over it.
+        dh = torch.empty(batch, hidden, dtype=accumulate, device=h0.device)
+        dh.copy_(grad_final)
+        grad_pre = torch.empty_like(output)
+        du = torch.empty(batch, hidden, dtype=accumulate, device=h0.device)
+        grid = (triton.cdiv(batch * hidden, BLOCK),)
+        indrnn_backward_kernel[grid](
+            h0, u, output, lengths, grad_output, dh, grad_pre, du, steps, batch, hidden,
+            RELU=ctx.relu, BLOCK=BLOCK,
+        )  # fmt: skip
+        return grad_pre, dh.to(h0.dtype), du.sum(0).to(u.dtype), None, None
+
+
+def indrnn_recurrence(
+    pre: Tensor, h0: Tensor, u: Tensor, lengths: Tensor | None, nonlinearity: str = "relu"
+) -> tuple[Tensor, Tensor]:
+    """(T, B, H) projections, (B, H) h0, (H,) u -> (T, B, H) output (zero past lengths), (B, H)
+    final state at each sequence's last valid step, on the device of the tensors."""
+    if nonlinearity not in ("relu", "tanh"):
+        raise ValueError(f"nonlinearity must be 'relu' or 'tanh', got {nonlinearity!r}")
+    steps, batch, hidden = pre.shape
+    if h0.shape != (batch, hidden) or u.shape != (hidden,):
+        raise ValueError(
+            f"pre (T, B, H) needs h0 (B, H) and u (H,), got {tuple(pre.shape)}, "
+            f"{tuple(h0.shape)} and {tuple(u.shape)}"
+        )
+    if steps * batch * hidden >= 2**31:
+        raise ValueError("T * B * H must be below 2**31 for the gpu kernel")
+    if lengths is None:
+        lengths = torch.full((batch,), steps, dtype=torch.int32, device=pre.device)
+    else:
+        lengths = lengths.to(device=pre.device, dtype=torch.int32).contiguous()
+    if batch == 0:
+        return pre.new_zeros(steps, 0, hidden), h0
+    return IndRNNWalkFunction.apply(pre, h0, u, lengths, nonlinearity == "relu")
