@@ -4,8 +4,9 @@ The input projections (T, B, G*H) come from one matmul (torch). Each hidden unit
 is independent of every other, so the units are spread over the programs, BLOCK of them each, and
 every program walks its units through time with the state in registers: nothing is shared
 between programs and no step waits for another program. The same walk runs both of the layer's
-modes on the GPU: with B * H units in flight the device is busy without splitting time, which the
-log-space scan does at the price of several passes over (T, B, H) tensors.
+modes on the GPU. Not yet timed on a GPU: it reads and writes each (T, B, .) tensor once, where
+the log-space scan makes several passes, but it runs only B * H / BLOCK programs, so at small
+B * H (a few programs against the GPU's 100+ multiprocessors) a scan split over time may win.
 
 minGRU:  z = sigmoid(k_z), a = 1 - z, b = z g(k_h)
 minLSTM: r = softplus(-k_i) - softplus(-k_f), a = f / (f + i) = sigmoid(r), b = (1 - a) g(k_h)
