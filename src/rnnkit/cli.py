@@ -551,7 +551,7 @@ def stream_command(run_dir: Path, top_k: int, newlines: bool, as_json: bool) -> 
     run = load_run(run_dir, expect=("lm", "music", "classify"))
     encode, names = stream_input_encoder(run, newlines)
     stream = Stream(run.model)
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     for number, line in enumerate(iter(stdin.readline, ""), start=1):
         text = line.rstrip("\r\n")
         if not text.strip():
