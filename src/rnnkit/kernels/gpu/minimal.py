@@ -67,6 +67,17 @@ def _load_gates(gates_ptr, row, H, j, valid, acc_dtype, LSTM: tl.constexpr):
     return k_0, k_1, k_h
 
 
+@triton.jit
+def _walk_units(lengths_ptr, B, H, BLOCK: tl.constexpr):
+    """This program's units of the flattened (B, H) state: their indices, which are in range,
+    each one's sequence, hidden unit and sequence length."""
+    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = units < B * H
+    sequence = units // H
+    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    return units, ok, sequence, units % H, length
+
+
 @triton.jit(do_not_specialize=["T", "B"])
 def min_scan_forward_kernel(
     gates_ptr,  # (T, B, G*H) projections with bias
@@ -81,12 +92,8 @@ def min_scan_forward_kernel(
     BLOCK: tl.constexpr,
 ):
     acc_dtype = final_ptr.dtype.element_ty
-    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = units < B * H
-    sequence = units // H
-    j = units % H
+    units, ok, sequence, j, length = _walk_units(lengths_ptr, B, H, BLOCK)
     gate_width = (3 if LSTM else 2) * H
-    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
     h = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
     for t in range(T):
         valid = ok & (t < length)
@@ -122,12 +129,8 @@ def min_scan_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     acc_dtype = dh_ptr.dtype.element_ty
-    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = units < B * H
-    sequence = units // H
-    j = units % H
+    units, ok, sequence, j, length = _walk_units(lengths_ptr, B, H, BLOCK)
     gate_width = (3 if LSTM else 2) * H
-    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
     h0 = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
     dh = tl.load(dh_ptr + units, mask=ok, other=0.0)
     dgate_type = dgates_ptr.dtype.element_ty
@@ -177,11 +180,7 @@ def indrnn_forward_kernel(
     BLOCK: tl.constexpr,
 ):
     acc_dtype = final_ptr.dtype.element_ty
-    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = units < B * H
-    sequence = units // H
-    j = units % H
-    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    units, ok, _, j, length = _walk_units(lengths_ptr, B, H, BLOCK)
     u = tl.load(u_ptr + j, mask=ok, other=0.0).to(acc_dtype)
     h = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
     for t in range(T):
@@ -214,11 +213,7 @@ def indrnn_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     acc_dtype = dh_ptr.dtype.element_ty
-    units = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = units < B * H
-    sequence = units // H
-    j = units % H
-    length = tl.load(lengths_ptr + sequence, mask=ok, other=0)
+    units, ok, _, j, length = _walk_units(lengths_ptr, B, H, BLOCK)
     u = tl.load(u_ptr + j, mask=ok, other=0.0).to(acc_dtype)
     h0 = tl.load(h0_ptr + units, mask=ok, other=0.0).to(acc_dtype)
     dh = tl.load(dh_ptr + units, mask=ok, other=0.0)
@@ -298,16 +293,21 @@ def scan_direction(
             f"gates must be (T, B, {gate_count}*H) with h0 (B, H), got {tuple(gates.shape)} "
             f"and {tuple(h0.shape)}"
         )
-    if steps * batch * width >= 2**31:
-        raise ValueError(f"T * B * {gate_count} * H must be below 2**31 for the gpu kernel")
-    if lengths is None:
-        lengths = torch.full((batch,), steps, dtype=torch.int32, device=gates.device)
-    else:
-        lengths = lengths.to(device=gates.device, dtype=torch.int32).contiguous()
     if batch == 0:
-        empty = gates.new_zeros(steps, 0, h0.size(1))
-        return empty, h0
+        return gates.new_zeros(steps, 0, h0.size(1)), h0
+    lengths = _kernel_lengths(gates, lengths)
     return MinimalScanFunction.apply(gates, h0, lengths, cell == "min_lstm")
+
+
+def _kernel_lengths(inputs: Tensor, lengths: Tensor | None) -> Tensor:
+    """(B,) int32 lengths on the inputs' device (every sequence full where None), after checking
+    that the kernels' 32-bit offsets reach every element of (T, B, K) inputs."""
+    steps, batch, width = inputs.shape
+    if steps * batch * width >= 2**31:
+        raise ValueError(f"T * B * {width} must be below 2**31 for the gpu kernels")
+    if lengths is None:
+        return torch.full((batch,), steps, dtype=torch.int32, device=inputs.device)
+    return lengths.to(device=inputs.device, dtype=torch.int32).contiguous()
 
 
 class IndRNNWalkFunction(torch.autograd.Function):
@@ -362,12 +362,7 @@ def indrnn_recurrence(
             f"pre (T, B, H) needs h0 (B, H) and u (H,), got {tuple(pre.shape)}, "
             f"{tuple(h0.shape)} and {tuple(u.shape)}"
         )
-    if steps * batch * hidden >= 2**31:
-        raise ValueError("T * B * H must be below 2**31 for the gpu kernel")
-    if lengths is None:
-        lengths = torch.full((batch,), steps, dtype=torch.int32, device=pre.device)
-    else:
-        lengths = lengths.to(device=pre.device, dtype=torch.int32).contiguous()
     if batch == 0:
         return pre.new_zeros(steps, 0, hidden), h0
+    lengths = _kernel_lengths(pre, lengths)
     return IndRNNWalkFunction.apply(pre, h0, u, lengths, nonlinearity == "relu")
