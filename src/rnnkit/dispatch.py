@@ -128,17 +128,15 @@ def run_layer(
     return backend.run_layer(spec, x, hx, weights, lengths)
 
 
-def resolve_elementwise(
-    owner: str, requested: str, x: Tensor, gpu_kernel: bool = False
-) -> tuple[str, str]:
+def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str]:
     """(backend name, reason) for the layers with an element-wise recurrence (MinGRU, MinLSTM,
-    IndRNN): their fused CPU kernels run float32/float64 CPU tensors; with gpu_kernel (the layer
-    has a Triton walk) CUDA tensors run on the GPU; the reference loop runs the rest."""
+    IndRNN): their fused CPU kernels run float32/float64 CPU tensors, their Triton walks CUDA
+    tensors, the reference loop the rest."""
     supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if requested == "reference":
         return "reference", "backend='reference' was requested"
     if requested == "auto":
-        if gpu_kernel and x.is_cuda:
+        if x.is_cuda:
             unsupported = _gpu_elementwise_reason(x)
             if unsupported is None:
                 return "gpu", "auto: fused gpu kernel for cuda tensors"
@@ -148,7 +146,7 @@ def resolve_elementwise(
         return "reference", f"auto: no fused kernel for {x.dtype} on {x.device}; reference loop"
     if requested == "cpu" and supported:
         return "cpu", "backend='cpu' was requested"
-    if requested == "gpu" and gpu_kernel:
+    if requested == "gpu":
         unsupported = _gpu_elementwise_reason(x)
         if unsupported is None:
             return "gpu", "backend='gpu' was requested"
@@ -171,8 +169,7 @@ def explain_backend(module, input, lengths: Tensor | None = None) -> str:
     """Which backend `module(input)` would run on, and why."""
     if hasattr(module, "dispatch_input"):
         x = module.dispatch_input(input, lengths)
-        gpu_kernel = getattr(module, "gpu_kernel", False)
-        name, reason = resolve_elementwise(type(module).__name__, module.backend, x, gpu_kernel)
+        name, reason = resolve_elementwise(type(module).__name__, module.backend, x)
         # Layers with more than one path per backend (MinGRU/MinLSTM modes) say which runs.
         note = module.describe_backend(name) if hasattr(module, "describe_backend") else None
         return reason if note is None else f"{reason}; {note}"

@@ -54,8 +54,6 @@ def indrnn_step(pre: Tensor, h: Tensor, u: Tensor, nonlinearity: str = "relu") -
 class IndRNN(StreamsStackedState):
     """Stacked, optionally bidirectional IndRNN layers: h_t = act(W x_t + b + u * h_{t-1})."""
 
-    gpu_kernel = True  # read by the dispatch: CUDA tensors run kernels/gpu/minimal.py
-
     def __init__(
         self,
         input_size: int,
@@ -91,7 +89,7 @@ class IndRNN(StreamsStackedState):
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
         self.dropout = check_dropout(name, dropout)
-        self.backend = check_choice(name, "backend", backend, (*BACKENDS, "gpu"))
+        self.backend = check_choice(name, "backend", backend, BACKENDS)
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * self.directions
@@ -157,7 +155,7 @@ class IndRNN(StreamsStackedState):
         h0 = initial_hidden(
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
-        backend = resolve_backend(name, self.backend, prepared.x, self.gpu_kernel)
+        backend = resolve_backend(name, self.backend, prepared.x)
         lengths = prepared.lengths
 
         def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):

@@ -168,7 +168,6 @@ class _MinimalRNN(StreamsStackedState):
 
     cell = ""
     gates = 0
-    gpu_kernel = True  # read by the dispatch: CUDA tensors run kernels/gpu/minimal.py
 
     def __init__(
         self,
@@ -193,7 +192,7 @@ class _MinimalRNN(StreamsStackedState):
         self.bidirectional = bool(bidirectional)
         self.bias = bool(bias)
         self.dropout = check_dropout(name, dropout)
-        self.backend = check_choice(name, "backend", backend, (*BACKENDS, "gpu"))
+        self.backend = check_choice(name, "backend", backend, BACKENDS)
         factory = {"device": device, "dtype": dtype}
         rows = self.gates * hidden_size
         for layer in range(num_layers):
@@ -255,7 +254,7 @@ class _MinimalRNN(StreamsStackedState):
         h0 = initial_hidden(
             name, hx, prepared, self.num_layers * self.directions, self.hidden_size, weight
         )
-        backend = resolve_backend(name, self.backend, prepared.x, self.gpu_kernel)
+        backend = resolve_backend(name, self.backend, prepared.x)
         lengths = prepared.lengths
 
         def run_direction(layer: int, direction: int, source: Tensor, state: Tensor):

@@ -21,7 +21,7 @@ from rnnkit.dispatch import resolve_elementwise
 from rnnkit.layers import _check_lengths, _repack
 from rnnkit.scan import reverse_padded
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "gpu")
 
 
 @dataclass
@@ -176,10 +176,9 @@ def run_stacked(
     return x, torch.stack(finals)
 
 
-def resolve_backend(name: str, requested: str, x: Tensor, gpu_kernel: bool = False) -> str:
-    """'reference', 'cpu' or (gpu_kernel: the layer has one) 'gpu' for this input (decided by
-    rnnkit.dispatch, which says why)."""
-    return resolve_elementwise(name, requested, x, gpu_kernel)[0]
+def resolve_backend(name: str, requested: str, x: Tensor) -> str:
+    """'reference', 'cpu' or 'gpu' for this input (decided by rnnkit.dispatch, which says why)."""
+    return resolve_elementwise(name, requested, x)[0]
 
 
 def step_loop(
