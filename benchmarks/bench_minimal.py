@@ -47,20 +47,26 @@ class _WithMode(nn.Module):
         return self.layer(x, mode=self.mode)
 
 
+def _fused_backend(args: argparse.Namespace) -> str:
+    return "auto" if getattr(args, "device", "cpu") == "cuda" else "cpu"
+
+
 def _geometric_mean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def _rows(variant: str, config, layers: dict, repeats: int, timer: str) -> list[dict]:
-    """Inference and training rows: name -> layer timed, call by call in turn."""
+def _rows(
+    variant: str, config, layers: dict, repeats: int, timer: str, device: str = "cpu"
+) -> list[dict]:
+    """Inference and training rows: name -> layer timed, call by call in turn, on `device`."""
     batch, steps, input_size, _ = config
     torch.manual_seed(1)
-    x = torch.randn(batch, steps, input_size)
-    functions = {name: step_functions(layer, x) for name, layer in layers.items()}
+    x = torch.randn(batch, steps, input_size, device=device)
+    functions = {name: step_functions(layer.to(device), x) for name, layer in layers.items()}
     rows = []
     for mode in ("inference", "training"):
         timed = time_interleaved(
-            {name: fns[mode] for name, fns in functions.items()}, repeats, "cpu", timer
+            {name: fns[mode] for name, fns in functions.items()}, repeats, device, timer
         )
         rows.append(
             {
@@ -100,8 +106,9 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
         cls = VARIANTS[variant]
         _, _, input_size, hidden = config
         torch.manual_seed(0)
-        fused = cls(input_size, hidden, batch_first=True, backend="cpu")
-        # backend="cpu" runs MinGRU/MinLSTM's parallel mode as the compiled log-space scan.
+        # backend="cpu" on the CPU (the fused kernel or an error, never the loop); on CUDA "auto"
+        # runs the GPU walk.
+        fused = cls(input_size, hidden, batch_first=True, backend=_fused_backend(args))
         timed_fused = fused if variant == "indrnn" else _WithMode(fused, "sequential")
         layers = {
             "fused": timed_fused,
@@ -111,7 +118,7 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
             loop = cls(input_size, hidden, batch_first=True, backend="reference")
             loop.load_state_dict(fused.state_dict())
             layers["autograd loop"] = loop if variant == "indrnn" else _WithMode(loop, "sequential")
-        rows += _rows(variant, config, layers, args.repeats, args.timer)
+        rows += _rows(variant, config, layers, args.repeats, args.timer, args.device)
     _add_ratio(rows, "loop_over_fused", "autograd loop", "fused")
     _add_ratio(rows, "fused_over_torch", "fused", "torch.nn LSTM")
     return {
@@ -146,7 +153,8 @@ def bench_min_scan(args: argparse.Namespace) -> dict:
         }
         # The step loop's training step takes seconds at T = 4096: fewer samples there.
         repeats = max(1, min(args.repeats, 3)) if steps >= 4096 else args.repeats
-        rows += _rows("min_gru", (batch, steps, input_size, hidden), layers, repeats, args.timer)
+        config = (batch, steps, input_size, hidden)
+        rows += _rows("min_gru", config, layers, repeats, args.timer, args.device)
     _add_ratio(rows, "loop_over_parallel", "step loop", "fused parallel")
     _add_ratio(rows, "loop_over_scan", "step loop", "log-space scan")
     _add_ratio(rows, "sequential_over_parallel", "fused sequential", "fused parallel")

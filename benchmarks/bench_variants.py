@@ -1,7 +1,7 @@
 """Variant layers' speed: each fused variant against its Python autograd loop and torch.nn.
 
     python benchmarks/bench_variants.py [--sections layer_norm,regularized] [--configs 0,1] [--quick]
-        [--repeats N] [--json PATH] [--threads N] [--timer wall|cpu]
+        [--repeats N] [--json PATH] [--threads N] [--timer wall|cpu] [--device cpu|cuda]
 
 Each section is one function in SECTIONS that returns table rows; a row times one variant, one
 (batch, steps, input, hidden) configuration and one mode (inference: forward under
@@ -150,6 +150,8 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "regularized": bench_regularized,
     **bench_minimal.SECTIONS,  # indrnn_min, min_scan: see bench_minimal.py
 }
+# The sections whose layers have GPU kernels (MinGRU, MinLSTM, IndRNN), run by --device cuda.
+CUDA_SECTIONS = tuple(bench_minimal.SECTIONS)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -193,7 +195,9 @@ def print_section(name: str, result: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"of {list(SECTIONS)}")
+    parser.add_argument(
+        "--sections", default=None, help=f"of {list(SECTIONS)} (default: all the device has)"
+    )
     parser.add_argument(
         "--configs", default=None, help=f"comma-separated indices into {CONFIGS} (default: all)"
     )
@@ -202,11 +206,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help=f"cuda: the sections with GPU kernels only, {list(CUDA_SECTIONS)}",
+    )
     args = parser.parse_args(argv)
+    if args.sections is None:
+        args.sections = ",".join(CUDA_SECTIONS if args.device == "cuda" else SECTIONS)
     args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]
     for section in args.section_list:
         if section not in SECTIONS:
             parser.error(f"--sections: each must be one of {list(SECTIONS)}, got {section!r}")
+        if args.device == "cuda" and section not in CUDA_SECTIONS:
+            parser.error(
+                f"--device cuda: sections must be of {list(CUDA_SECTIONS)}, got {section!r}"
+            )
     if args.configs is None:
         indices = QUICK_CONFIGS if args.quick else list(range(len(CONFIGS)))
     else:
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    info = machine_info("cpu")
+    info = machine_info(args.device)
     print(
         f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), torch {info['torch']} "
         f"with {info['torch_threads']} threads; float32, timer {args.timer}, "
@@ -243,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         print_section(name, results[name])
     payload = {
         "machine": info,
-        "settings": {"repeats": args.repeats, "timer": args.timer, "dtype": "float32"},
+        "settings": {
+            "repeats": args.repeats,
+            "timer": args.timer,
+            "dtype": "float32",
+            "device": args.device,
+        },
         "sections": results,
     }
     write_json(args.json, payload)

@@ -2,7 +2,8 @@
 # The GPU checks of issue 4 as one run on a CUDA machine, from the repository root:
 #   bash benchmarks/gpu_checks.sh            (logs and JSON into $OUT, default benchmarks/results)
 # The CUDA tests (parity with cuDNN and the reference, gradcheck, autocast), the tile sweep, then
-# the layer benchmark in float32 and bfloat16 with the fastest tile. Each stage has its own time
+# the layer benchmark in float32 and bfloat16 with the fastest tile, then the element-wise layers
+# (bench_variants.py --device cuda: MinGRU, MinLSTM, IndRNN). Each stage has its own time
 # limit so that a slow one still leaves the others their turn; SKIP_TESTS=1 or SKIP_BENCH=1 leaves
 # one out.
 set -u
@@ -52,4 +53,8 @@ print(','.join(map(str, best)) if best else '')" "$OUT/gpu-tiles.json" 2>/dev/nu
     timeout "${BENCH_LIMIT_BF16:-100}" $PY benchmarks/bench_layers.py --device cuda $TILE \
         --dtype bfloat16 --no-reference --no-memory --repeats "${REPEATS:-7}" \
         --json "$OUT/layers-cuda-bfloat16.json" 2>&1 | tee "$OUT/bench-bfloat16.log"
+    # The element-wise layers' Triton walks (MinGRU, MinLSTM, IndRNN): not yet timed on a GPU.
+    timeout "${VARIANTS_LIMIT:-120}" $PY benchmarks/bench_variants.py --device cuda \
+        --configs 0,1,2 --repeats "${REPEATS:-7}" --json "$OUT/variants-cuda.json" 2>&1 \
+        | tee "$OUT/bench-variants.log" | tail -n 40
 fi

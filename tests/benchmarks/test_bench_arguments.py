@@ -22,3 +22,14 @@ def test_gpu_tile_and_the_cuda_grid_are_taken():
     args = bench_layers.parse_args(["--device", "cuda", "--gpu-tile", "16,64,32,64,4,3"])
     assert args.gpu_tile == (16, 64, 32, 64, 4, 3)
     assert args.config_list == bench_layers.CUDA_CONFIGS
+
+
+def test_variants_on_cuda_run_only_the_sections_with_gpu_kernels(capsys):
+    import bench_variants
+
+    args = bench_variants.parse_args(["--device", "cuda"])
+    assert args.section_list == ["indrnn_min", "min_scan"]
+    with pytest.raises(SystemExit):
+        bench_variants.parse_args(["--device", "cuda", "--sections", "layer_norm"])
+    assert "--device cuda: sections must be of" in capsys.readouterr().err
+    assert bench_variants.parse_args([]).section_list == list(bench_variants.SECTIONS)
