@@ -47,10 +47,6 @@ class _WithMode(nn.Module):
         return self.layer(x, mode=self.mode)
 
 
-def _fused_backend(args: argparse.Namespace) -> str:
-    return "auto" if getattr(args, "device", "cpu") == "cuda" else "cpu"
-
-
 def _geometric_mean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
@@ -101,14 +97,15 @@ def _means(rows: list[dict], variants, keys: list[str]) -> dict:
 def bench_indrnn_min(args: argparse.Namespace) -> dict:
     """Fused IndRNN / MinGRU / MinLSTM vs their autograd loops and vs torch.nn.LSTM."""
     rows = []
+    # backend="cpu" on the CPU (the fused kernel or an error, never the loop); on CUDA "auto"
+    # runs the GPU walk.
+    fused_backend = "auto" if args.device == "cuda" else "cpu"
     jobs = [(variant, config) for variant in VARIANTS for config in args.config_list]
     for variant, config in tqdm(jobs, desc="indrnn_min", unit="config", file=sys.stderr):
         cls = VARIANTS[variant]
         _, _, input_size, hidden = config
         torch.manual_seed(0)
-        # backend="cpu" on the CPU (the fused kernel or an error, never the loop); on CUDA "auto"
-        # runs the GPU walk.
-        fused = cls(input_size, hidden, batch_first=True, backend=_fused_backend(args))
+        fused = cls(input_size, hidden, batch_first=True, backend=fused_backend)
         timed_fused = fused if variant == "indrnn" else _WithMode(fused, "sequential")
         layers = {
             "fused": timed_fused,

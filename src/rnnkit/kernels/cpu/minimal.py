@@ -605,9 +605,11 @@ def _projected_forward(
     h0: Tensor,
     lengths: Tensor | None,
     lstm: bool,
+    parts: tuple[list[slice], list[tuple[int, int]]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(T, B, I) x, (G*H, I) W, (G*H,) b or None, (B, H) h0 -> (T, B, H) output, (B, H) final
-    of the projections x W^T + b, never materialised; nothing is recorded for autograd."""
+    of the projections x W^T + b, never materialised; nothing is recorded for autograd.
+    parts: _fused_parts of these sizes where the caller has them."""
     steps, batch, features = x.shape
     hidden = h0.shape[1]
     output = torch.empty(steps, batch, hidden, dtype=x.dtype)
@@ -617,7 +619,7 @@ def _projected_forward(
     lengths_array, output_array = _lengths_array(lengths), output.numpy()
     state_array = state.numpy()
     decay = np.ones_like(state_array)
-    rows, units = _fused_parts(steps, batch, hidden)
+    rows, units = _fused_parts(steps, batch, hidden) if parts is None else parts
     weights = weight.detach().numpy().reshape(-1, hidden, features)
     biases = None if bias is None else bias.detach().numpy().reshape(-1, hidden)
     arguments = []
@@ -756,7 +758,7 @@ def project_and_scan(
         return scan_direction(cell, F.linear(x, weight, bias), h0, lengths, parallel)
     if lengths is not None:
         lengths = lengths.to("cpu", torch.int64).contiguous()
-    return _projected_forward(x, weight, bias, h0, lengths, cell == "min_lstm")
+    return _projected_forward(x, weight, bias, h0, lengths, cell == "min_lstm", (rows, units))
 
 
 def warmup() -> None:
