@@ -77,6 +77,10 @@ def test_padding_outputs_zero_and_final_is_last_valid_state():
 def test_unknown_cell_is_rejected():
     with pytest.raises(ValueError, match="cell must be one of"):
         minimal_kernel.scan_direction("gru", torch.zeros(1, 1, 2), torch.zeros(1, 1), None)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        minimal_kernel.project_and_scan(
+            "gru", torch.zeros(1, 1, 2), torch.zeros(2, 2), None, torch.zeros(1, 1), None
+        )
 
 
 def _grid_of_extremes(cell, scale):

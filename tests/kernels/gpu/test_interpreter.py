@@ -408,3 +408,19 @@ def test_indrnn_over_several_programs_matches_reference_float32():
         loss = (output * output.detach().cos()).sum() + h_n.sum()
         results.append([output, h_n, *torch.autograd.grad(loss, [x, *layer.parameters()])])
     assert_all_close(results[0], results[1], 1e-5)
+
+
+def test_indrnn_walk_names_bad_arguments():
+    with pytest.raises(ValueError, match=r"pre \(T, B, H\) needs h0 \(B, H\) and u \(H,\)"):
+        minimal.indrnn_recurrence(torch.randn(2, 3, 4), torch.randn(3, 5), torch.randn(4), None)
+    with pytest.raises(ValueError, match="nonlinearity must be 'relu' or 'tanh', got 'sigmoid'"):
+        minimal.indrnn_recurrence(
+            torch.randn(2, 3, 4), torch.randn(3, 4), torch.randn(4), None, "sigmoid"
+        )
+
+
+def test_walks_refuse_inputs_past_32_bit_offsets():
+    # Expanded views: the sizes are checked before any element is read.
+    gates = torch.zeros(1, 1, 1).expand(2**16, 2**8, 2**8)
+    with pytest.raises(ValueError, match=r"T \* B \* 256 must be below 2\*\*31"):
+        minimal.scan_direction("min_gru", gates, torch.zeros(2**8, 2**7), None)
