@@ -27,7 +27,7 @@ from rnnkit.kernels.gpu import gru, lstm, minimal, rnn
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_variant(kernel, pointers, constants):
+def compile_variant(kernel, pointers, constants, num_warps=4):
     signature = {
         name: pointers.get(name, "constexpr" if name in constants else "i32")
         for name in kernel.arg_names
@@ -37,7 +37,7 @@ def compile_variant(kernel, pointers, constants):
         name: value for name, value in (defaults | constants).items() if name in kernel.arg_names
     }
     source = ASTSource(kernel, signature, constants)
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": 4})
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
     assert compiled.asm["cubin"], kernel.__name__
     print(kernel.__name__, sorted(constants.items()), "ok", flush=True)
 
@@ -65,6 +65,29 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "ieee")):
     rnn_backward = ["dout_ptr", "dh_buf_ptr", "out_ptr", "w_hh_ptr", "dpre_ptr"]
     compile_variant(rnn.rnn_backward_kernel, pointers(rnn_backward, dtype),
                     {"RELU": True, "PRECISION": precision})
+    # the resident kernels at their widest tile, with the warps and TF32 products they run with
+    rnn_resident_forward = ["xp_ptr", "w_hh_ptr", "h0_ptr", "out_ptr", "h_n_ptr"]
+    compile_variant(rnn.rnn_resident_forward_kernel, pointers(rnn_resident_forward, dtype),
+                    {"RELU": False, "PRECISION": "tf32", "BLOCK_H": 128}, num_warps=8)
+    rnn_resident_backward = ["dout_ptr", "out_ptr", "w_hh_ptr", "dh_n_ptr", "dpre_ptr", "dh0_ptr"]
+    compile_variant(rnn.rnn_resident_backward_kernel, pointers(rnn_resident_backward, dtype),
+                    {"RELU": True, "PRECISION": "tf32", "BLOCK_H": 128}, num_warps=8)
+    # the slice kernels at their widest tile (hidden 256, 32 units a program), with TF32 products
+    lstm_slice_forward = ["xp_ptr", "w_hh_ptr", "h_buf_ptr", "c_ptr", "out_ptr", "gates_ptr",
+                          "cells_ptr"]
+    compile_variant(lstm.lstm_slice_forward_kernel, pointers(lstm_slice_forward, dtype),
+                    {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256})
+    lstm_slice_backward = ["dout_ptr", "dh_buf_ptr", "dc_ptr", "gates_ptr", "cells_ptr", "c0_ptr",
+                           "w_hh_ptr", "dpre_ptr"]
+    compile_variant(lstm.lstm_slice_backward_kernel, pointers(lstm_slice_backward, dtype),
+                    {"PRECISION": "tf32", "BLOCK_H": 256})
+    gru_slice_forward = ["xp_ptr", "w_hh_ptr", "b_hn_ptr", "h_buf_ptr", "out_ptr", "gates_ptr"]
+    compile_variant(gru.gru_slice_forward_kernel, pointers(gru_slice_forward, dtype),
+                    {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256})
+    gru_slice_backward = ["dout_ptr", "dh_buf_ptr", "gates_ptr", "out_ptr", "h0_ptr", "w_hh_ptr",
+                          "dpre_ptr"]
+    compile_variant(gru.gru_slice_backward_kernel, pointers(gru_slice_backward, dtype),
+                    {"PRECISION": "tf32", "BLOCK_H": 256})
     for reset_after in (True, False):
         gru_forward = ["xp_ptr", "w_hh_ptr", "b_hn_ptr", "h_buf_ptr", "scratch_ptr", "out_ptr",
                        "gates_ptr"]
@@ -108,4 +131,4 @@ def test_every_kernel_compiles_for_sm90():
     if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count(" ok") == 17, result.stdout
+    assert result.stdout.count(" ok") == 23, result.stdout

@@ -179,6 +179,55 @@ def test_hidden_units_split_over_programs_match_one_program_per_tile(cell, monke
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (index, (a - b).abs().max())
 
 
+ON_CHIP_KERNELS = {  # what each cell runs where its weights fit on chip: forward, backward
+    "rnn_tanh": ("rnn_resident_forward_kernel", "rnn_resident_backward_kernel"),
+    "rnn_relu": ("rnn_resident_forward_kernel", "rnn_resident_backward_kernel"),
+    "lstm": ("lstm_slice_forward_kernel", "lstm_slice_backward_kernel"),
+    "gru": ("gru_slice_forward_kernel", "gru_slice_backward_kernel"),
+}
+
+
+@pytest.mark.parametrize("hidden", [20, 100])
+@pytest.mark.parametrize("cell", ON_CHIP_KERNELS)
+def test_on_chip_and_split_kernels_match_reference_float64(cell, hidden, monkeypatch):
+    # hidden 100: four 32-unit slice programs (the last one partly padding) meeting at barriers
+    from rnnkit.kernels.gpu import _common, gru, lstm, rnn
+
+    launched = []
+    launch = _common.launch_if_it_fits
+
+    def spy(kernel, *args, **kwargs):
+        ran = launch(kernel, *args, **kwargs)
+        launched.append((_common.kernel_name(kernel), ran))
+        return ran
+
+    for module in (rnn, lstm, gru):
+        monkeypatch.setattr(module, "launch_if_it_fits", spy)
+    layer_class, cell_options = ALL_CELLS[cell]
+    torch.manual_seed(0)
+    options = {**cell_options, "bidirectional": True, "device": CUDA, "dtype": torch.float64}
+    fused = layer_class(5, hidden, backend="gpu", **options)
+    reference = layer_class(5, hidden, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(37, 40, 5, device=CUDA, dtype=torch.float64, requires_grad=True)
+    make = lambda: torch.randn(  # noqa: E731
+        2, 37, hidden, device=CUDA, dtype=torch.float64, requires_grad=True
+    )
+    hx = (make(), make()) if cell == "lstm" else make()
+    lengths = torch.randint(1, 41, (37,))
+    expected = outputs_and_gradients(reference, x, lengths, hx)
+    got = outputs_and_gradients(fused, x, lengths, hx)
+    assert sorted(set(launched)) == sorted((name, True) for name in ON_CHIP_KERNELS[cell])
+    monkeypatch.setattr(rnn, "RESIDENT_MAX_BYTES", 0)
+    monkeypatch.setattr(_common, "SLICE_MAX_HIDDEN", 0)
+    launched.clear()
+    split = outputs_and_gradients(fused, x, lengths, hx)
+    assert launched == []
+    for index, (a, b, c) in enumerate(zip(got, split, expected)):
+        assert torch.allclose(a, c, atol=1e-9, rtol=1e-9), ("on chip", index, (a - c).abs().max())
+        assert torch.allclose(b, c, atol=1e-9, rtol=1e-9), ("split", index, (b - c).abs().max())
+
+
 @pytest.mark.parametrize(
     "layer_class, mode",
     [

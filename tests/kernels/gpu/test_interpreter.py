@@ -125,11 +125,18 @@ def test_float32_batch_first_without_bias_matches_reference(cell):
     assert torch.allclose(inference_output, expected[0], atol=1e-4, rtol=1e-4)
 
 
+def force_split_kernels(monkeypatch) -> None:
+    """Keep every cell on the split kernels (no RNN resident or LSTM/GRU slice kernels)."""
+    monkeypatch.setattr(rnn, "RESIDENT_MAX_BYTES", 0)
+    monkeypatch.setattr(_common, "SLICE_MAX_HIDDEN", 0)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_several_column_tiles_and_programs_match_reference(cell, monkeypatch):
     # 16-wide tiles make hidden size 20 span two column tiles, batch 17 two programs.
     monkeypatch.setattr(_common, "MAX_BLOCK_N", 16)
     monkeypatch.setattr(_common, "MAX_BLOCK_K", 16)
+    force_split_kernels(monkeypatch)
     grid, options, _ = _common.plan_launch(17, 20, torch.device("cpu"))
     assert grid == (2, 1) and options["BLOCK_N"] == options["BLOCK_K"] == 16
     fused, reference = make_pair(
@@ -141,6 +148,97 @@ def test_several_column_tiles_and_programs_match_reference(cell, monkeypatch):
     got = run_and_differentiate(fused, x, hx, lengths)
     expected = run_and_differentiate(reference, x, hx, lengths)
     assert_all_close(got, expected, 1e-9)
+
+
+# The kernels each cell runs where its weights fit on chip, forward then backward.
+ON_CHIP_KERNELS = {
+    "rnn_tanh": ("rnn_resident_forward_kernel", "rnn_resident_backward_kernel"),
+    "rnn_relu": ("rnn_resident_forward_kernel", "rnn_resident_backward_kernel"),
+    "lstm": ("lstm_slice_forward_kernel", "lstm_slice_backward_kernel"),
+    "gru": ("gru_slice_forward_kernel", "gru_slice_backward_kernel"),
+}
+
+
+def spy_on_chip_launches(monkeypatch) -> list[str]:
+    """Names of the on-chip (resident or slice) kernels launched from now on, as they run."""
+    launched = []
+    launch = _common.launch_if_it_fits
+
+    def spy(kernel, *args, **kwargs):
+        ran = launch(kernel, *args, **kwargs)
+        if ran:
+            launched.append(_common.kernel_name(kernel))
+        return ran
+
+    for module in (rnn, lstm, gru):
+        if hasattr(module, "launch_if_it_fits"):
+            monkeypatch.setattr(module, "launch_if_it_fits", spy)
+    return launched
+
+
+@pytest.mark.parametrize("kernels", ["on chip", "split"])
+@pytest.mark.parametrize("cell", ON_CHIP_KERNELS)
+def test_on_chip_and_split_kernels_match_reference(cell, kernels, monkeypatch):
+    # hidden 20 pads to a 32-wide tile; batch 17 needs two programs of batch rows.
+    if kernels == "split":
+        force_split_kernels(monkeypatch)
+    launched = spy_on_chip_launches(monkeypatch)
+    fused, reference = make_pair(
+        cell, torch.float64, input_size=3, hidden_size=20, bidirectional=True
+    )
+    x = torch.randn(5, 17, 3, dtype=torch.float64, requires_grad=True)
+    hx = initial_state(cell, (2, 17, 20), torch.float64)
+    lengths = torch.tensor([5, 2, 1, 4] * 4 + [3])
+    got = run_and_differentiate(fused, x, hx, lengths)
+    expected = run_and_differentiate(reference, x, hx, lengths)
+    assert_all_close(got, expected, 1e-9)
+    with torch.no_grad():
+        inference_output, _ = fused(x, hx, lengths=lengths)
+    assert torch.allclose(inference_output, expected[0], atol=1e-9)
+    forward, backward = ON_CHIP_KERNELS[cell]
+    if kernels == "on chip":
+        # two directions: a training forward, a backward and an inference forward each
+        assert sorted(launched) == sorted([forward] * 4 + [backward] * 2)
+    else:
+        assert launched == []
+
+
+@pytest.mark.parametrize("cell", ON_CHIP_KERNELS)
+def test_on_chip_kernel_out_of_resources_falls_back_to_split(cell, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    attempts = []
+
+    class TooBig:
+        def __init__(self, name):
+            self.__name__ = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                attempts.append((self.__name__, kwargs["BLOCK_H"]))
+                raise OutOfResources(300000, 232448, "shared memory")
+
+            return launch
+
+    module = rnn if cell.startswith("rnn") else lstm if cell == "lstm" else gru
+    for name in ON_CHIP_KERNELS[cell]:
+        monkeypatch.setattr(module, name, TooBig(name))
+    monkeypatch.setattr(_common, "OUT_OF_RESOURCES", set())
+    for each in (rnn, lstm, gru):
+        if hasattr(each, "OUT_OF_RESOURCES"):
+            monkeypatch.setattr(each, "OUT_OF_RESOURCES", _common.OUT_OF_RESOURCES)
+    fused, reference = make_pair(cell, torch.float64, input_size=3, hidden_size=20)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        got = run_and_differentiate(fused, x, None)
+        assert_all_close(got, run_and_differentiate(reference, x, None), 1e-9)
+    # each tried once, then remembered for this device, dtype and tile
+    forward, backward = ON_CHIP_KERNELS[cell]
+    assert attempts == [(forward, 32), (backward, 32)]
+    assert _common.OUT_OF_RESOURCES == {
+        (x.device, torch.float64, forward, 32, 32),
+        (x.device, torch.float64, backward, 32, 32),
+    }
 
 
 def direction_function(cell: str):

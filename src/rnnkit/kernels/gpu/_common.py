@@ -10,6 +10,13 @@ use more than one multiprocessor. States that other threads or programs read bac
 global buffers (L2-resident) and are read with the ".cg" cache modifier so that a stale L1 line
 is never seen; the recurrent weight tiles are re-read every step from L1/L2. Triton's
 interpreter runs programs one after another, so there the hidden units are never split.
+
+Where a program's slice of W_hh (its BLOCK_N units of every gate, over all H inputs) fits on
+chip, the cells use "slice" kernels instead (slice_plan): each program owns exactly one unit
+tile, loads its weight slice once before the time loop, and keeps its own part of the carried
+state (c, or the running dh in the backward) in registers, so a step reads only h (or the gate
+gradients) of the other programs. A launch that runs out of on-chip memory is remembered and
+falls back to the kernels above (launch_if_it_fits).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 BLOCK_B = 16  # batch rows per program at least; tl.dot needs at least 16
 MAX_BLOCK_B = 64
@@ -34,6 +42,15 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 # RNNKIT_GPU_SPLIT=0 keeps each batch tile on one program (no cross-program barrier).
 SPLIT_HIDDEN = os.environ.get("RNNKIT_GPU_SPLIT", "1") != "0"
+# The slice kernels: hidden units per program, and the widest (power-of-two padded) hidden size
+# and the most weight-slice bytes per program they take. On an H200 (session 8 probe, float32)
+# the LSTM forward with 32-unit slices took 3.6 us a step against the split kernel's 5.2 at
+# B = 16, H = 128, and 4.5 against 5.6 at B = 1, H = 256; 16-unit slices at H = 512 were slower.
+SLICE_BLOCK_N = 32
+SLICE_MAX_HIDDEN = 256
+SLICE_MAX_BYTES = 128 * 1024
+# (device, dtype, kernel, tile) whose launch ran out of on-chip memory: they run split instead.
+OUT_OF_RESOURCES: set[tuple] = set()
 # The kernels take do_not_specialize=["T", "B"]: Triton would otherwise compile a new variant
 # (seconds each) whenever a step count or batch size changes between 1, multiples of 16 and
 # other values. H stays specialised: its alignment lets the compiler vectorise the loads.
@@ -241,6 +258,63 @@ def plan_launch(batch: int, hidden: int, device: torch.device) -> tuple[tuple, d
     grid, options = tile_plan(batch, hidden, slots)
     counter = torch.zeros(grid[0], device=device, dtype=torch.int32)
     return grid, options, counter
+
+
+def slice_plan(
+    kernel, batch: int, hidden: int, gates: int, x: Tensor
+) -> tuple[tuple, dict, Tensor] | None:
+    """Grid, options and barrier counter for a slice kernel, or None where it does not apply.
+
+    On CUDA each program owns SLICE_BLOCK_N units, so the unit tiles times the batch tiles must fit
+    in the multiprocessors; under the interpreter one program owns every unit (no barrier).
+    """
+    block_h = block_size(hidden, 1 << 30)
+    if block_h > SLICE_MAX_HIDDEN:
+        return None
+    if x.device.type == "cuda":
+        slots = multiprocessors(x.device.index if x.device.index is not None else 0)
+        block_n = min(SLICE_BLOCK_N, block_h)
+        units = triton.cdiv(hidden, block_n)
+        if units > 1 and not SPLIT_HIDDEN:
+            return None
+        block_b = BLOCK_B
+        while block_b < MAX_BLOCK_B and triton.cdiv(batch, block_b) * units > slots:
+            block_b *= 2
+        if triton.cdiv(batch, block_b) * units > slots:
+            return None
+    else:
+        block_n, units, block_b = block_h, 1, BLOCK_B
+    if gates * block_h * block_n * x.element_size() > SLICE_MAX_BYTES:
+        return None
+    if (x.device, x.dtype, kernel_name(kernel), block_h, block_n) in OUT_OF_RESOURCES:
+        return None
+    options = {
+        "BLOCK_B": block_b,
+        "BLOCK_N": block_n,
+        "BLOCK_H": block_h,
+        "SPLIT": units > 1,
+        "num_warps": NUM_WARPS,
+    }
+    grid = (triton.cdiv(batch, block_b), units)
+    return grid, options, torch.zeros(grid[0], device=x.device, dtype=torch.int32)
+
+
+def kernel_name(kernel) -> str:
+    """A Triton kernel's function name (the JIT wrapper's, or a stand-in's own)."""
+    function = getattr(kernel, "fn", kernel)
+    return getattr(function, "__name__", type(kernel).__name__)
+
+
+def launch_if_it_fits(kernel, grid, options: dict, x: Tensor, *args, **constants) -> bool:
+    """Launch kernel[grid]; False, remembered for x's device and dtype, if it ran out of on-chip
+    memory (shared memory or registers), so that the caller runs another kernel instead."""
+    try:
+        kernel[grid](*args, **constants, **options)
+    except OutOfResources:
+        tile = (options["BLOCK_H"], options.get("BLOCK_N", options["BLOCK_H"]))
+        OUT_OF_RESOURCES.add((x.device, x.dtype, kernel_name(kernel), *tile))
+        return False
+    return True
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,6 +12,8 @@ reset_after=False (Cho et al.): n = tanh(xp_n + (r * h) W_hn^T), so a step has t
 before the n matmul); backward: d(rh) = dn @ W_hn, dr = d(rh) h r(1 - r),
     dh_prev = (dr, dz) @ (W_hr; W_hz) + d(rh) * r + dh * z
 Weight gradients are matmuls over all T * B rows (dW_hn uses r * h_prev in the second form).
+The first form has slice kernels too, which run where a program's slice of W_hh fits on chip
+(hidden size up to 256; _common.slice_plan); the second form and larger sizes run split.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from rnnkit.kernels.gpu._common import (
     dot_precision,
     empty_like_nothing,
     flat,
+    launch_if_it_fits,
     plan_launch,
     previous_states,
     sigmoid,
+    slice_plan,
     sync_programs,
     tanh,
     time_index,
@@ -380,6 +384,176 @@ def gru_backward_kernel(
         arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
+@triton.jit(do_not_specialize=["T", "B"])
+def gru_slice_forward_kernel(
+    xp_ptr,  # (T, B, 3H) input projection, with b_hr and b_hz
+    w_hh_ptr,  # (3H, H)
+    b_hn_ptr,  # (H,) accumulate dtype: the bias inside r * (...)
+    lengths_ptr,  # (B,) int32
+    h_buf_ptr,  # (2, B, H) accumulate dtype: ping-pong hidden state, [0] holds h0
+    out_ptr,  # (T, B, H)
+    gates_ptr,  # (T, B, 4H) when SAVE: r, z, n, hn
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """gru_forward_kernel (reset_after) with one unit tile a program, its W_hh slice and its own
+    part of h held across steps."""
+    acc_dtype = h_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    units = tl.arange(0, BLOCK_H)
+    unit_ok = units < H
+    # w_gate[k, n] = W_hh[gate * H + cols[n], k]
+    w_tile = w_hh_ptr + cols[None, :] * H + units[:, None]
+    w_mask = col_ok[None, :] & unit_ok[:, None]
+    w_r = tl.load(w_tile, mask=w_mask, other=0.0)
+    w_z = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
+    w_n = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    b_hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.zeros(
+        (BLOCK_B, BLOCK_N), dtype=acc_dtype
+    )
+    mask = row_ok[:, None] & col_ok[None, :]
+    state_offsets = rows[:, None] * H + cols[None, :]
+    h_own = tl.load(h_buf_ptr + state_offsets, mask=mask, other=0.0)
+    arrivals = programs * 0
+    for step in range(T):
+        time = time_index(step, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        keep = valid[:, None] & col_ok[None, :]
+        source = (step % 2) * B * H
+        target = ((step + 1) % 2) * B * H
+        h = tl.load(
+            h_buf_ptr + source + rows[:, None] * H + units[None, :],
+            mask=row_ok[:, None] & unit_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        ).to(w_r.dtype)
+        x_tile = xp_ptr + ((time * B + rows) * (3 * H))[:, None] + cols[None, :]
+        pre_r = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
+        pre_z = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
+        pre_r = tl.dot(h, w_r, pre_r, input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_z = tl.dot(h, w_z, pre_z, input_precision=PRECISION, out_dtype=acc_dtype)
+        hn = tl.dot(h, w_n, b_hn, input_precision=PRECISION, out_dtype=acc_dtype)
+        gate_r = sigmoid(pre_r)
+        gate_z = sigmoid(pre_z)
+        pre_n = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
+        gate_n = tanh(pre_n + gate_r * hn)
+        h_new = (1.0 - gate_z) * gate_n + gate_z * h_own
+        h_own = tl.where(keep, h_new, h_own)
+        tl.store(h_buf_ptr + target + state_offsets, h_own, mask=mask)
+        out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
+        h_out = tl.where(keep, h_new, 0.0)
+        tl.store(out_ptr + out_offsets, h_out.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            gate_tile = gates_ptr + ((time * B + rows) * (4 * H))[:, None] + cols[None, :]
+            tl.store(gate_tile, gate_r, mask=mask)
+            tl.store(gate_tile + H, gate_z, mask=mask)
+            tl.store(gate_tile + 2 * H, gate_n, mask=mask)
+            tl.store(gate_tile + 3 * H, hn, mask=mask)
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def gru_slice_backward_kernel(
+    dout_ptr,  # (T, B, H) accumulate dtype
+    dh_buf_ptr,  # (2, B, H): [0] holds dh_n on entry; dh0 on exit at [T % 2]
+    gates_ptr,  # (T, B, 4H) saved r, z, n, hn
+    out_ptr,  # (T, B, H) the forward's output
+    h0_ptr,  # (B, H) accumulate dtype
+    w_hh_ptr,  # (3H, H)
+    lengths_ptr,
+    dpre_ptr,  # (T, B, 4H) out: d(r, z, n pre-activations) and d(hn) (zero at padding)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """gru_backward_kernel (reset_after) with one unit tile a program, its W_hh slice and dh
+    held across steps: one barrier a step, as in lstm_slice_backward_kernel."""
+    acc_dtype = dh_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    units = tl.arange(0, BLOCK_H)
+    unit_ok = units < H
+    # w_gate[k, n] = W_hh[gate * H + k, cols[n]]
+    w_tile = w_hh_ptr + units[:, None] * H + cols[None, :]
+    w_mask = unit_ok[:, None] & col_ok[None, :]
+    w_r = tl.load(w_tile, mask=w_mask, other=0.0)
+    w_z = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
+    w_n = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    mask = row_ok[:, None] & col_ok[None, :]
+    state_offsets = rows[:, None] * H + cols[None, :]
+    dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)
+    arrivals = programs * 0
+    for back in range(T):
+        step = T - 1 - back
+        time = time_index(step, lengths, REVERSE)
+        time_prev = time_index(step - 1, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        keep = valid[:, None] & col_ok[None, :]
+        gate_rows = (time * B + rows) * (4 * H)
+        out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
+        dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+        gate_tile = gates_ptr + gate_rows[:, None] + cols[None, :]
+        gate_r = tl.load(gate_tile, mask=keep, other=0.0)
+        gate_z = tl.load(gate_tile + H, mask=keep, other=0.0)
+        gate_n = tl.load(gate_tile + 2 * H, mask=keep, other=0.0)
+        hn = tl.load(gate_tile + 3 * H, mask=keep, other=0.0)
+        h_prev = load_previous_hidden(
+            out_ptr, h0_ptr, time_prev, step, rows, cols, lengths, keep, B, H
+        )
+        d_n = tl.where(keep, dh_total * (1.0 - gate_z) * (1.0 - gate_n * gate_n), 0.0)
+        d_z = tl.where(keep, dh_total * (h_prev - gate_n) * gate_z * (1.0 - gate_z), 0.0)
+        dpre_tile = dpre_ptr + gate_rows[:, None] + cols[None, :]
+        tl.store(dpre_tile, d_n * hn * gate_r * (1.0 - gate_r), mask=mask)
+        tl.store(dpre_tile + H, d_z, mask=mask)
+        tl.store(dpre_tile + 2 * H, d_n, mask=mask)
+        tl.store(dpre_tile + 3 * H, d_n * gate_r, mask=mask)
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+        dpre_rows = dpre_ptr + gate_rows[:, None] + units[None, :]
+        dpre_mask = row_ok[:, None] & unit_ok[None, :]
+        dh_prev = dh_total * gate_z
+        part = tl.load(dpre_rows, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_r.dtype), w_r, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        part = tl.load(dpre_rows + H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_z.dtype), w_z, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        part = tl.load(dpre_rows + 3 * H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_n.dtype), w_n, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        dh = tl.where(keep, dh_prev, dh)
+    tl.store(dh_buf_ptr + (T % 2) * B * H + state_offsets, dh, mask=mask)
+
+
 class GRUFunction(torch.autograd.Function):
     """(T, B, I) x, (B, H) h0 and the weights -> (T, B, H) output, h_n."""
 
@@ -412,26 +586,30 @@ class GRUFunction(torch.autograd.Function):
         else:
             gates = empty_like_nothing(device, acc)
         lengths_on_device = device_lengths(lengths, steps, batch, device)
-        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
-        gru_forward_kernel[launch_grid](
-            xp,
-            w_hh,
-            b_hn,
-            lengths_on_device,
-            h_buf,
-            scratch,
-            out,
-            gates,
-            counter,
+        constants = {"REVERSE": reverse, "SAVE": save, "PRECISION": dot_precision(x)}
+        plan = None
+        if reset_after:
+            plan = slice_plan(gru_slice_forward_kernel, batch, hidden, 3, x)
+        if plan is None or not launch_if_it_fits(
+            gru_slice_forward_kernel,
+            *plan[:2],
+            x,
+            *(xp, w_hh, b_hn, lengths_on_device, h_buf, out, gates, plan[2]),
             steps,
             batch,
             hidden,
-            REVERSE=reverse,
-            RESET_AFTER=reset_after,
-            SAVE=save,
-            PRECISION=dot_precision(x),
-            **options,
-        )
+            **constants,
+        ):
+            launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+            gru_forward_kernel[launch_grid](
+                *(xp, w_hh, b_hn, lengths_on_device, h_buf, scratch, out, gates, counter),
+                steps,
+                batch,
+                hidden,
+                RESET_AFTER=reset_after,
+                **constants,
+                **options,
+            )
         if save:
             ctx.save_for_backward(x, h0, w_ih, w_hh, out, gates, lengths_on_device)
             ctx.lengths = lengths
@@ -454,25 +632,34 @@ class GRUFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre = torch.empty(steps, batch, 4 * hidden, device=x.device, dtype=acc)
-        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
-        gru_backward_kernel[launch_grid](
-            d_out,
-            dh_buf,
-            gates,
-            out,
-            h0.to(acc).contiguous(),
-            w_hh,
-            lengths_on_device,
-            dpre,
-            counter,
+        arguments = (d_out, dh_buf, gates, out, h0.to(acc).contiguous(), w_hh)
+        arguments += (lengths_on_device, dpre)
+        constants = {"REVERSE": ctx.reverse, "PRECISION": dot_precision(x)}
+        plan = None
+        if ctx.reset_after:
+            plan = slice_plan(gru_slice_backward_kernel, batch, hidden, 3, x)
+        if plan is None or not launch_if_it_fits(
+            gru_slice_backward_kernel,
+            *plan[:2],
+            x,
+            *arguments,
+            plan[2],
             steps,
             batch,
             hidden,
-            REVERSE=ctx.reverse,
-            RESET_AFTER=ctx.reset_after,
-            PRECISION=dot_precision(x),
-            **options,
-        )
+            **constants,
+        ):
+            launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+            gru_backward_kernel[launch_grid](
+                *arguments,
+                counter,
+                steps,
+                batch,
+                hidden,
+                RESET_AFTER=ctx.reset_after,
+                **constants,
+                **options,
+            )
         need = ctx.needs_input_grad
         dpre_x = dpre[..., : 3 * hidden]
         if ctx.reset_after:

@@ -8,6 +8,8 @@ Backward per step (dh includes the output's gradient, dc the carried cell gradie
     dpre = (dc~ * g * i(1-i), dc~ * c * f(1-f), dc~ * i * (1-g^2), dh * tanh(c') * o(1-o))
     dh_prev = dpre @ W_hh,  dc_prev = dc~ * f
 and the weight gradients as matmuls over all T * B rows: dW_ih = dpre^T x, dW_hh = dpre^T h_prev.
+Two kernel pairs run these equations: the slice kernels where a program's slice of W_hh fits on
+chip (hidden size up to 256; _common.slice_plan), else the split kernels.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from rnnkit.kernels.gpu._common import (
     dot_precision,
     empty_like_nothing,
     flat,
+    launch_if_it_fits,
     plan_launch,
     previous_states,
     sigmoid,
+    slice_plan,
     sync_programs,
     tanh,
     time_index,
@@ -232,6 +236,198 @@ def lstm_backward_kernel(
         arrivals = sync_programs(counter, arrivals, programs, SPLIT)
 
 
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_slice_forward_kernel(
+    xp_ptr,  # (T, B, 4H) input projection with both biases
+    w_hh_ptr,  # (4H, H)
+    lengths_ptr,  # (B,) int32
+    h_buf_ptr,  # (2, B, H) accumulate dtype: ping-pong hidden state, [0] holds h0
+    c_ptr,  # (B, H) accumulate dtype: c0 on entry, final c on exit
+    out_ptr,  # (T, B, H)
+    gates_ptr,  # (T, B, 4H) activated gates, written when SAVE
+    cells_ptr,  # (T, B, H) c after each step, written when SAVE
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """lstm_forward_kernel with one unit tile a program and its W_hh slice held across steps."""
+    acc_dtype = h_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    units = tl.arange(0, BLOCK_H)
+    unit_ok = units < H
+    # w_gate[k, n] = W_hh[gate * H + cols[n], k]
+    w_tile = w_hh_ptr + cols[None, :] * H + units[:, None]
+    w_mask = col_ok[None, :] & unit_ok[:, None]
+    w_i = tl.load(w_tile, mask=w_mask, other=0.0)
+    w_f = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_tile + 3 * H * H, mask=w_mask, other=0.0)
+    mask = row_ok[:, None] & col_ok[None, :]
+    state_offsets = rows[:, None] * H + cols[None, :]
+    c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0)
+    h_own = tl.load(h_buf_ptr + state_offsets, mask=mask, other=0.0)
+    arrivals = programs * 0
+    for step in range(T):
+        time = time_index(step, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        keep = valid[:, None] & col_ok[None, :]
+        source = (step % 2) * B * H
+        target = ((step + 1) % 2) * B * H
+        h = tl.load(
+            h_buf_ptr + source + rows[:, None] * H + units[None, :],
+            mask=row_ok[:, None] & unit_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        ).to(w_i.dtype)
+        x_rows = (time * B + rows) * (4 * H)
+        x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
+        pre_i = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
+        pre_f = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
+        pre_g = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
+        pre_o = tl.load(x_tile + 3 * H, mask=mask, other=0.0).to(acc_dtype)
+        pre_i = tl.dot(h, w_i, pre_i, input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_f = tl.dot(h, w_f, pre_f, input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_g = tl.dot(h, w_g, pre_g, input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_o = tl.dot(h, w_o, pre_o, input_precision=PRECISION, out_dtype=acc_dtype)
+        gate_i = sigmoid(pre_i)
+        gate_f = sigmoid(pre_f)
+        gate_g = tanh(pre_g)
+        gate_o = sigmoid(pre_o)
+        c_new = gate_f * c + gate_i * gate_g
+        h_new = gate_o * tanh(c_new)
+        c = tl.where(keep, c_new, c)
+        h_own = tl.where(keep, h_new, h_own)
+        tl.store(h_buf_ptr + target + state_offsets, h_own, mask=mask)
+        out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
+        h_out = tl.where(keep, h_new, 0.0)
+        tl.store(out_ptr + out_offsets, h_out.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            gate_tile = gates_ptr + x_rows[:, None] + cols[None, :]
+            tl.store(gate_tile, gate_i, mask=keep)
+            tl.store(gate_tile + H, gate_f, mask=keep)
+            tl.store(gate_tile + 2 * H, gate_g, mask=keep)
+            tl.store(gate_tile + 3 * H, gate_o, mask=keep)
+            tl.store(cells_ptr + out_offsets, c_new, mask=keep)
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+    tl.store(c_ptr + state_offsets, c, mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_slice_backward_kernel(
+    dout_ptr,  # (T, B, H) accumulate dtype
+    dh_buf_ptr,  # (2, B, H): [0] holds dh_n on entry; dh0 on exit at [T % 2]
+    dc_ptr,  # (B, H): dc_n on entry, dc0 on exit
+    gates_ptr,  # (T, B, 4H) saved activated gates
+    cells_ptr,  # (T, B, H) saved cells
+    c0_ptr,  # (B, H) accumulate dtype
+    w_hh_ptr,  # (4H, H)
+    lengths_ptr,
+    dpre_ptr,  # (T, B, 4H) out: gradient of the gate pre-activations (zero at padding)
+    counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    T,
+    B,
+    H,
+    REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """lstm_backward_kernel with one unit tile a program, its W_hh slice, dh and dc held across
+    steps: the programs share only the gate gradients, each step in its own slot of dpre, so one
+    barrier a step suffices."""
+    acc_dtype = dh_buf_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    units = tl.arange(0, BLOCK_H)
+    unit_ok = units < H
+    # w_gate[k, n] = W_hh[gate * H + k, cols[n]]: dh_prev[:, cols] = sum_gate dpre_gate @ w_gate
+    w_tile = w_hh_ptr + units[:, None] * H + cols[None, :]
+    w_mask = unit_ok[:, None] & col_ok[None, :]
+    w_i = tl.load(w_tile, mask=w_mask, other=0.0)
+    w_f = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_tile + 3 * H * H, mask=w_mask, other=0.0)
+    mask = row_ok[:, None] & col_ok[None, :]
+    state_offsets = rows[:, None] * H + cols[None, :]
+    dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)
+    dc = tl.load(dc_ptr + state_offsets, mask=mask, other=0.0)
+    c0 = tl.load(c0_ptr + state_offsets, mask=mask, other=0.0)
+    arrivals = programs * 0
+    for back in range(T):
+        step = T - 1 - back
+        time = time_index(step, lengths, REVERSE)
+        time_prev = time_index(step - 1, lengths, REVERSE)
+        valid = row_ok & (step < lengths)
+        keep = valid[:, None] & col_ok[None, :]
+        gate_rows = (time * B + rows) * (4 * H)
+        out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
+        dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+        gate_tile = gates_ptr + gate_rows[:, None] + cols[None, :]
+        gate_i = tl.load(gate_tile, mask=keep, other=0.0)
+        gate_f = tl.load(gate_tile + H, mask=keep, other=0.0)
+        gate_g = tl.load(gate_tile + 2 * H, mask=keep, other=0.0)
+        gate_o = tl.load(gate_tile + 3 * H, mask=keep, other=0.0)
+        tanh_c = tanh(tl.load(cells_ptr + out_offsets, mask=keep, other=0.0))
+        prev_offsets = (time_prev * B + rows)[:, None] * H + cols[None, :]
+        has_prev = keep & (step + lengths * 0 > 0)[:, None]
+        c_prev = tl.where(has_prev, tl.load(cells_ptr + prev_offsets, mask=has_prev, other=0.0), c0)
+        dc_total = dc + dh_total * gate_o * (1.0 - tanh_c * tanh_c)
+        d_i = tl.where(keep, dc_total * gate_g * gate_i * (1.0 - gate_i), 0.0)
+        d_f = tl.where(keep, dc_total * c_prev * gate_f * (1.0 - gate_f), 0.0)
+        d_g = tl.where(keep, dc_total * gate_i * (1.0 - gate_g * gate_g), 0.0)
+        d_o = tl.where(keep, dh_total * tanh_c * gate_o * (1.0 - gate_o), 0.0)
+        dpre_tile = dpre_ptr + gate_rows[:, None] + cols[None, :]
+        tl.store(dpre_tile, d_i, mask=mask)
+        tl.store(dpre_tile + H, d_f, mask=mask)
+        tl.store(dpre_tile + 2 * H, d_g, mask=mask)
+        tl.store(dpre_tile + 3 * H, d_o, mask=mask)
+        dc = tl.where(keep, dc_total * gate_f, dc)
+        arrivals = sync_programs(counter, arrivals, programs, SPLIT)
+        dpre_rows = dpre_ptr + gate_rows[:, None] + units[None, :]
+        dpre_mask = row_ok[:, None] & unit_ok[None, :]
+        dh_prev = tl.zeros((BLOCK_B, BLOCK_N), dtype=acc_dtype)
+        part = tl.load(dpre_rows, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_i.dtype), w_i, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        part = tl.load(dpre_rows + H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_f.dtype), w_f, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        part = tl.load(dpre_rows + 2 * H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_g.dtype), w_g, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        part = tl.load(dpre_rows + 3 * H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
+        dh_prev = tl.dot(
+            part.to(w_o.dtype), w_o, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        )
+        dh = tl.where(keep, dh_prev, dh)
+    tl.store(dh_buf_ptr + (T % 2) * B * H + state_offsets, dh, mask=mask)
+    tl.store(dc_ptr + state_offsets, dc, mask=mask)
+
+
 class LSTMFunction(torch.autograd.Function):
     """(T, B, I) x, (B, H) h0, c0 and the weights -> (T, B, H) output, h_n, c_n."""
 
@@ -253,25 +449,24 @@ class LSTMFunction(torch.autograd.Function):
         else:
             gates = cells = empty_like_nothing(x.device, acc)
         lengths_on_device = device_lengths(lengths, steps, batch, x.device)
-        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
-        lstm_forward_kernel[launch_grid](
-            xp,
-            w_hh,
-            lengths_on_device,
-            h_buf,
-            c,
-            out,
-            gates,
-            cells,
-            counter,
+        arguments = (xp, w_hh, lengths_on_device, h_buf, c, out, gates, cells)
+        constants = {"REVERSE": reverse, "SAVE": save, "PRECISION": dot_precision(x)}
+        plan = slice_plan(lstm_slice_forward_kernel, batch, hidden, GATES, x)
+        if plan is None or not launch_if_it_fits(
+            lstm_slice_forward_kernel,
+            *plan[:2],
+            x,
+            *arguments,
+            plan[2],
             steps,
             batch,
             hidden,
-            REVERSE=reverse,
-            SAVE=save,
-            PRECISION=dot_precision(x),
-            **options,
-        )
+            **constants,
+        ):
+            launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+            lstm_forward_kernel[launch_grid](
+                *arguments, counter, steps, batch, hidden, **constants, **options
+            )
         h_n = h_buf[steps % 2].to(x.dtype)
         c_n = c.to(x.dtype)
         if save:
@@ -298,25 +493,25 @@ class LSTMFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre = torch.empty(steps, batch, GATES * hidden, device=x.device, dtype=acc)
-        launch_grid, options, counter = plan_launch(batch, hidden, x.device)
-        lstm_backward_kernel[launch_grid](
-            d_out,
-            dh_buf,
-            dc,
-            gates,
-            cells,
-            c0.to(acc).contiguous(),
-            w_hh,
-            lengths_on_device,
-            dpre,
-            counter,
+        arguments = (d_out, dh_buf, dc, gates, cells, c0.to(acc).contiguous(), w_hh)
+        arguments += (lengths_on_device, dpre)
+        constants = {"REVERSE": ctx.reverse, "PRECISION": dot_precision(x)}
+        plan = slice_plan(lstm_slice_backward_kernel, batch, hidden, GATES, x)
+        if plan is None or not launch_if_it_fits(
+            lstm_slice_backward_kernel,
+            *plan[:2],
+            x,
+            *arguments,
+            plan[2],
             steps,
             batch,
             hidden,
-            REVERSE=ctx.reverse,
-            PRECISION=dot_precision(x),
-            **options,
-        )
+            **constants,
+        ):
+            launch_grid, options, counter = plan_launch(batch, hidden, x.device)
+            lstm_backward_kernel[launch_grid](
+                *arguments, counter, steps, batch, hidden, **constants, **options
+            )
         return weight_gradients(ctx, dpre, dpre, x, h0, c0, dh_buf[steps % 2], dc, w_ih, out)
 
 
