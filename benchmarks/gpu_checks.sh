@@ -53,7 +53,7 @@ print(','.join(map(str, best)) if best else '')" "$OUT/gpu-tiles.json" 2>/dev/nu
     timeout "${BENCH_LIMIT_BF16:-100}" $PY benchmarks/bench_layers.py --device cuda $TILE \
         --dtype bfloat16 --no-reference --no-memory --repeats "${REPEATS:-7}" \
         --json "$OUT/layers-cuda-bfloat16.json" 2>&1 | tee "$OUT/bench-bfloat16.log"
-    # The element-wise layers' Triton walks (MinGRU, MinLSTM, IndRNN): not yet timed on a GPU.
+    # The element-wise layers' Triton walks (MinGRU, MinLSTM, IndRNN).
     timeout "${VARIANTS_LIMIT:-120}" $PY benchmarks/bench_variants.py --device cuda \
         --configs 0,1,2 --repeats "${REPEATS:-7}" --json "$OUT/variants-cuda.json" 2>&1 \
         | tee "$OUT/bench-variants.log" | tail -n 40

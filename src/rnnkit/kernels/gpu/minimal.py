@@ -4,9 +4,10 @@ The input projections (T, B, G*H) come from one matmul (torch). Each hidden unit
 is independent of every other, so the units are spread over the programs, BLOCK of them each, and
 every program walks its units through time with the state in registers: nothing is shared
 between programs and no step waits for another program. The same walk runs both of the layer's
-modes on the GPU. Not yet timed on a GPU: it reads and writes each (T, B, .) tensor once, where
-the log-space scan makes several passes, but it runs only B * H / BLOCK programs, so at small
-B * H (a few programs against the GPU's 100+ multiprocessors) a scan split over time may win.
+modes on the GPU. It reads and writes each (T, B, .) tensor once, where the log-space scan makes
+several passes, but runs only B * H / BLOCK programs. On an H200 (session 8, float32) a MinGRU
+training step at B = 8, T = 4096, H = 128 took 3.9 ms against the reference log-space scan's
+8.1 ms and the step loop's 1355 ms (benchmarks/RESULTS.md).
 
 minGRU:  z = sigmoid(k_z), a = 1 - z, b = z g(k_h)
 minLSTM: r = softplus(-k_i) - softplus(-k_f), a = f / (f + i) = sigmoid(r), b = (1 - a) g(k_h)
