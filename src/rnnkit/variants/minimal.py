@@ -44,8 +44,9 @@ steps of a sequence at a time, instead of taking F.linear's (T, B, G*H) result, 
 small to split over the threads is split by hidden units in either mode. On CUDA tensors
 backend="auto" (or "gpu") runs both modes as one Triton walk over time with the B * H units
 spread over the GPU's programs (`rnnkit.kernels.gpu.minimal`; on an H200 1.6-2.3x as fast as
-the log-space scan on the GPU, benchmarks/RESULTS.md). backend="reference" runs the torch scan of the mode asked for (the
-log-space scan above for "parallel"), which is also what runs on other devices.
+the log-space scan on the GPU, benchmarks/RESULTS.md). backend="reference" runs the torch scan
+of the mode asked for (the log-space scan above for "parallel"), which is also what runs on
+other devices.
 """
 
 from __future__ import annotations
