@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4 as one run on a CUDA machine, from the repository root:
 #   bash benchmarks/gpu_checks.sh            (logs and JSON into $OUT, default benchmarks/results)
-# The CUDA tests (parity with cuDNN and the reference, gradcheck, autocast), the tile sweep, then
-# the layer benchmark in float32 and bfloat16 with the fastest tile, then the element-wise layers
-# (bench_variants.py --device cuda: MinGRU, MinLSTM, IndRNN). Each stage has its own time
-# limit so that a slow one still leaves the others their turn; SKIP_TESTS=1 or SKIP_BENCH=1 leaves
-# one out.
+# It writes about a dozen files; where only a few files come back from the machine (the device
+# tool: 8), point OUT at a folder and pack it: OUT=/tmp/r bash ...; tar -czf "$OUT/r.tgz" -C /tmp r
+# The barrier comparison (bench_gpu_barrier.py: the programs' barrier polled with atomics or
+# acquire loads; the rest of the run uses the faster), the CUDA tests (parity with cuDNN and the
+# reference, gradcheck, autocast), the tile sweep, then the layer benchmark in float32 and
+# bfloat16 with the fastest tile, then the element-wise layers (bench_variants.py --device cuda:
+# MinGRU, MinLSTM, IndRNN). Each stage has its own time limit so that a slow one still leaves the
+# others their turn; SKIP_TESTS=1 or SKIP_BENCH=1 leaves one out. About 8 minutes on an H200.
 set -u
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
@@ -35,6 +38,19 @@ SMOKE
 if ! grep -q "SPLIT OK" "$OUT/gpu-env.log"; then
     echo "split smoke failed: running the rest with RNNKIT_GPU_SPLIT=0"
     export RNNKIT_GPU_SPLIT=0
+fi
+
+# The barrier polled with acquire loads has not been timed yet: compare it with the atomic polls
+# and keep the faster for the rest of the run (the tests then check the one the benchmarks use).
+if [ -z "${SKIP_BENCH:-}" ] && [ -z "${RNNKIT_GPU_BARRIER:-}" ] && [ -z "${RNNKIT_GPU_SPLIT:-}" ]; then
+    timeout "${BARRIER_LIMIT:-280}" $PY benchmarks/bench_gpu_barrier.py --json "$OUT/gpu-barrier.json" \
+        2>&1 | tee "$OUT/gpu-barrier.log" | tail -n 30
+    BARRIER=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['best'])" \
+        "$OUT/gpu-barrier.json" 2>/dev/null)
+    if [ "$BARRIER" = load ]; then
+        echo "the acquire-load barrier was faster: running the rest with RNNKIT_GPU_BARRIER=load"
+        export RNNKIT_GPU_BARRIER=load
+    fi
 fi
 
 if [ -z "${SKIP_TESTS:-}" ]; then

@@ -33,3 +33,15 @@ def test_variants_on_cuda_run_only_the_sections_with_gpu_kernels(capsys):
         bench_variants.parse_args(["--device", "cuda", "--sections", "layer_norm"])
     assert "--device cuda: sections must be of" in capsys.readouterr().err
     assert bench_variants.parse_args([]).section_list == list(bench_variants.SECTIONS)
+
+
+def test_barrier_benchmark_refuses_no_repeats_and_skips_without_cuda(capsys, monkeypatch, tmp_path):
+    import bench_gpu_barrier
+
+    with pytest.raises(SystemExit):
+        bench_gpu_barrier.main(["--repeats", "0"])
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(bench_gpu_barrier.torch.cuda, "is_available", lambda: False)
+    assert bench_gpu_barrier.main(["--json", str(tmp_path / "barrier.json")]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "barrier.json").exists()

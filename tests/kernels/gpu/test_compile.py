@@ -132,3 +132,54 @@ def test_every_kernel_compiles_for_sm90():
         pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(" ok") == 23, result.stdout
+
+
+COMPILE_WITH_LOAD_BARRIER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rnnkit.kernels.gpu import _common, lstm
+
+assert _common.sync_programs is _common.sync_programs_load
+kernel = lstm.lstm_slice_forward_kernel
+constants = {"REVERSE": False, "SAVE": True, "BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_H": 128,
+             "PRECISION": "tf32", "SPLIT": True}
+pointers = {"lengths_ptr": "*i32", "counter_ptr": "*i32"}
+signature = {
+    name: "constexpr" if name in constants else pointers.get(name, "*fp32")
+    if name.endswith("_ptr") else "i32"
+    for name in kernel.arg_names
+}
+compiled = triton.compile(ASTSource(kernel, signature, constants),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+ptx = compiled.asm["ptx"]
+print("acquire loads", ptx.count("ld.global.acquire.gpu"), "release", ptx.count(".release."))
+"""
+
+
+def run_with_barrier(barrier: str, script: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment |= {"TRITON_DEFAULT_FP_FUSION": "1", "RNNKIT_GPU_BARRIER": barrier}
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def test_barrier_polled_with_acquire_loads_compiles_for_sm90():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed: the gpu kernels cannot be compiled")
+    result = run_with_barrier("load", COMPILE_WITH_LOAD_BARRIER)
+    if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
+    assert result.returncode == 0, result.stderr[-4000:]
+    # one poll in the step loop's barrier, after one release of the arrival
+    assert "acquire loads 1 release 1" in result.stdout, result.stdout
+
+
+def test_unknown_barrier_names_the_variable_and_the_choices():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed: the gpu kernels cannot be imported")
+    result = run_with_barrier("spin", "import rnnkit.kernels.gpu._common")
+    assert result.returncode != 0
+    assert "RNNKIT_GPU_BARRIER must be 'atomic' or 'load', got 'spin'" in result.stderr

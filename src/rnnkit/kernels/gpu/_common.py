@@ -70,11 +70,19 @@ def tanh(x):
 
 
 @triton.jit
-def sync_programs(counter_ptr, arrivals, programs, SPLIT: tl.constexpr):
+def load_acquire(pointer):
+    """The int32 at pointer, read with ld.global.acquire.gpu: a plain load with acquire order."""
+    return tl.inline_asm_elementwise(
+        "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [pointer], tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def sync_programs_atomic(counter_ptr, arrivals, programs, SPLIT: tl.constexpr):
     """Barrier over this program's threads and (SPLIT) the programs sharing counter_ptr.
 
     The counter only grows: `arrivals` is its value after the previous barrier; returns the
-    value after this one.
+    value after this one. The programs poll the counter with atomic reads.
     """
     tl.debug_barrier()
     if SPLIT:
@@ -83,6 +91,32 @@ def sync_programs(counter_ptr, arrivals, programs, SPLIT: tl.constexpr):
             pass
         tl.debug_barrier()
     return arrivals + programs
+
+
+@triton.jit
+def sync_programs_load(counter_ptr, arrivals, programs, SPLIT: tl.constexpr):
+    """sync_programs_atomic polling with acquire loads, which the programs need not take turns
+    at, as they do at atomic read-modify-writes of one address."""
+    tl.debug_barrier()
+    if SPLIT:
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        while load_acquire(counter_ptr) < arrivals + programs:
+            pass
+        tl.debug_barrier()
+    return arrivals + programs
+
+
+def barrier_from_environment() -> str:
+    """RNNKIT_GPU_BARRIER: "atomic" (the default, timed on an H200) or "load" (not yet timed:
+    benchmarks/bench_gpu_barrier.py compares them)."""
+    barrier = os.environ.get("RNNKIT_GPU_BARRIER", "atomic")
+    if barrier not in ("atomic", "load"):
+        raise ValueError(f"RNNKIT_GPU_BARRIER must be 'atomic' or 'load', got {barrier!r}")
+    return barrier
+
+
+# How the programs poll the barrier counter, read once at import.
+sync_programs = sync_programs_load if barrier_from_environment() == "load" else sync_programs_atomic
 
 
 @triton.jit
