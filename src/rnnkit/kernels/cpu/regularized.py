@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -474,11 +473,15 @@ class RegularizedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, xp, h0, c0, w_hh, w_hr, b_hn, lengths, mask, keep_h, keep_c, mode, reset_after
-    ):
-        steps, batch, _ = xp.shape
+        ctx, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, lengths, reverse, mask, keep_h, keep_c,
+        mode, reset_after,
+    ):  # fmt: skip
+        steps, batch, _ = x.shape
         hidden = w_hh.size(1)  # the state's size: the LSTM's projection size when it has one
-        dtype = xp.dtype
+        dtype = x.dtype
+        xp, b_hn = _project(x, w_ih, b_ih, b_hh, mode == "GRU" and reset_after)
+        if reverse:
+            xp = reverse_padded(xp, lengths)
         xp_array = _array(xp)
         h = h0.detach().clone(memory_format=torch.contiguous_format)
         out = torch.empty(steps, batch, hidden, dtype=dtype)
@@ -529,16 +532,22 @@ class RegularizedFunction(torch.autograd.Function):
             parts,
             use_packing,
         )
-        ctx.save_for_backward(w_hh, lengths, mask, keep_h, keep_c, hm, *saved)
-        return out, h, c
+        ctx.reverse, ctx.has_bias = reverse, b_ih is not None
+        ctx.save_for_backward(x, w_ih, w_hh, lengths, mask, keep_h, keep_c, hm, *saved)
+        return (reverse_padded(out, lengths) if reverse else out), h, c
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h_n, d_c_n):
-        w_hh, lengths, mask, keep_h, keep_c, hm, *saved = ctx.saved_tensors
+        x, w_ih, w_hh, lengths, mask, keep_h, keep_c, hm, *saved = ctx.saved_tensors
         steps, batch, hidden = hm.shape
         dtype = hm.dtype
-        d_out = torch.zeros_like(hm) if d_out is None else d_out.to(dtype).contiguous()
+        if d_out is None:
+            d_out = torch.zeros_like(hm)
+        elif ctx.reverse:
+            d_out = reverse_padded(d_out.to(dtype), lengths)
+        else:
+            d_out = d_out.to(dtype).contiguous()
         dh = torch.zeros(batch, hidden, dtype=dtype)
         if d_h_n is not None:
             dh.copy_(d_h_n)
@@ -586,8 +595,7 @@ class RegularizedFunction(torch.autograd.Function):
             torch.mm(_rows(d_pre[..., : 2 * hidden]).T, hm_rows, out=d_w_hh[: 2 * hidden])
             if ctx.reset_after:
                 d_n, n_input = d_pre[..., 3 * hidden :], hm_rows
-                if ctx.needs_input_grad[5]:
-                    d_b_hn = d_n.sum((0, 1))
+                d_b_hn = d_n.sum((0, 1))
             else:
                 d_n, n_input = d_pre[..., 2 * hidden : 3 * hidden], _rows(saved[3])
             torch.mm(_rows(d_n).T, n_input, out=d_w_hh[2 * hidden :])
@@ -596,7 +604,22 @@ class RegularizedFunction(torch.autograd.Function):
             d_w_hh = _rows(d_pre).T @ hm_rows
             if ctx.mode == "LSTM" and saved[4] is not None:
                 d_w_hr = _rows(d_projected).T @ _rows(saved[3])
-        return d_xp, dh, dc, d_w_hh, d_w_hr, d_b_hn, None, None, None, None, None, None
+        if ctx.reverse:
+            d_xp = reverse_padded(d_xp, lengths)
+        need = ctx.needs_input_grad
+        d_x = d_xp @ w_ih if need[0] else None
+        d_w_ih = _rows(d_xp).T @ _rows(x) if need[1] else None
+        d_b_ih = d_b_hh = None
+        if ctx.has_bias and (need[2] or need[3]):
+            d_b_ih = d_xp.sum((0, 1))
+            if ctx.mode == "GRU" and ctx.reset_after:
+                d_b_hh = torch.cat([d_b_ih[: 2 * hidden], d_b_hn])
+            else:
+                d_b_hh = d_b_ih.clone()
+        return (
+            d_x, d_w_ih, d_b_ih, d_b_hh, dh, dc, d_w_hh, d_w_hr,
+            None, None, None, None, None, None, None,
+        )  # fmt: skip
 
 
 def _masks(spec: LayerSpec, state: tuple[Tensor, ...], steps: int):
@@ -629,31 +652,33 @@ def run_direction(
         raise ValueError(f"no regularised kernel for {spec.mode}")
     w_ih, w_hh, b_ih, b_hh = weights[:4]
     w_hr = weights[4] if mode == "LSTM" and spec.proj_size > 0 else None
-    hidden = w_hh.size(1)
     reset_after = mode == "GRU" and spec.reset_after
-    b_hn = None
-    bias = None
-    if b_ih is not None:
-        if reset_after:
-            bias = b_ih + torch.cat([b_hh[: 2 * hidden], torch.zeros_like(b_hh[2 * hidden :])])
-            b_hn = b_hh[2 * hidden :]
-        else:
-            bias = b_ih + b_hh
-    xp = F.linear(x, w_ih, bias)
-    if reverse:
-        xp = reverse_padded(xp, lengths)
     h0, c0 = state[0], (state[1] if mode == "LSTM" else None)
     mask, keep_h, keep_c = _masks(spec, tuple(state), x.size(0))
     if lengths is None:
         kernel_lengths = torch.full((x.size(1),), x.size(0), dtype=torch.int64)
     else:
-        lengths = kernel_lengths = lengths.to("cpu", torch.int64).contiguous()
+        kernel_lengths = lengths.to("cpu", torch.int64).contiguous()
     output, h_n, c_n = RegularizedFunction.apply(
-        xp, h0, c0, w_hh, w_hr, b_hn, kernel_lengths, mask, keep_h, keep_c, spec.mode, reset_after
-    )
-    if reverse:
-        output = reverse_padded(output, lengths)
+        x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, kernel_lengths, reverse, mask, keep_h, keep_c,
+        spec.mode, reset_after,
+    )  # fmt: skip
     return output, ((h_n, c_n) if mode == "LSTM" else (h_n,))
+
+
+def _project(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, reset_after: bool):
+    """(T, B, I) -> the (T, B, G*H) input projection with the biases that are purely additive,
+    and the GRU's b_hn (inside r * (...)) when the reset comes after its product, else None."""
+    rows = _rows(x)
+    if b_ih is None:
+        return (rows @ w_ih.T).view(x.size(0), x.size(1), -1), None
+    b_hn = None
+    bias = b_ih + b_hh
+    if reset_after:
+        hidden = w_ih.size(0) // 3
+        b_hn = b_hh[2 * hidden :]
+        bias[2 * hidden :] = b_ih[2 * hidden :]
+    return torch.addmm(bias, rows, w_ih.T).view(x.size(0), x.size(1), -1), b_hn
 
 
 def warmup() -> None:
