@@ -12,9 +12,10 @@ lstm.py, gru.py and rnn.py. Backward per step, given dh (and dc) reaching h' (an
     dh_prev = k dh (+ z dh~ for the GRU) + (dpre_rec @ W_hh) * m,  dc_prev = k_c dc + f dc~
 and dW_hh = sum over steps of dpre_rec^T hm (r * hm for the GRU's candidate when the reset comes
 before its product), one matmul over all T * B rows after the loop. The input projection and
-its gradients are autograd's (one matmul outside), and the caller reverses a backward direction,
-so the kernels always walk forward in processing order: the masks are drawn in the reference
-loop's order (rnnkit.scan) and give the same numbers for the same seed.
+its gradients are one matmul each in RegularizedFunction, which also reverses a backward
+direction's sequences around the kernels, so the kernels always walk forward in processing
+order: the masks are drawn in the reference loop's order (rnnkit.scan) and give the same numbers
+for the same seed.
 
 As in the plain kernels, the per-step products take a weight packed once per call (`blas`:
 rnnkit's AVX-512 panels for float32, else MKL), and with several torch threads and a large
