@@ -15,13 +15,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_gpu_tiles import median_seconds
 from bench_layers import write_json
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "gpu-barrier.json"
@@ -29,19 +28,6 @@ CONFIGS = [(16, 1000, 128, 128), (1, 1000, 256, 256), (32, 100, 256, 256), (256,
 PROGRAM_COUNTS = (4, 16, 64, 128)
 BARRIER_STEPS = 20000
 LAYER_TIMEOUT = 120  # seconds for one style's layer timings, compiles included
-
-
-def median_seconds(function, repeats: int) -> float:
-    """Median wall time of one call after a warm-up, synchronising the device around each."""
-    function()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def barrier_kernel():

@@ -120,6 +120,40 @@ sync_programs = sync_programs_load if barrier_from_environment() == "load" else 
 
 
 @triton.jit
+def slice_tiles(
+    lengths_ptr,
+    counter_ptr,
+    B,
+    H,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """A slice kernel program's tiles: its batch rows and their lengths, its batch tile's barrier
+    counter and program count, its unit tile (cols), and every unit padded to BLOCK_H."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    units = tl.arange(0, BLOCK_H)
+    counter = counter_ptr + tl.program_id(0)
+    programs = tl.num_programs(1)
+    return rows, row_ok, lengths, counter, programs, cols, cols < H, units, units < H
+
+
+@triton.jit
+def weight_slice(w_hh_ptr, gate, cols, col_ok, units, unit_ok, H, TRANSPOSED: tl.constexpr):
+    """(BLOCK_H, BLOCK_N) slice of one gate's (H, H) block of W_hh (G*H, H), zero in the padding:
+    [k, n] = W_hh[gate * H + cols[n], k] when TRANSPOSED (the forward's h @ W^T), else
+    W_hh[gate * H + k, cols[n]] (the backward's dpre @ W)."""
+    if TRANSPOSED:
+        offsets = (gate * H + cols[None, :]) * H + units[:, None]
+    else:
+        offsets = (gate * H + units[:, None]) * H + cols[None, :]
+    return tl.load(w_hh_ptr + offsets, mask=col_ok[None, :] & unit_ok[:, None], other=0.0)
+
+
+@triton.jit
 def time_index(step, lengths, REVERSE: tl.constexpr):
     """(BLOCK_B,) time position each row works on at processing step `step`."""
     if REVERSE:

@@ -39,9 +39,11 @@ from rnnkit.kernels.gpu._common import (
     previous_states,
     sigmoid,
     slice_plan,
+    slice_tiles,
     sync_programs,
     tanh,
     time_index,
+    weight_slice,
 )
 
 
@@ -408,21 +410,12 @@ def gru_slice_forward_kernel(
     """gru_forward_kernel (reset_after) with one unit tile a program, its W_hh slice and its own
     part of h held across steps."""
     acc_dtype = h_buf_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    counter = counter_ptr + tl.program_id(0)
-    programs = tl.num_programs(1)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
-    units = tl.arange(0, BLOCK_H)
-    unit_ok = units < H
-    # w_gate[k, n] = W_hh[gate * H + cols[n], k]
-    w_tile = w_hh_ptr + cols[None, :] * H + units[:, None]
-    w_mask = col_ok[None, :] & unit_ok[:, None]
-    w_r = tl.load(w_tile, mask=w_mask, other=0.0)
-    w_z = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
-    w_n = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
+        lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
+    )
+    w_r = weight_slice(w_hh_ptr, 0, cols, col_ok, units, unit_ok, H, True)
+    w_z = weight_slice(w_hh_ptr, 1, cols, col_ok, units, unit_ok, H, True)
+    w_n = weight_slice(w_hh_ptr, 2, cols, col_ok, units, unit_ok, H, True)
     b_hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.zeros(
         (BLOCK_B, BLOCK_N), dtype=acc_dtype
     )
@@ -491,21 +484,12 @@ def gru_slice_backward_kernel(
     """gru_backward_kernel (reset_after) with one unit tile a program, its W_hh slice and dh
     held across steps: one barrier a step, as in lstm_slice_backward_kernel."""
     acc_dtype = dh_buf_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    counter = counter_ptr + tl.program_id(0)
-    programs = tl.num_programs(1)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
-    units = tl.arange(0, BLOCK_H)
-    unit_ok = units < H
-    # w_gate[k, n] = W_hh[gate * H + k, cols[n]]
-    w_tile = w_hh_ptr + units[:, None] * H + cols[None, :]
-    w_mask = unit_ok[:, None] & col_ok[None, :]
-    w_r = tl.load(w_tile, mask=w_mask, other=0.0)
-    w_z = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
-    w_n = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
+    rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
+        lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
+    )
+    w_r = weight_slice(w_hh_ptr, 0, cols, col_ok, units, unit_ok, H, False)
+    w_z = weight_slice(w_hh_ptr, 1, cols, col_ok, units, unit_ok, H, False)
+    w_n = weight_slice(w_hh_ptr, 2, cols, col_ok, units, unit_ok, H, False)
     mask = row_ok[:, None] & col_ok[None, :]
     state_offsets = rows[:, None] * H + cols[None, :]
     dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)

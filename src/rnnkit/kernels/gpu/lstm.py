@@ -34,9 +34,11 @@ from rnnkit.kernels.gpu._common import (
     previous_states,
     sigmoid,
     slice_plan,
+    slice_tiles,
     sync_programs,
     tanh,
     time_index,
+    weight_slice,
 )
 
 GATES = 4
@@ -260,22 +262,13 @@ def lstm_slice_forward_kernel(
 ):
     """lstm_forward_kernel with one unit tile a program and its W_hh slice held across steps."""
     acc_dtype = h_buf_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    counter = counter_ptr + tl.program_id(0)
-    programs = tl.num_programs(1)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
-    units = tl.arange(0, BLOCK_H)
-    unit_ok = units < H
-    # w_gate[k, n] = W_hh[gate * H + cols[n], k]
-    w_tile = w_hh_ptr + cols[None, :] * H + units[:, None]
-    w_mask = col_ok[None, :] & unit_ok[:, None]
-    w_i = tl.load(w_tile, mask=w_mask, other=0.0)
-    w_f = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_tile + 3 * H * H, mask=w_mask, other=0.0)
+    rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
+        lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
+    )
+    w_i = weight_slice(w_hh_ptr, 0, cols, col_ok, units, unit_ok, H, True)
+    w_f = weight_slice(w_hh_ptr, 1, cols, col_ok, units, unit_ok, H, True)
+    w_g = weight_slice(w_hh_ptr, 2, cols, col_ok, units, unit_ok, H, True)
+    w_o = weight_slice(w_hh_ptr, 3, cols, col_ok, units, unit_ok, H, True)
     mask = row_ok[:, None] & col_ok[None, :]
     state_offsets = rows[:, None] * H + cols[None, :]
     c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0)
@@ -352,22 +345,13 @@ def lstm_slice_backward_kernel(
     steps: the programs share only the gate gradients, each step in its own slot of dpre, so one
     barrier a step suffices."""
     acc_dtype = dh_buf_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    counter = counter_ptr + tl.program_id(0)
-    programs = tl.num_programs(1)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
-    units = tl.arange(0, BLOCK_H)
-    unit_ok = units < H
-    # w_gate[k, n] = W_hh[gate * H + k, cols[n]]: dh_prev[:, cols] = sum_gate dpre_gate @ w_gate
-    w_tile = w_hh_ptr + units[:, None] * H + cols[None, :]
-    w_mask = unit_ok[:, None] & col_ok[None, :]
-    w_i = tl.load(w_tile, mask=w_mask, other=0.0)
-    w_f = tl.load(w_tile + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_tile + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_tile + 3 * H * H, mask=w_mask, other=0.0)
+    rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
+        lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
+    )
+    w_i = weight_slice(w_hh_ptr, 0, cols, col_ok, units, unit_ok, H, False)
+    w_f = weight_slice(w_hh_ptr, 1, cols, col_ok, units, unit_ok, H, False)
+    w_g = weight_slice(w_hh_ptr, 2, cols, col_ok, units, unit_ok, H, False)
+    w_o = weight_slice(w_hh_ptr, 3, cols, col_ok, units, unit_ok, H, False)
     mask = row_ok[:, None] & col_ok[None, :]
     state_offsets = rows[:, None] * H + cols[None, :]
     dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)
