@@ -257,3 +257,24 @@ def test_element_wise_walks_match_reference_float64_on_cuda(layer_class, mode):
         results.append([output, h_n, *torch.autograd.grad(loss, [x, *layer.parameters()])])
     for got, expected in zip(*results):
         assert torch.allclose(got, expected, atol=1e-9, rtol=1e-9), (got - expected).abs().max()
+
+
+def test_resident_kernel_out_of_shared_memory_falls_back_to_split(monkeypatch):
+    # 256 x 256 float32 needs about 272 KiB of shared memory, more than a Hopper multiprocessor
+    # has: the launch fails, is remembered, and the split kernels run instead.
+    from rnnkit.kernels.gpu import _common, rnn
+
+    monkeypatch.setattr(rnn, "RESIDENT_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(_common, "OUT_OF_RESOURCES", set())
+    monkeypatch.setattr(rnn, "OUT_OF_RESOURCES", _common.OUT_OF_RESOURCES)
+    torch.manual_seed(0)
+    fused = rnnkit.RNN(4, 256, backend="gpu", device=CUDA)
+    reference = rnnkit.RNN(4, 256, backend="reference", device=CUDA)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(20, 3, 4, device=CUDA, requires_grad=True)
+    got, _ = fused(x)
+    expected, _ = reference(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert (x.device, torch.float32, "rnn_resident_forward_kernel", 256, 256) in (
+        _common.OUT_OF_RESOURCES
+    )
