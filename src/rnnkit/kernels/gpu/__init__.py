@@ -123,10 +123,13 @@ def warmup(
     dtypes: tuple[torch.dtype, ...] = (torch.float32,),
     hidden_sizes: tuple[int, ...] = (16, 20),
 ) -> None:
-    """Compile (or load from Triton's disk cache) every kernel variant on `device`.
+    """Compile (or load from Triton's disk cache) the kernel variants of these hidden sizes.
 
-    Triton compiles a variant per dtype, direction, training or inference forward, and hidden-size
-    alignment (a multiple of 16 or not); the default hidden sizes cover both alignments.
+    Triton compiles a variant per dtype, direction, training or inference forward, hidden-size
+    alignment (a multiple of 16 or not) and tile: the tiles grow with the hidden size (the split
+    kernels' up to 32 x 64, the resident and slice kernels' to the next power of two up to 256),
+    so a layer of another width compiles its own variants on its first call, a few seconds each,
+    and Triton keeps them on disk from then on. The default sizes cover both alignments.
     """
     from rnnkit.layers import GRU, LSTM, RNN
     from rnnkit.variants.indrnn import IndRNN
