@@ -56,18 +56,28 @@ def test_explicit_gpu_request_on_cpu_without_interpreter_raises(monkeypatch):
         layer(torch.randn(2, 1, 3))
 
 
-def test_in_loop_regularisers_are_a_reason_the_gpu_backend_gives(monkeypatch):
+def test_in_loop_regularisers_run_where_the_weights_fit_on_chip(monkeypatch):
     from rnnkit.kernels.gpu import backend
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed: the backend stops at that reason first")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 1, 3)
     spec = LayerSpec("GRU", 4, zoneout=(0.2, 0.0), training=False)
-    reason = backend.unsupported_reason(spec, torch.randn(2, 1, 3), None)
-    assert reason == "zoneout=(0.2, 0.0) (hidden, cell): no gpu kernel with it"
+    assert backend.unsupported_reason(spec, x, None) is None
     spec = LayerSpec("LSTM", 4, recurrent_dropout=0.3, training=True)
-    reason = backend.unsupported_reason(spec, torch.randn(2, 1, 3), None)
-    assert reason == "recurrent_dropout=0.3 in training: no gpu kernel with it"
+    assert backend.unsupported_reason(spec, x, None) is None
+    spec = LayerSpec("GRU", 4, reset_after=False, zoneout=(0.2, 0.0), training=False)
+    assert backend.unsupported_reason(spec, x, None) == (
+        "zoneout=(0.2, 0.0) (hidden, cell): the gpu kernels take them for the GRU with "
+        "reset_after=True only"
+    )
+    spec = LayerSpec("RNN_TANH", 300, recurrent_dropout=0.3, training=True)
+    assert backend.unsupported_reason(spec, x, None) == (
+        "recurrent_dropout=0.3 in training: recurrent dropout and zoneout run in the gpu kernels "
+        "that hold the recurrent weights on chip, which hidden_size=300 in torch.float32 does not "
+        "fit on cpu"
+    )
 
 
 @pytest.mark.parametrize("make", [rnnkit.MinGRU, rnnkit.MinLSTM, rnnkit.IndRNN])

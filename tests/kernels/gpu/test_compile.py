@@ -65,29 +65,45 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "ieee")):
     rnn_backward = ["dout_ptr", "dh_buf_ptr", "out_ptr", "w_hh_ptr", "dpre_ptr"]
     compile_variant(rnn.rnn_backward_kernel, pointers(rnn_backward, dtype),
                     {"RELU": True, "PRECISION": precision})
-    # the resident kernels at their widest tile, with the warps and TF32 products they run with
-    rnn_resident_forward = ["xp_ptr", "w_hh_ptr", "h0_ptr", "out_ptr", "h_n_ptr"]
-    compile_variant(rnn.rnn_resident_forward_kernel, pointers(rnn_resident_forward, dtype),
-                    {"RELU": False, "PRECISION": "tf32", "BLOCK_H": 128}, num_warps=8)
-    rnn_resident_backward = ["dout_ptr", "out_ptr", "w_hh_ptr", "dh_n_ptr", "dpre_ptr", "dh0_ptr"]
-    compile_variant(rnn.rnn_resident_backward_kernel, pointers(rnn_resident_backward, dtype),
-                    {"RELU": True, "PRECISION": "tf32", "BLOCK_H": 128}, num_warps=8)
-    # the slice kernels at their widest tile (hidden 256, 32 units a program), with TF32 products
-    lstm_slice_forward = ["xp_ptr", "w_hh_ptr", "h_buf_ptr", "c_ptr", "out_ptr", "gates_ptr",
-                          "cells_ptr"]
-    compile_variant(lstm.lstm_slice_forward_kernel, pointers(lstm_slice_forward, dtype),
-                    {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256})
-    lstm_slice_backward = ["dout_ptr", "dh_buf_ptr", "dc_ptr", "gates_ptr", "cells_ptr", "c0_ptr",
-                           "w_hh_ptr", "dpre_ptr"]
-    compile_variant(lstm.lstm_slice_backward_kernel, pointers(lstm_slice_backward, dtype),
-                    {"PRECISION": "tf32", "BLOCK_H": 256})
-    gru_slice_forward = ["xp_ptr", "w_hh_ptr", "b_hn_ptr", "h_buf_ptr", "out_ptr", "gates_ptr"]
-    compile_variant(gru.gru_slice_forward_kernel, pointers(gru_slice_forward, dtype),
-                    {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256})
-    gru_slice_backward = ["dout_ptr", "dh_buf_ptr", "gates_ptr", "out_ptr", "h0_ptr", "w_hh_ptr",
-                          "dpre_ptr"]
-    compile_variant(gru.gru_slice_backward_kernel, pointers(gru_slice_backward, dtype),
-                    {"PRECISION": "tf32", "BLOCK_H": 256})
+    # The on-chip kernels at their widest tiles, with the warps and TF32 products they run with,
+    # plain and with the in-loop regularisers (recurrent dropout, zoneout masks).
+    regularizer_pointers = ["mask_ptr", "keep_ptr", "keep_h_ptr", "keep_c_ptr", "cand_ptr",
+                            "cand_c_ptr"]
+    for regularized in (False, True):
+        switches = {"DROPOUT": regularized, "ZONEOUT": int(regularized),
+                    "ZONEOUT_C": int(regularized)}
+        rnn_resident_forward = ["xp_ptr", "w_hh_ptr", "h0_ptr", "out_ptr", "h_n_ptr"]
+        compile_variant(rnn.rnn_resident_forward_kernel,
+                        pointers(rnn_resident_forward + regularizer_pointers, dtype),
+                        {"RELU": False, "PRECISION": "tf32", "BLOCK_H": 128, "SAVE": True}
+                        | switches, num_warps=8)
+        rnn_resident_backward = ["dout_ptr", "out_ptr", "w_hh_ptr", "dh_n_ptr", "dpre_ptr",
+                                 "dh0_ptr"]
+        compile_variant(rnn.rnn_resident_backward_kernel,
+                        pointers(rnn_resident_backward + regularizer_pointers, dtype),
+                        {"RELU": True, "PRECISION": "tf32", "BLOCK_H": 128} | switches,
+                        num_warps=8)
+        # the slice kernels: hidden 256, 32 units a program
+        lstm_slice_forward = ["xp_ptr", "w_hh_ptr", "h_buf_ptr", "c_ptr", "out_ptr", "gates_ptr",
+                              "cells_ptr"]
+        compile_variant(lstm.lstm_slice_forward_kernel,
+                        pointers(lstm_slice_forward + regularizer_pointers, dtype),
+                        {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256} | switches)
+        lstm_slice_backward = ["dout_ptr", "dh_buf_ptr", "dc_ptr", "gates_ptr", "cells_ptr",
+                               "c0_ptr", "w_hh_ptr", "dpre_ptr"]
+        compile_variant(lstm.lstm_slice_backward_kernel,
+                        pointers(lstm_slice_backward + regularizer_pointers, dtype),
+                        {"PRECISION": "tf32", "BLOCK_H": 256} | switches)
+        gru_slice_forward = ["xp_ptr", "w_hh_ptr", "b_hn_ptr", "h_buf_ptr", "out_ptr",
+                             "gates_ptr"]
+        compile_variant(gru.gru_slice_forward_kernel,
+                        pointers(gru_slice_forward + regularizer_pointers, dtype),
+                        {"SAVE": True, "PRECISION": "tf32", "BLOCK_H": 256} | switches)
+        gru_slice_backward = ["dout_ptr", "dh_buf_ptr", "gates_ptr", "out_ptr", "h0_ptr",
+                              "w_hh_ptr", "dpre_ptr"]
+        compile_variant(gru.gru_slice_backward_kernel,
+                        pointers(gru_slice_backward + regularizer_pointers, dtype),
+                        {"PRECISION": "tf32", "BLOCK_H": 256} | switches)
     for reset_after in (True, False):
         gru_forward = ["xp_ptr", "w_hh_ptr", "b_hn_ptr", "h_buf_ptr", "scratch_ptr", "out_ptr",
                        "gates_ptr"]
@@ -131,7 +147,7 @@ def test_every_kernel_compiles_for_sm90():
     if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count(" ok") == 23, result.stdout
+    assert result.stdout.count(" ok") == 29, result.stdout
 
 
 COMPILE_WITH_LOAD_BARRIER = r"""
@@ -144,7 +160,7 @@ from rnnkit.kernels.gpu import _common, lstm
 assert _common.sync_programs is _common.sync_programs_load
 kernel = lstm.lstm_slice_forward_kernel
 constants = {"REVERSE": False, "SAVE": True, "BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_H": 128,
-             "PRECISION": "tf32", "SPLIT": True}
+             "PRECISION": "tf32", "SPLIT": True, "DROPOUT": False, "ZONEOUT": 0, "ZONEOUT_C": 0}
 pointers = {"lengths_ptr": "*i32", "counter_ptr": "*i32"}
 signature = {
     name: "constexpr" if name in constants else pointers.get(name, "*fp32")

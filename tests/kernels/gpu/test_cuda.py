@@ -278,3 +278,31 @@ def test_resident_kernel_out_of_shared_memory_falls_back_to_split(monkeypatch):
     assert (x.device, torch.float32, "rnn_resident_forward_kernel", 256, 256) in (
         _common.OUT_OF_RESOURCES
     )
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_regularized_on_chip_kernels_match_the_reference_float64(cell):
+    # hidden 100: the LSTM's and GRU's slices over four programs, the RNN's resident kernel
+    layer_class, cell_options = ALL_CELLS[cell]
+    zoneout = (0.2, 0.4) if cell == "lstm" else 0.2
+    options = {**cell_options, "bidirectional": True, "device": CUDA, "dtype": torch.float64}
+    options |= {"recurrent_dropout": 0.35, "zoneout": zoneout}
+    torch.manual_seed(0)
+    fused = layer_class(5, 100, backend="gpu", **options)
+    reference = layer_class(5, 100, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    assert rnnkit.explain_backend(
+        fused, torch.randn(3, 2, 5, device=CUDA, dtype=torch.float64)
+    ) == ("backend='gpu' was requested")
+    x = torch.randn(37, 40, 5, device=CUDA, dtype=torch.float64, requires_grad=True)
+    make = lambda: torch.randn(  # noqa: E731
+        2, 37, 100, device=CUDA, dtype=torch.float64, requires_grad=True
+    )
+    hx = (make(), make()) if cell == "lstm" else make()
+    lengths = torch.randint(1, 41, (37,))
+    results = []
+    for layer in (fused, reference):
+        torch.manual_seed(5)  # the same masks: both draw them in the same order
+        results.append(outputs_and_gradients(layer, x, lengths, hx))
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())

@@ -522,3 +522,80 @@ def test_walks_refuse_inputs_past_32_bit_offsets():
     gates = torch.zeros(1, 1, 1).expand(2**16, 2**8, 2**8)
     with pytest.raises(ValueError, match=r"T \* B \* 256 must be below 2\*\*31"):
         minimal.scan_direction("min_gru", gates, torch.zeros(2**8, 2**7), None)
+
+
+# -- Recurrent dropout and zoneout in the on-chip kernels ----------------------------------------
+REGULARIZED_CELLS = {
+    "rnn_tanh": (rnnkit.RNN, {}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+    "lstm": (rnnkit.LSTM, {}),
+    "gru": (rnnkit.GRU, {}),
+}
+# (recurrent_dropout, zoneout): each alone and both; the LSTM's zoneout pair differs for h and c.
+REGULARIZER_RATES = [(0.3, 0.0), (0.0, 0.25), (0.35, (0.2, 0.4))]
+
+
+def regularized_outputs_and_gradients(layer, x, hx, lengths, seed):
+    """Output, final states and every gradient of a fixed random loss, masks drawn from seed."""
+    torch.manual_seed(seed)
+    output, state = layer(x, hx, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    generator = torch.Generator().manual_seed(3)
+    loss = (output * torch.randn(output.shape, generator=generator, dtype=x.dtype)).sum()
+    for part in states:
+        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=x.dtype)).sum()
+    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
+    return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rates", REGULARIZER_RATES)
+@pytest.mark.parametrize("cell", REGULARIZED_CELLS)
+def test_regularized_on_chip_kernels_match_the_reference_with_the_same_masks(
+    cell, rates, training, monkeypatch
+):
+    layer_class, options = REGULARIZED_CELLS[cell]
+    recurrent_dropout, zoneout = rates
+    if layer_class is not rnnkit.LSTM and isinstance(zoneout, tuple):
+        zoneout = zoneout[0]
+    options = options | {
+        "num_layers": 2,
+        "bidirectional": True,
+        "dtype": torch.float64,
+        "recurrent_dropout": recurrent_dropout,
+        "zoneout": zoneout,
+    }
+    torch.manual_seed(0)
+    fused = layer_class(3, 20, backend="gpu", **options)
+    reference = layer_class(3, 20, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    fused.train(training)
+    reference.train(training)
+    launched = spy_on_chip_launches(monkeypatch)
+    x = torch.randn(6, 17, 3, dtype=torch.float64, requires_grad=True)
+    parts = 2 if layer_class is rnnkit.LSTM else 1
+    hx = tuple(
+        torch.randn(4, 17, 20, dtype=torch.float64, requires_grad=True) for _ in range(parts)
+    )
+    hx = hx if parts == 2 else hx[0]
+    lengths = torch.tensor([6, 2, 5, 1] * 4 + [3])
+    got = regularized_outputs_and_gradients(fused, x, hx, lengths, seed=11)
+    expected = regularized_outputs_and_gradients(reference, x, hx, lengths, seed=11)
+    assert_all_close(got, expected, 1e-9)
+    if in_loop_active := training or zoneout:
+        # two layers, two directions: a forward and a backward each, on the on-chip kernels
+        forward, backward = ON_CHIP_KERNELS["lstm" if cell == "lstm" else cell]
+        assert sorted(launched) == sorted([forward] * 4 + [backward] * 4), in_loop_active
+
+
+def test_regularizers_outside_the_on_chip_kernels_are_refused_with_a_reason():
+    gru = rnnkit.GRU(3, 8, reset_after=False, zoneout=0.2, backend="gpu", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="GRU with reset_after=True only"):
+        gru(torch.randn(4, 2, 3, dtype=torch.float64))
+    # hidden 300 pads to 512, past the slice kernels' 256
+    lstm = rnnkit.LSTM(3, 300, recurrent_dropout=0.3, backend="gpu", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="hidden_size=300 in torch.float64 does not fit"):
+        lstm(torch.randn(4, 2, 3, dtype=torch.float64))
+    lstm.eval()  # recurrent dropout is off in eval: the plain kernels run
+    output, _ = lstm(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert output.shape == (2, 1, 300)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from rnnkit.scan import run_layer_reference
 from rnnkit.spec import LayerSpec
-from rnnkit.variants.regularization import in_loop_regularizers
+from rnnkit.variants.regularization import draw_masks, in_loop_regularizers
 
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Triton's interpreter multiplies the raw bit patterns in tl.dot on bfloat16 operands (reproduced
@@ -53,7 +53,9 @@ class GPUBackend:
             return "LSTM with proj_size > 0 is not covered by the gpu kernel"
         regularizers = in_loop_regularizers(spec)
         if regularizers is not None:
-            return f"{regularizers}: no gpu kernel with it"
+            reason = _in_loop_unsupported_reason(spec, x)
+            if reason is not None:
+                return f"{regularizers}: {reason}"
         # The kernels index (T, B, 4H) buffers with 32-bit offsets.
         if x.size(0) * x.size(1) * 4 * spec.hidden_size >= 2**31:
             return f"T * B * 4 * hidden_size >= 2**31 (T={x.size(0)}, B={x.size(1)})"
@@ -79,33 +81,75 @@ class GPUBackend:
         if x.size(1) == 0:
             return run_layer_reference(spec, x, hx, weights, lengths)
         from rnnkit.kernels.gpu import gru, lstm, rnn
+        from rnnkit.kernels.gpu._common import InLoop
 
         dtype = _compute_dtype(x)
         if dtype != x.dtype:
             x = x.to(dtype)
             weights = [tuple(None if w is None else w.to(dtype) for w in ws) for ws in weights]
         outputs, finals = [], []
+        regularized = in_loop_regularizers(spec) is not None
         # The kernels choose their own precisions: autocast must not recast inside them.
         with torch.autocast(x.device.type, enabled=False):
             for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
                 reverse = direction == 1
+                in_loop = None
+                if regularized:  # drawn per direction before it runs, as the reference loop does
+                    in_loop = InLoop(*_flatten_masks(draw_masks(spec, tuple(state), x.size(0))))
                 if spec.mode == "LSTM":
                     output, final = lstm.run_direction(
-                        x, state, direction_weights, lengths, reverse
+                        x, state, direction_weights, lengths, reverse, in_loop=in_loop
                     )
                 elif spec.mode == "GRU":
                     output, final = gru.run_direction(
-                        x, state, direction_weights, lengths, reverse, reset_after=spec.reset_after
+                        x,
+                        state,
+                        direction_weights,
+                        lengths,
+                        reverse,
+                        reset_after=spec.reset_after,
+                        in_loop=in_loop,
                     )
                 else:
                     nonlinearity = "tanh" if spec.mode == "RNN_TANH" else "relu"
                     output, final = rnn.run_direction(
-                        x, state, direction_weights, lengths, reverse, nonlinearity=nonlinearity
+                        x,
+                        state,
+                        direction_weights,
+                        lengths,
+                        reverse,
+                        nonlinearity=nonlinearity,
+                        in_loop=in_loop,
                     )
                 outputs.append(output)
                 finals.append(final)
         output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         return output, finals
+
+
+def _flatten_masks(masks) -> tuple:
+    """draw_masks' (recurrent, [zoneout h, zoneout c]) -> (mask, keep_h, keep_c)."""
+    recurrent, zoneout = masks
+    return recurrent, zoneout[0], zoneout[1] if len(zoneout) > 1 else None
+
+
+def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
+    """Why the on-chip kernels cannot run this layer's recurrent dropout and zoneout, or None:
+    the RNN's resident kernel and the LSTM's and GRU's slice kernels take them, where the
+    recurrent weights fit (kernels/gpu/_common.py)."""
+    from rnnkit.kernels.gpu import _common, gru, lstm, rnn
+
+    like = torch.empty(0, device=x.device, dtype=_compute_dtype(x))
+    hidden, batch = spec.hidden_size, max(x.size(1), 1)
+    if spec.mode == "GRU" and not spec.reset_after:
+        return "the gpu kernels take them for the GRU with reset_after=True only"
+    if spec.mode in ("RNN_TANH", "RNN_RELU"):
+        fits = rnn.resident_plan(rnn.rnn_resident_forward_kernel, batch, hidden, like)
+    elif spec.mode == "LSTM":
+        fits = _common.slice_plan(lstm.lstm_slice_forward_kernel, batch, hidden, 4, like)
+    else:
+        fits = _common.slice_plan(gru.gru_slice_forward_kernel, batch, hidden, 3, like)
+    return None if fits is not None else _common.regularizers_do_not_fit(hidden, like)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -16,13 +16,16 @@ chip, the cells use "slice" kernels instead (slice_plan): each program owns exac
 tile, loads its weight slice once before the time loop, and keeps its own part of the carried
 state (c, or the running dh in the backward) in registers, so a step reads only h (or the gate
 gradients) of the other programs. A launch that runs out of on-chip memory is remembered and
-falls back to the kernels above (launch_if_it_fits).
+falls back to the kernels above (launch_if_it_fits). The on-chip kernels (these and the RNN's
+resident ones) also take recurrent dropout and zoneout (InLoop, keep_weight, zone_out), with the
+equations of kernels/cpu/regularized.py; the split kernels do not.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -151,6 +154,23 @@ def weight_slice(w_hh_ptr, gate, cols, col_ok, units, unit_ok, H, TRANSPOSED: tl
     else:
         offsets = (gate * H + units[:, None]) * H + cols[None, :]
     return tl.load(w_hh_ptr + offsets, mask=col_ok[None, :] & unit_ok[:, None], other=0.0)
+
+
+@triton.jit
+def keep_weight(keep_ptr, step, rows, cols, mask, B, H, ZONEOUT: tl.constexpr):
+    """Zoneout's weight k on the old state at processing step `step`, for a (rows, cols) tile:
+    the (T, B, H) 0/1 mask in training (ZONEOUT == 1), the one probability there in eval (2)."""
+    if ZONEOUT == 1:
+        offsets = (step * B + rows)[:, None] * H + cols[None, :]
+        return tl.load(keep_ptr + offsets, mask=mask, other=0.0)
+    else:
+        return tl.load(keep_ptr)
+
+
+@triton.jit
+def zone_out(old, new, keep_ptr, step, rows, cols, mask, B, H, ZONEOUT: tl.constexpr):
+    """new + k (old - new): zoneout keeps the old state with weight k (keep_weight)."""
+    return new + keep_weight(keep_ptr, step, rows, cols, mask, B, H, ZONEOUT) * (old - new)
 
 
 @triton.jit
@@ -383,6 +403,47 @@ def launch_if_it_fits(kernel, grid, options: dict, x: Tensor, *args, **constants
         OUT_OF_RESOURCES.add((x.device, x.dtype, kernel_name(kernel), *tile))
         return False
     return True
+
+
+class InLoop(NamedTuple):
+    """One direction's in-loop regularisers (rnnkit.variants.regularization.draw_masks): the
+    (B, H) recurrent dropout mask or None, and each state part's zoneout: a (T, B, H) 0/1 mask
+    in training, its probability in eval, None when off."""
+
+    mask: Tensor | None
+    keep_h: Tensor | float | None
+    keep_c: Tensor | float | None = None
+
+
+def in_loop_arguments(in_loop: InLoop | None, like: Tensor) -> tuple[tuple, dict]:
+    """The kernels' regulariser arguments (mask, keep_h, keep_c) and constants (DROPOUT, ZONEOUT,
+    ZONEOUT_C: 0 off, 1 a (T, B, H) mask, 2 one probability), in like's dtype and device; a
+    one-element stand-in where unused."""
+    nothing = empty_like_nothing(like.device, like.dtype)
+    if in_loop is None:
+        in_loop = InLoop(None, None, None)
+    mask = nothing if in_loop.mask is None else in_loop.mask.to(like).contiguous()
+    tensors, modes = [], []
+    for keep in (in_loop.keep_h, in_loop.keep_c):
+        if keep is None:
+            tensors.append(nothing)
+            modes.append(0)
+        elif isinstance(keep, float):
+            tensors.append(torch.full((1,), keep, device=like.device, dtype=like.dtype))
+            modes.append(2)
+        else:
+            tensors.append(keep.to(like).contiguous())
+            modes.append(1)
+    constants = {"DROPOUT": in_loop.mask is not None, "ZONEOUT": modes[0], "ZONEOUT_C": modes[1]}
+    return (mask, *tensors), constants
+
+
+def regularizers_do_not_fit(hidden: int, x: Tensor) -> str:
+    """The reason in-loop regularisers cannot run on the gpu kernels for this layer."""
+    return (
+        f"recurrent dropout and zoneout run in the gpu kernels that hold the recurrent weights on "
+        f"chip, which hidden_size={hidden} in {x.dtype} does not fit on {x.device}"
+    )
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

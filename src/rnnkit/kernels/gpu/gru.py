@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
+    InLoop,
     accumulate_dtype,
     add_rows_times_gate_weights_t,
     add_rows_times_weight,
@@ -34,9 +35,12 @@ from rnnkit.kernels.gpu._common import (
     dot_precision,
     empty_like_nothing,
     flat,
+    in_loop_arguments,
+    keep_weight,
     launch_if_it_fits,
     plan_launch,
     previous_states,
+    regularizers_do_not_fit,
     sigmoid,
     slice_plan,
     slice_tiles,
@@ -44,6 +48,7 @@ from rnnkit.kernels.gpu._common import (
     tanh,
     time_index,
     weight_slice,
+    zone_out,
 )
 
 
@@ -396,11 +401,15 @@ def gru_slice_forward_kernel(
     out_ptr,  # (T, B, H)
     gates_ptr,  # (T, B, 4H) when SAVE: r, z, n, hn
     counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_ptr,  # zoneout: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), or (1,) p (2)
     T,
     B,
     H,
     REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -408,7 +417,8 @@ def gru_slice_forward_kernel(
     SPLIT: tl.constexpr,
 ):
     """gru_forward_kernel (reset_after) with one unit tile a program, its W_hh slice and its own
-    part of h held across steps."""
+    part of h held across steps; with the in-loop regularisers the products see h * m (z * h
+    keeps the whole h) and h' = h~ + k (h - h~) (kernels/cpu/regularized.py's equations)."""
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
         lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
@@ -422,6 +432,9 @@ def gru_slice_forward_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     state_offsets = rows[:, None] * H + cols[None, :]
     h_own = tl.load(h_buf_ptr + state_offsets, mask=mask, other=0.0)
+    all_units = row_ok[:, None] & unit_ok[None, :]
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + rows[:, None] * H + units[None, :], mask=all_units, other=0.0)
     arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
@@ -431,10 +444,13 @@ def gru_slice_forward_kernel(
         target = ((step + 1) % 2) * B * H
         h = tl.load(
             h_buf_ptr + source + rows[:, None] * H + units[None, :],
-            mask=row_ok[:, None] & unit_ok[None, :],
+            mask=all_units,
             other=0.0,
             cache_modifier=".cg",
-        ).to(w_r.dtype)
+        )
+        if DROPOUT:
+            h = h * dropout
+        h = h.to(w_r.dtype)
         x_tile = xp_ptr + ((time * B + rows) * (3 * H))[:, None] + cols[None, :]
         pre_r = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
         pre_z = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
@@ -446,6 +462,8 @@ def gru_slice_forward_kernel(
         pre_n = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
         gate_n = tanh(pre_n + gate_r * hn)
         h_new = (1.0 - gate_z) * gate_n + gate_z * h_own
+        if ZONEOUT != 0:
+            h_new = zone_out(h_own, h_new, keep_ptr, step, rows, cols, mask, B, H, ZONEOUT)
         h_own = tl.where(keep, h_new, h_own)
         tl.store(h_buf_ptr + target + state_offsets, h_own, mask=mask)
         out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
@@ -471,10 +489,14 @@ def gru_slice_backward_kernel(
     lengths_ptr,
     dpre_ptr,  # (T, B, 4H) out: d(r, z, n pre-activations) and d(hn) (zero at padding)
     counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_ptr,  # zoneout: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), or (1,) p (2)
     T,
     B,
     H,
     REVERSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -482,7 +504,9 @@ def gru_slice_backward_kernel(
     SPLIT: tl.constexpr,
 ):
     """gru_backward_kernel (reset_after) with one unit tile a program, its W_hh slice and dh
-    held across steps: one barrier a step, as in lstm_slice_backward_kernel."""
+    held across steps: one barrier a step, as in lstm_slice_backward_kernel. With zoneout the
+    gradient reaching h' splits into (1 - k) of it for h~ and k straight to h; the products'
+    part is masked by m."""
     acc_dtype = dh_buf_ptr.dtype.element_ty
     rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
         lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
@@ -493,6 +517,8 @@ def gru_slice_backward_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     state_offsets = rows[:, None] * H + cols[None, :]
     dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
     arrivals = programs * 0
     for back in range(T):
         step = T - 1 - back
@@ -503,6 +529,10 @@ def gru_slice_backward_kernel(
         gate_rows = (time * B + rows) * (4 * H)
         out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
         dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+        d_h_new = dh_total
+        if ZONEOUT != 0:
+            kept = keep_weight(keep_ptr, step, rows, cols, mask, B, H, ZONEOUT)
+            d_h_new = (1.0 - kept) * dh_total
         gate_tile = gates_ptr + gate_rows[:, None] + cols[None, :]
         gate_r = tl.load(gate_tile, mask=keep, other=0.0)
         gate_z = tl.load(gate_tile + H, mask=keep, other=0.0)
@@ -511,8 +541,8 @@ def gru_slice_backward_kernel(
         h_prev = load_previous_hidden(
             out_ptr, h0_ptr, time_prev, step, rows, cols, lengths, keep, B, H
         )
-        d_n = tl.where(keep, dh_total * (1.0 - gate_z) * (1.0 - gate_n * gate_n), 0.0)
-        d_z = tl.where(keep, dh_total * (h_prev - gate_n) * gate_z * (1.0 - gate_z), 0.0)
+        d_n = tl.where(keep, d_h_new * (1.0 - gate_z) * (1.0 - gate_n * gate_n), 0.0)
+        d_z = tl.where(keep, d_h_new * (h_prev - gate_n) * gate_z * (1.0 - gate_z), 0.0)
         dpre_tile = dpre_ptr + gate_rows[:, None] + cols[None, :]
         tl.store(dpre_tile, d_n * hn * gate_r * (1.0 - gate_r), mask=mask)
         tl.store(dpre_tile + H, d_z, mask=mask)
@@ -521,19 +551,24 @@ def gru_slice_backward_kernel(
         arrivals = sync_programs(counter, arrivals, programs, SPLIT)
         dpre_rows = dpre_ptr + gate_rows[:, None] + units[None, :]
         dpre_mask = row_ok[:, None] & unit_ok[None, :]
-        dh_prev = dh_total * gate_z
+        products = tl.zeros((BLOCK_B, BLOCK_N), dtype=acc_dtype)
         part = tl.load(dpre_rows, mask=dpre_mask, other=0.0, cache_modifier=".cg")
-        dh_prev = tl.dot(
-            part.to(w_r.dtype), w_r, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        products = tl.dot(
+            part.to(w_r.dtype), w_r, products, input_precision=PRECISION, out_dtype=acc_dtype
         )
         part = tl.load(dpre_rows + H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
-        dh_prev = tl.dot(
-            part.to(w_z.dtype), w_z, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        products = tl.dot(
+            part.to(w_z.dtype), w_z, products, input_precision=PRECISION, out_dtype=acc_dtype
         )
         part = tl.load(dpre_rows + 3 * H, mask=dpre_mask, other=0.0, cache_modifier=".cg")
-        dh_prev = tl.dot(
-            part.to(w_n.dtype), w_n, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
+        products = tl.dot(
+            part.to(w_n.dtype), w_n, products, input_precision=PRECISION, out_dtype=acc_dtype
         )
+        if DROPOUT:
+            products = products * dropout
+        dh_prev = d_h_new * gate_z + products
+        if ZONEOUT != 0:
+            dh_prev += kept * dh_total
         dh = tl.where(keep, dh_prev, dh)
     tl.store(dh_buf_ptr + (T % 2) * B * H + state_offsets, dh, mask=mask)
 
@@ -542,7 +577,7 @@ class GRUFunction(torch.autograd.Function):
     """(T, B, I) x, (B, H) h0 and the weights -> (T, B, H) output, h_n."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save, in_loop):
         steps, batch, _ = x.shape
         hidden = w_hh.size(1)
         acc = accumulate_dtype(x.dtype)
@@ -571,6 +606,8 @@ class GRUFunction(torch.autograd.Function):
             gates = empty_like_nothing(device, acc)
         lengths_on_device = device_lengths(lengths, steps, batch, device)
         constants = {"REVERSE": reverse, "SAVE": save, "PRECISION": dot_precision(x)}
+        regularizers, in_loop_constants = in_loop_arguments(in_loop, h_buf)
+        del in_loop_constants["ZONEOUT_C"]
         plan = None
         if reset_after:
             plan = slice_plan(gru_slice_forward_kernel, batch, hidden, 3, x)
@@ -579,11 +616,15 @@ class GRUFunction(torch.autograd.Function):
             *plan[:2],
             x,
             *(xp, w_hh, b_hn, lengths_on_device, h_buf, out, gates, plan[2]),
+            *regularizers[:2],
             steps,
             batch,
             hidden,
             **constants,
+            **in_loop_constants,
         ):
+            if in_loop is not None:
+                raise RuntimeError(regularizers_do_not_fit(hidden, x))
             launch_grid, options, counter = plan_launch(batch, hidden, x.device)
             gru_forward_kernel[launch_grid](
                 *(xp, w_hh, b_hn, lengths_on_device, h_buf, scratch, out, gates, counter),
@@ -600,6 +641,7 @@ class GRUFunction(torch.autograd.Function):
             ctx.reverse = reverse
             ctx.reset_after = reset_after
             ctx.has_bias = b_ih is not None
+            ctx.in_loop = in_loop
         return out, h_buf[steps % 2].to(x.dtype)
 
     @staticmethod
@@ -619,6 +661,8 @@ class GRUFunction(torch.autograd.Function):
         arguments = (d_out, dh_buf, gates, out, h0.to(acc).contiguous(), w_hh)
         arguments += (lengths_on_device, dpre)
         constants = {"REVERSE": ctx.reverse, "PRECISION": dot_precision(x)}
+        regularizers, in_loop_constants = in_loop_arguments(ctx.in_loop, dh_buf)
+        del in_loop_constants["ZONEOUT_C"]
         plan = None
         if ctx.reset_after:
             plan = slice_plan(gru_slice_backward_kernel, batch, hidden, 3, x)
@@ -628,11 +672,15 @@ class GRUFunction(torch.autograd.Function):
             x,
             *arguments,
             plan[2],
+            *regularizers[:2],
             steps,
             batch,
             hidden,
             **constants,
+            **in_loop_constants,
         ):
+            if ctx.in_loop is not None:
+                raise RuntimeError(regularizers_do_not_fit(hidden, x))
             launch_grid, options, counter = plan_launch(batch, hidden, x.device)
             gru_backward_kernel[launch_grid](
                 *arguments,
@@ -656,6 +704,8 @@ class GRUFunction(torch.autograd.Function):
         dw_hh = None
         if need[3]:
             h_prev = previous_states(out.to(acc), h0.to(acc), ctx.lengths, ctx.reverse)
+            if ctx.in_loop is not None and ctx.in_loop.mask is not None:
+                h_prev = h_prev * ctx.in_loop.mask.to(acc)  # what the products saw
             if ctx.reset_after:
                 dw_hh = flat(dpre_h).T @ flat(h_prev)
             else:
@@ -671,7 +721,7 @@ class GRUFunction(torch.autograd.Function):
         if ctx.has_bias:
             db_ih = dpre_x.sum((0, 1)).to(w_ih.dtype) if need[4] else None
             db_hh = dpre_h.sum((0, 1)).to(w_ih.dtype) if need[5] else None
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
+        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None
 
 
 def run_direction(
@@ -681,14 +731,16 @@ def run_direction(
     lengths: Tensor | None,
     reverse: bool,
     reset_after: bool = True,
+    in_loop: InLoop | None = None,
 ) -> tuple[Tensor, tuple[Tensor]]:
-    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, (h_n,)."""
+    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, (h_n,); in_loop: the direction's
+    recurrent dropout and zoneout (only where the slice kernels take the layer)."""
     w_ih, w_hh, b_ih, b_hh = weights[:4]
     (h0,) = state
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
     )
     output, h_n = GRUFunction.apply(
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, bool(reset_after), save
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, bool(reset_after), save, in_loop
     )
     return output, (h_n,)

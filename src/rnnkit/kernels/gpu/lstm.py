@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
+    InLoop,
     accumulate_dtype,
     add_rows_times_gate_weights_t,
     add_rows_times_weight,
@@ -29,9 +30,12 @@ from rnnkit.kernels.gpu._common import (
     dot_precision,
     empty_like_nothing,
     flat,
+    in_loop_arguments,
+    keep_weight,
     launch_if_it_fits,
     plan_launch,
     previous_states,
+    regularizers_do_not_fit,
     sigmoid,
     slice_plan,
     slice_tiles,
@@ -39,6 +43,7 @@ from rnnkit.kernels.gpu._common import (
     tanh,
     time_index,
     weight_slice,
+    zone_out,
 )
 
 GATES = 4
@@ -249,18 +254,27 @@ def lstm_slice_forward_kernel(
     gates_ptr,  # (T, B, 4H) activated gates, written when SAVE
     cells_ptr,  # (T, B, H) c after each step, written when SAVE
     counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
+    keep_c_ptr,  # zoneout of c, likewise (ZONEOUT_C)
+    cand_c_ptr,  # (T, B, H) c~ before zoneout, written when ZONEOUT_C and SAVE
     T,
     B,
     H,
     REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    ZONEOUT_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """lstm_forward_kernel with one unit tile a program and its W_hh slice held across steps."""
+    """lstm_forward_kernel with one unit tile a program and its W_hh slice held across steps;
+    with the in-loop regularisers the products see h * m, and c' = c~ + k_c (c - c~),
+    h' = h~ + k_h (h - h~) (kernels/cpu/regularized.py's equations). `cells` saves c'."""
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
         lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
@@ -273,6 +287,9 @@ def lstm_slice_forward_kernel(
     state_offsets = rows[:, None] * H + cols[None, :]
     c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0)
     h_own = tl.load(h_buf_ptr + state_offsets, mask=mask, other=0.0)
+    all_units = row_ok[:, None] & unit_ok[None, :]
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + rows[:, None] * H + units[None, :], mask=all_units, other=0.0)
     arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
@@ -282,10 +299,13 @@ def lstm_slice_forward_kernel(
         target = ((step + 1) % 2) * B * H
         h = tl.load(
             h_buf_ptr + source + rows[:, None] * H + units[None, :],
-            mask=row_ok[:, None] & unit_ok[None, :],
+            mask=all_units,
             other=0.0,
             cache_modifier=".cg",
-        ).to(w_i.dtype)
+        )
+        if DROPOUT:
+            h = h * dropout
+        h = h.to(w_i.dtype)
         x_rows = (time * B + rows) * (4 * H)
         x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
         pre_i = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
@@ -300,8 +320,13 @@ def lstm_slice_forward_kernel(
         gate_f = sigmoid(pre_f)
         gate_g = tanh(pre_g)
         gate_o = sigmoid(pre_o)
-        c_new = gate_f * c + gate_i * gate_g
-        h_new = gate_o * tanh(c_new)
+        c_cand = gate_f * c + gate_i * gate_g
+        h_new = gate_o * tanh(c_cand)
+        c_new = c_cand
+        if ZONEOUT_C != 0:
+            c_new = zone_out(c, c_cand, keep_c_ptr, step, rows, cols, mask, B, H, ZONEOUT_C)
+        if ZONEOUT != 0:
+            h_new = zone_out(h_own, h_new, keep_h_ptr, step, rows, cols, mask, B, H, ZONEOUT)
         c = tl.where(keep, c_new, c)
         h_own = tl.where(keep, h_new, h_own)
         tl.store(h_buf_ptr + target + state_offsets, h_own, mask=mask)
@@ -315,6 +340,8 @@ def lstm_slice_forward_kernel(
             tl.store(gate_tile + 2 * H, gate_g, mask=keep)
             tl.store(gate_tile + 3 * H, gate_o, mask=keep)
             tl.store(cells_ptr + out_offsets, c_new, mask=keep)
+            if ZONEOUT_C != 0:
+                tl.store(cand_c_ptr + out_offsets, c_cand, mask=keep)
         arrivals = sync_programs(counter, arrivals, programs, SPLIT)
     tl.store(c_ptr + state_offsets, c, mask=mask)
 
@@ -331,10 +358,17 @@ def lstm_slice_backward_kernel(
     lengths_ptr,
     dpre_ptr,  # (T, B, 4H) out: gradient of the gate pre-activations (zero at padding)
     counter_ptr,  # (batch tiles,) int32 zeros: barrier arrivals when SPLIT
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
+    keep_c_ptr,  # zoneout of c, likewise (ZONEOUT_C)
+    cand_c_ptr,  # (T, B, H) c~ before zoneout, read when ZONEOUT_C
     T,
     B,
     H,
     REVERSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    ZONEOUT_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -343,7 +377,8 @@ def lstm_slice_backward_kernel(
 ):
     """lstm_backward_kernel with one unit tile a program, its W_hh slice, dh and dc held across
     steps: the programs share only the gate gradients, each step in its own slot of dpre, so one
-    barrier a step suffices."""
+    barrier a step suffices. With zoneout the gradient reaching h' (c') splits into (1 - k) of it
+    for h~ (c~) and k straight to h (c); the products' part is masked by m."""
     acc_dtype = dh_buf_ptr.dtype.element_ty
     rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
         lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
@@ -357,6 +392,8 @@ def lstm_slice_backward_kernel(
     dh = tl.load(dh_buf_ptr + state_offsets, mask=mask, other=0.0)
     dc = tl.load(dc_ptr + state_offsets, mask=mask, other=0.0)
     c0 = tl.load(c0_ptr + state_offsets, mask=mask, other=0.0)
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
     arrivals = programs * 0
     for back in range(T):
         step = T - 1 - back
@@ -367,26 +404,40 @@ def lstm_slice_backward_kernel(
         gate_rows = (time * B + rows) * (4 * H)
         out_offsets = (time * B + rows)[:, None] * H + cols[None, :]
         dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+        d_h_new = dh_total
+        if ZONEOUT != 0:
+            kept_h = keep_weight(keep_h_ptr, step, rows, cols, mask, B, H, ZONEOUT)
+            d_h_new = (1.0 - kept_h) * dh_total
         gate_tile = gates_ptr + gate_rows[:, None] + cols[None, :]
         gate_i = tl.load(gate_tile, mask=keep, other=0.0)
         gate_f = tl.load(gate_tile + H, mask=keep, other=0.0)
         gate_g = tl.load(gate_tile + 2 * H, mask=keep, other=0.0)
         gate_o = tl.load(gate_tile + 3 * H, mask=keep, other=0.0)
-        tanh_c = tanh(tl.load(cells_ptr + out_offsets, mask=keep, other=0.0))
+        if ZONEOUT_C != 0:
+            tanh_c = tanh(tl.load(cand_c_ptr + out_offsets, mask=keep, other=0.0))
+        else:
+            tanh_c = tanh(tl.load(cells_ptr + out_offsets, mask=keep, other=0.0))
         prev_offsets = (time_prev * B + rows)[:, None] * H + cols[None, :]
         has_prev = keep & (step + lengths * 0 > 0)[:, None]
         c_prev = tl.where(has_prev, tl.load(cells_ptr + prev_offsets, mask=has_prev, other=0.0), c0)
-        dc_total = dc + dh_total * gate_o * (1.0 - tanh_c * tanh_c)
+        dc_carried = dc
+        if ZONEOUT_C != 0:
+            kept_c = keep_weight(keep_c_ptr, step, rows, cols, mask, B, H, ZONEOUT_C)
+            dc_carried = (1.0 - kept_c) * dc
+        dc_total = dc_carried + d_h_new * gate_o * (1.0 - tanh_c * tanh_c)
         d_i = tl.where(keep, dc_total * gate_g * gate_i * (1.0 - gate_i), 0.0)
         d_f = tl.where(keep, dc_total * c_prev * gate_f * (1.0 - gate_f), 0.0)
         d_g = tl.where(keep, dc_total * gate_i * (1.0 - gate_g * gate_g), 0.0)
-        d_o = tl.where(keep, dh_total * tanh_c * gate_o * (1.0 - gate_o), 0.0)
+        d_o = tl.where(keep, d_h_new * tanh_c * gate_o * (1.0 - gate_o), 0.0)
         dpre_tile = dpre_ptr + gate_rows[:, None] + cols[None, :]
         tl.store(dpre_tile, d_i, mask=mask)
         tl.store(dpre_tile + H, d_f, mask=mask)
         tl.store(dpre_tile + 2 * H, d_g, mask=mask)
         tl.store(dpre_tile + 3 * H, d_o, mask=mask)
-        dc = tl.where(keep, dc_total * gate_f, dc)
+        if ZONEOUT_C != 0:
+            dc = tl.where(keep, kept_c * dc + dc_total * gate_f, dc)
+        else:
+            dc = tl.where(keep, dc_total * gate_f, dc)
         arrivals = sync_programs(counter, arrivals, programs, SPLIT)
         dpre_rows = dpre_ptr + gate_rows[:, None] + units[None, :]
         dpre_mask = row_ok[:, None] & unit_ok[None, :]
@@ -407,6 +458,10 @@ def lstm_slice_backward_kernel(
         dh_prev = tl.dot(
             part.to(w_o.dtype), w_o, dh_prev, input_precision=PRECISION, out_dtype=acc_dtype
         )
+        if DROPOUT:
+            dh_prev = dh_prev * dropout
+        if ZONEOUT != 0:
+            dh_prev += kept_h * dh_total
         dh = tl.where(keep, dh_prev, dh)
     tl.store(dh_buf_ptr + (T % 2) * B * H + state_offsets, dh, mask=mask)
     tl.store(dc_ptr + state_offsets, dc, mask=mask)
@@ -416,7 +471,7 @@ class LSTMFunction(torch.autograd.Function):
     """(T, B, I) x, (B, H) h0, c0 and the weights -> (T, B, H) output, h_n, c_n."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save, in_loop):
         steps, batch, _ = x.shape
         hidden = w_hh.size(1)
         acc = accumulate_dtype(x.dtype)
@@ -435,6 +490,10 @@ class LSTMFunction(torch.autograd.Function):
         lengths_on_device = device_lengths(lengths, steps, batch, x.device)
         arguments = (xp, w_hh, lengths_on_device, h_buf, c, out, gates, cells)
         constants = {"REVERSE": reverse, "SAVE": save, "PRECISION": dot_precision(x)}
+        regularizers, in_loop_constants = in_loop_arguments(in_loop, c)
+        cand_c = regularizers[2]
+        if save and in_loop is not None and in_loop.keep_c is not None:
+            cand_c = torch.empty(steps, batch, hidden, device=x.device, dtype=acc)
         plan = slice_plan(lstm_slice_forward_kernel, batch, hidden, GATES, x)
         if plan is None or not launch_if_it_fits(
             lstm_slice_forward_kernel,
@@ -442,11 +501,16 @@ class LSTMFunction(torch.autograd.Function):
             x,
             *arguments,
             plan[2],
+            *regularizers,
+            cand_c,
             steps,
             batch,
             hidden,
             **constants,
+            **in_loop_constants,
         ):
+            if in_loop is not None:
+                raise RuntimeError(regularizers_do_not_fit(hidden, x))
             launch_grid, options, counter = plan_launch(batch, hidden, x.device)
             lstm_forward_kernel[launch_grid](
                 *arguments, counter, steps, batch, hidden, **constants, **options
@@ -458,6 +522,7 @@ class LSTMFunction(torch.autograd.Function):
             ctx.lengths = lengths
             ctx.reverse = reverse
             ctx.has_bias = b_ih is not None
+            ctx.in_loop, ctx.cand_c = in_loop, cand_c
         return out, h_n, c_n
 
     @staticmethod
@@ -480,6 +545,7 @@ class LSTMFunction(torch.autograd.Function):
         arguments = (d_out, dh_buf, dc, gates, cells, c0.to(acc).contiguous(), w_hh)
         arguments += (lengths_on_device, dpre)
         constants = {"REVERSE": ctx.reverse, "PRECISION": dot_precision(x)}
+        regularizers, in_loop_constants = in_loop_arguments(ctx.in_loop, dc)
         plan = slice_plan(lstm_slice_backward_kernel, batch, hidden, GATES, x)
         if plan is None or not launch_if_it_fits(
             lstm_slice_backward_kernel,
@@ -487,32 +553,39 @@ class LSTMFunction(torch.autograd.Function):
             x,
             *arguments,
             plan[2],
+            *regularizers,
+            ctx.cand_c,
             steps,
             batch,
             hidden,
             **constants,
+            **in_loop_constants,
         ):
+            if ctx.in_loop is not None:
+                raise RuntimeError(regularizers_do_not_fit(hidden, x))
             launch_grid, options, counter = plan_launch(batch, hidden, x.device)
             lstm_backward_kernel[launch_grid](
                 *arguments, counter, steps, batch, hidden, **constants, **options
             )
-        return weight_gradients(ctx, dpre, dpre, x, h0, c0, dh_buf[steps % 2], dc, w_ih, out)
+        return weight_gradients(ctx, dpre, x, h0, c0, dh_buf[steps % 2], dc, w_ih, out)
 
 
-def weight_gradients(ctx, dpre_x: Tensor, dpre_h: Tensor, x, h0, c0, dh0, dc0, w_ih, out):
+def weight_gradients(ctx, dpre: Tensor, x, h0, c0, dh0, dc0, w_ih, out):
     """The gradients of LSTMFunction.forward's inputs from the gate gradients, as matmuls."""
     need = ctx.needs_input_grad
-    acc = dpre_x.dtype
-    dx = dpre_x.to(x.dtype) @ w_ih if need[0] else None
+    acc = dpre.dtype
+    dx = dpre.to(x.dtype) @ w_ih if need[0] else None
     dh0 = dh0.to(h0.dtype) if need[1] else None
     dc0 = dc0.to(c0.dtype) if need[2] else None
-    dw_ih = (flat(dpre_x).T @ flat(x).to(acc)).to(w_ih.dtype) if need[3] else None
+    dw_ih = (flat(dpre).T @ flat(x).to(acc)).to(w_ih.dtype) if need[3] else None
     dw_hh = None
     if need[4]:
         h_prev = previous_states(out.to(acc), h0.to(acc), ctx.lengths, ctx.reverse)
-        dw_hh = (flat(dpre_h).T @ flat(h_prev)).to(w_ih.dtype)  # w_hh has w_ih's dtype
-    db = dpre_x.sum((0, 1)).to(w_ih.dtype) if ctx.has_bias and (need[5] or need[6]) else None
-    return dx, dh0, dc0, dw_ih, dw_hh, db, db, None, None, None
+        if ctx.in_loop is not None and ctx.in_loop.mask is not None:
+            h_prev = h_prev * ctx.in_loop.mask.to(acc)  # what the products saw
+        dw_hh = (flat(dpre).T @ flat(h_prev)).to(w_ih.dtype)  # w_hh has w_ih's dtype
+    db = dpre.sum((0, 1)).to(w_ih.dtype) if ctx.has_bias and (need[5] or need[6]) else None
+    return dx, dh0, dc0, dw_ih, dw_hh, db, db, None, None, None, None
 
 
 def run_direction(
@@ -521,12 +594,16 @@ def run_direction(
     weights: tuple[Tensor | None, ...],
     lengths: Tensor | None,
     reverse: bool,
+    in_loop: InLoop | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """(T, B, I) input, ((B, H), (B, H)) state -> (T, B, H) output, (h_n, c_n)."""
+    """(T, B, I) input, ((B, H), (B, H)) state -> (T, B, H) output, (h_n, c_n); in_loop: the
+    direction's recurrent dropout and zoneout (only where the slice kernels take the layer)."""
     w_ih, w_hh, b_ih, b_hh = weights[:4]
     h0, c0 = state
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     )
-    output, h_n, c_n = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save)
+    output, h_n, c_n = LSTMFunction.apply(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save, in_loop
+    )
     return output, (h_n, c_n)

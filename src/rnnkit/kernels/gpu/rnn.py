@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
     OUT_OF_RESOURCES,
+    InLoop,
     accumulate_dtype,
     add_rows_times_weight,
     add_rows_times_weight_t,
@@ -37,13 +38,17 @@ from rnnkit.kernels.gpu._common import (
     device_lengths,
     dot_precision,
     flat,
+    in_loop_arguments,
+    keep_weight,
     kernel_name,
     launch_if_it_fits,
     plan_launch,
     previous_states,
+    regularizers_do_not_fit,
     sync_programs,
     tanh,
     time_index,
+    zone_out,
 )
 
 # Most bytes of (power-of-two padded) W_hh the resident kernels take. Measured on an H200: 128 x
@@ -201,15 +206,23 @@ def rnn_resident_forward_kernel(
     h0_ptr,  # (B, H) accumulate dtype
     out_ptr,  # (T, B, H)
     h_n_ptr,  # (B, H) accumulate dtype, written on exit
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_ptr,  # zoneout: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), or (1,) p (2)
+    cand_ptr,  # (T, B, H) act(pre) before zoneout, written when ZONEOUT and SAVE
     T,
     B,
     H,
     REVERSE: tl.constexpr,
     RELU: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    SAVE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """The recurrence with W_hh and h held in one program; with the in-loop regularisers, the
+    product sees h * m and h' = h~ + k (h - h~) (kernels/cpu/regularized.py's equations)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
@@ -224,16 +237,25 @@ def rnn_resident_forward_kernel(
     )
     state_offsets = rows[:, None] * H + units[None, :]
     h = tl.load(h0_ptr + state_offsets, mask=mask, other=0.0)
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = (row_ok & (step < lengths))[:, None]
         out_offsets = (time * B + rows)[:, None] * H + units[None, :]
         pre = tl.load(xp_ptr + out_offsets, mask=mask, other=0.0).to(h.dtype)
-        pre = tl.dot(h.to(w_t.dtype), w_t, pre, input_precision=PRECISION, out_dtype=h.dtype)
+        recurrent_input = h * dropout if DROPOUT else h
+        pre = tl.dot(
+            recurrent_input.to(w_t.dtype), w_t, pre, input_precision=PRECISION, out_dtype=h.dtype
+        )
         if RELU:
             h_new = tl.maximum(pre, 0.0)
         else:
             h_new = tanh(pre)
+        if ZONEOUT != 0:
+            if SAVE:
+                tl.store(cand_ptr + out_offsets, h_new, mask=mask)
+            h_new = zone_out(h, h_new, keep_ptr, step, rows, units, mask, B, H, ZONEOUT)
         h = tl.where(valid, h_new, h)
         h_out = tl.where(valid, h_new, 0.0)
         tl.store(out_ptr + out_offsets, h_out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -249,15 +271,22 @@ def rnn_resident_backward_kernel(
     dh_n_ptr,  # (B, H) accumulate dtype
     dpre_ptr,  # (T, B, H) out: gradient of the pre-activations (zero at padding)
     dh0_ptr,  # (B, H) accumulate dtype, written on exit
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_ptr,  # zoneout: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), or (1,) p (2)
+    cand_ptr,  # (T, B, H) act(pre) before zoneout, read when ZONEOUT
     T,
     B,
     H,
     REVERSE: tl.constexpr,
     RELU: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Backward of rnn_resident_forward_kernel: with zoneout the gradient reaching h' splits
+    into (1 - k) dh' for h~ and k dh' straight to h; the product's part is masked by m."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
@@ -271,6 +300,8 @@ def rnn_resident_backward_kernel(
     )
     state_offsets = rows[:, None] * H + units[None, :]
     dh = tl.load(dh_n_ptr + state_offsets, mask=mask, other=0.0)
+    if DROPOUT:
+        dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
     for back in range(T):
         step = T - 1 - back
         time = time_index(step, lengths, REVERSE)
@@ -278,14 +309,24 @@ def rnn_resident_backward_kernel(
         keep = valid & unit_ok[None, :]
         out_offsets = (time * B + rows)[:, None] * H + units[None, :]
         dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
-        h = tl.load(out_ptr + out_offsets, mask=keep, other=0.0).to(dh.dtype)
-        if RELU:
-            dpre = tl.where(h > 0.0, dh_total, 0.0)
+        if ZONEOUT != 0:
+            kept = keep_weight(keep_ptr, step, rows, units, mask, B, H, ZONEOUT)
+            d_new = (1.0 - kept) * dh_total
+            h = tl.load(cand_ptr + out_offsets, mask=keep, other=0.0)
         else:
-            dpre = dh_total * (1.0 - h * h)
+            d_new = dh_total
+            h = tl.load(out_ptr + out_offsets, mask=keep, other=0.0).to(dh.dtype)
+        if RELU:
+            dpre = tl.where(h > 0.0, d_new, 0.0)
+        else:
+            dpre = d_new * (1.0 - h * h)
         dpre = tl.where(keep, dpre, 0.0)
         tl.store(dpre_ptr + out_offsets, dpre, mask=mask)
         dh_prev = tl.dot(dpre.to(w.dtype), w, input_precision=PRECISION, out_dtype=dh.dtype)
+        if DROPOUT:
+            dh_prev = dh_prev * dropout
+        if ZONEOUT != 0:
+            dh_prev += kept * dh_total
         dh = tl.where(valid, dh_prev, dh)
     tl.store(dh0_ptr + state_offsets, dh, mask=mask)
 
@@ -306,12 +347,19 @@ def resident_plan(kernel, batch: int, hidden: int, x: Tensor) -> tuple[tuple[int
     return (triton.cdiv(batch, RESIDENT_BLOCK_B),), options
 
 
-def forward_steps(xp, w_hh, h0, out, lengths, reverse: bool, relu: bool) -> Tensor:
-    """Run the recurrence over xp (T, B, H) into out; h0 (B, H) in the accumulate dtype -> h_n."""
+def forward_steps(
+    xp, w_hh, h0, out, lengths, reverse: bool, relu: bool, in_loop: InLoop | None = None,
+    cand: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Run the recurrence over xp (T, B, H) into out; h0 (B, H) in the accumulate dtype -> h_n.
+
+    With in-loop regularisers (only the resident kernel takes them) and `cand` (T, B, H), the
+    activations before zoneout are saved there for the backward."""
     steps, batch, hidden = xp.shape
     h_n = torch.empty(batch, hidden, device=xp.device, dtype=h0.dtype)
     plan = resident_plan(rnn_resident_forward_kernel, batch, hidden, xp)
     if plan is not None:
+        regularizers, constants = in_loop_arguments(in_loop, h0)
         launched = launch_if_it_fits(
             rnn_resident_forward_kernel,
             *plan,
@@ -322,14 +370,22 @@ def forward_steps(xp, w_hh, h0, out, lengths, reverse: bool, relu: bool) -> Tens
             h0.contiguous(),
             out,
             h_n,
+            regularizers[0],
+            regularizers[1],
+            cand if cand is not None else regularizers[1],
             steps,
             batch,
             hidden,
             REVERSE=reverse,
             RELU=relu,
+            DROPOUT=constants["DROPOUT"],
+            ZONEOUT=constants["ZONEOUT"],
+            SAVE=cand is not None,
         )
         if launched:
             return h_n
+    if in_loop is not None:
+        raise RuntimeError(regularizers_do_not_fit(hidden, xp))
     h_buf = torch.empty(2, batch, hidden, device=xp.device, dtype=h0.dtype)
     h_buf[0] = h0
     launch_grid, options, counter = plan_launch(batch, hidden, xp.device)
@@ -351,13 +407,17 @@ def forward_steps(xp, w_hh, h0, out, lengths, reverse: bool, relu: bool) -> Tens
     return h_buf[steps % 2]
 
 
-def backward_steps(d_out, out, w_hh, lengths, d_h_n, reverse: bool, relu: bool):
+def backward_steps(
+    d_out, out, w_hh, lengths, d_h_n, reverse: bool, relu: bool, in_loop: InLoop | None = None,
+    cand: Tensor | None = None,
+):  # fmt: skip
     """Backward through time from d_out (T, B, H) and d_h_n (B, H) -> (dpre (T, B, H), dh0)."""
     steps, batch, hidden = out.shape
     dpre = torch.empty(steps, batch, hidden, device=out.device, dtype=d_out.dtype)
     plan = resident_plan(rnn_resident_backward_kernel, batch, hidden, out)
     if plan is not None:
         dh0 = torch.empty(batch, hidden, device=out.device, dtype=d_h_n.dtype)
+        regularizers, constants = in_loop_arguments(in_loop, d_h_n)
         launched = launch_if_it_fits(
             rnn_resident_backward_kernel,
             *plan,
@@ -369,14 +429,21 @@ def backward_steps(d_out, out, w_hh, lengths, d_h_n, reverse: bool, relu: bool):
             d_h_n.contiguous(),
             dpre,
             dh0,
+            regularizers[0],
+            regularizers[1],
+            cand if cand is not None else regularizers[1],
             steps,
             batch,
             hidden,
             REVERSE=reverse,
             RELU=relu,
+            DROPOUT=constants["DROPOUT"],
+            ZONEOUT=constants["ZONEOUT"],
         )
         if launched:
             return dpre, dh0
+    if in_loop is not None:
+        raise RuntimeError(regularizers_do_not_fit(hidden, out))
     dh_buf = torch.empty(2, batch, hidden, device=out.device, dtype=d_h_n.dtype)
     dh_buf[0] = d_h_n
     launch_grid, options, counter = plan_launch(batch, hidden, out.device)
@@ -403,7 +470,7 @@ class RNNFunction(torch.autograd.Function):
     """(T, B, I) x, (B, H) h0 and the weights -> (T, B, H) output, h_n."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save, in_loop):
         steps, batch, _ = x.shape
         hidden = w_hh.size(1)
         acc = accumulate_dtype(x.dtype)
@@ -412,13 +479,19 @@ class RNNFunction(torch.autograd.Function):
         w_hh = w_hh.contiguous()
         out = torch.empty(steps, batch, hidden, device=x.device, dtype=x.dtype)
         lengths_on_device = device_lengths(lengths, steps, batch, x.device)
-        h_n = forward_steps(xp, w_hh, h0.to(acc), out, lengths_on_device, reverse, relu)
+        cand = None
+        if save and in_loop is not None and in_loop.keep_h is not None:
+            cand = torch.empty(steps, batch, hidden, device=x.device, dtype=acc)
+        h_n = forward_steps(
+            xp, w_hh, h0.to(acc), out, lengths_on_device, reverse, relu, in_loop, cand
+        )
         if save:
             ctx.save_for_backward(x, h0, w_ih, w_hh, out, lengths_on_device)
             ctx.lengths = lengths
             ctx.reverse = reverse
             ctx.relu = relu
             ctx.has_bias = b_ih is not None
+            ctx.in_loop, ctx.cand = in_loop, cand
         return out, h_n.to(x.dtype)
 
     @staticmethod
@@ -434,7 +507,15 @@ class RNNFunction(torch.autograd.Function):
             d_out = torch.zeros(steps, batch, hidden, device=x.device, dtype=acc)
         d_out = d_out.to(acc).contiguous()
         dpre, dh0 = backward_steps(
-            d_out, out, w_hh, lengths_on_device, d_h_n.to(acc), ctx.reverse, ctx.relu
+            d_out,
+            out,
+            w_hh,
+            lengths_on_device,
+            d_h_n.to(acc),
+            ctx.reverse,
+            ctx.relu,
+            ctx.in_loop,
+            ctx.cand,
         )
         need = ctx.needs_input_grad
         dx = dpre.to(x.dtype) @ w_ih if need[0] else None
@@ -443,9 +524,11 @@ class RNNFunction(torch.autograd.Function):
         dw_hh = None
         if need[3]:
             h_prev = previous_states(out.to(acc), h0.to(acc), ctx.lengths, ctx.reverse)
+            if ctx.in_loop is not None and ctx.in_loop.mask is not None:
+                h_prev = h_prev * ctx.in_loop.mask.to(acc)  # what the products saw
             dw_hh = (flat(dpre).T @ flat(h_prev)).to(w_hh.dtype)
         db = dpre.sum((0, 1)).to(w_ih.dtype) if ctx.has_bias and (need[4] or need[5]) else None
-        return dx, dh0, dw_ih, dw_hh, db, db, None, None, None, None
+        return dx, dh0, dw_ih, dw_hh, db, db, None, None, None, None, None
 
 
 def run_direction(
@@ -455,8 +538,10 @@ def run_direction(
     lengths: Tensor | None,
     reverse: bool,
     nonlinearity: str = "tanh",
+    in_loop: InLoop | None = None,
 ) -> tuple[Tensor, tuple[Tensor]]:
-    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, (h_n,)."""
+    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, (h_n,); in_loop: the direction's
+    recurrent dropout and zoneout (only where W_hh fits the resident kernel)."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     w_ih, w_hh, b_ih, b_hh = weights[:4]
@@ -465,5 +550,7 @@ def run_direction(
         t is not None and t.requires_grad for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
     )
     relu = nonlinearity == "relu"
-    output, h_n = RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save)
+    output, h_n = RNNFunction.apply(
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, save, in_loop
+    )
     return output, (h_n,)
