@@ -146,9 +146,9 @@ def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
     if spec.mode in ("RNN_TANH", "RNN_RELU"):
         fits = rnn.resident_plan(rnn.rnn_resident_forward_kernel, batch, hidden, like)
     elif spec.mode == "LSTM":
-        fits = _common.slice_plan(lstm.lstm_slice_forward_kernel, batch, hidden, 4, like)
+        fits = _common.slice_tiling(lstm.lstm_slice_forward_kernel, batch, hidden, 4, like)
     else:
-        fits = _common.slice_plan(gru.gru_slice_forward_kernel, batch, hidden, 3, like)
+        fits = _common.slice_tiling(gru.gru_slice_forward_kernel, batch, hidden, 3, like)
     return None if fits is not None else _common.regularizers_do_not_fit(hidden, like)
 
 

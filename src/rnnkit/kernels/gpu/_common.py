@@ -348,10 +348,8 @@ def plan_launch(batch: int, hidden: int, device: torch.device) -> tuple[tuple, d
     return grid, options, counter
 
 
-def slice_plan(
-    kernel, batch: int, hidden: int, gates: int, x: Tensor
-) -> tuple[tuple, dict, Tensor] | None:
-    """Grid, options and barrier counter for a slice kernel, or None where it does not apply.
+def slice_tiling(kernel, batch: int, hidden: int, gates: int, x: Tensor) -> tuple | None:
+    """Grid and options for a slice kernel, or None where it does not apply.
 
     On CUDA each program owns SLICE_BLOCK_N units, so the unit tiles times the batch tiles must fit
     in the multiprocessors; under the interpreter one program owns every unit (no barrier).
@@ -383,7 +381,17 @@ def slice_plan(
         "SPLIT": units > 1,
         "num_warps": NUM_WARPS,
     }
-    grid = (triton.cdiv(batch, block_b), units)
+    return (triton.cdiv(batch, block_b), units), options
+
+
+def slice_plan(
+    kernel, batch: int, hidden: int, gates: int, x: Tensor
+) -> tuple[tuple, dict, Tensor] | None:
+    """slice_tiling's grid and options with the zeroed barrier counter, or None."""
+    tiling = slice_tiling(kernel, batch, hidden, gates, x)
+    if tiling is None:
+        return None
+    grid, options = tiling
     return grid, options, torch.zeros(grid[0], device=x.device, dtype=torch.int32)
 
 
