@@ -535,24 +535,11 @@ REGULARIZED_CELLS = {
 REGULARIZER_RATES = [(0.3, 0.0), (0.0, 0.25), (0.35, (0.2, 0.4))]
 
 
-def regularized_outputs_and_gradients(layer, x, hx, lengths, seed):
-    """Output, final states and every gradient of a fixed random loss, masks drawn from seed."""
-    torch.manual_seed(seed)
-    output, state = layer(x, hx, lengths=lengths)
-    states = state if isinstance(state, tuple) else (state,)
-    generator = torch.Generator().manual_seed(3)
-    loss = (output * torch.randn(output.shape, generator=generator, dtype=x.dtype)).sum()
-    for part in states:
-        loss = loss + (part * torch.randn(part.shape, generator=generator, dtype=x.dtype)).sum()
-    hx_parts = list(hx) if isinstance(hx, tuple) else [hx]
-    return [output, *states, *torch.autograd.grad(loss, [x, *hx_parts, *layer.parameters()])]
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("rates", REGULARIZER_RATES)
 @pytest.mark.parametrize("cell", REGULARIZED_CELLS)
 def test_regularized_on_chip_kernels_match_the_reference_with_the_same_masks(
-    cell, rates, training, monkeypatch
+    cell, rates, training, monkeypatch, outputs_and_gradients
 ):
     layer_class, options = REGULARIZED_CELLS[cell]
     recurrent_dropout, zoneout = rates
@@ -579,8 +566,8 @@ def test_regularized_on_chip_kernels_match_the_reference_with_the_same_masks(
     )
     hx = hx if parts == 2 else hx[0]
     lengths = torch.tensor([6, 2, 5, 1] * 4 + [3])
-    got = regularized_outputs_and_gradients(fused, x, hx, lengths, seed=11)
-    expected = regularized_outputs_and_gradients(reference, x, hx, lengths, seed=11)
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=11)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=11)
     assert_all_close(got, expected, 1e-9)
     if in_loop_active := training or zoneout:
         # two layers, two directions: a forward and a backward each, on the on-chip kernels
