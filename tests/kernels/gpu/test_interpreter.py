@@ -586,3 +586,29 @@ def test_regularizers_outside_the_on_chip_kernels_are_refused_with_a_reason():
     lstm.eval()  # recurrent dropout is off in eval: the plain kernels run
     output, _ = lstm(torch.randn(2, 1, 3, dtype=torch.float64))
     assert output.shape == (2, 1, 300)
+
+
+@pytest.mark.parametrize("cell", REGULARIZED_CELLS)
+def test_regularized_on_chip_kernels_float32_batch_first_and_float16_autocast(
+    cell, outputs_and_gradients
+):
+    layer_class, options = REGULARIZED_CELLS[cell]
+    zoneout = (0.2, 0.3) if layer_class is rnnkit.LSTM else 0.2
+    options = options | {"batch_first": True, "recurrent_dropout": 0.3, "zoneout": zoneout}
+    torch.manual_seed(0)
+    fused = layer_class(3, 16, backend="gpu", **options)
+    reference = layer_class(3, 16, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(5, 7, 3, requires_grad=True)
+    parts = 2 if layer_class is rnnkit.LSTM else 1
+    hx = tuple(torch.randn(1, 5, 16, requires_grad=True) for _ in range(parts))
+    hx = hx if parts == 2 else hx[0]
+    got = outputs_and_gradients(fused, x, hx, None, seed=5)
+    expected = outputs_and_gradients(reference, x, hx, None, seed=5)
+    assert_all_close(got, expected, 1e-5)
+    # float16 under autocast: the same masks, the kernels accumulating in float32
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        output, _ = fused(x, hx)
+    assert output.dtype == torch.float16
+    assert torch.allclose(output.float(), expected[0], atol=5e-3)
