@@ -494,6 +494,9 @@ def flat(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1, tensor.size(-1))
 
 
+@functools.cache
 def empty_like_nothing(device, dtype) -> Tensor:
-    """A one-element placeholder for buffers a kernel variant does not touch."""
+    """A one-element placeholder for buffers a kernel variant does not touch: made once per
+    device and dtype and shared, since no kernel reads or writes it (saves an allocation per
+    placeholder per call)."""
     return torch.empty(1, device=device, dtype=dtype)
