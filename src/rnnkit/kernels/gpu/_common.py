@@ -467,10 +467,16 @@ def dot_precision(x: Tensor) -> str:
 
 
 def device_lengths(lengths: Tensor | None, steps: int, batch: int, device) -> Tensor:
-    """(B,) int32 lengths on the kernel's device; all `steps` when lengths is None."""
+    """(B,) int32 lengths on the kernel's device; all `steps` when lengths is None (one shared
+    tensor per shape and device: the kernels only read it)."""
     if lengths is None:
-        return torch.full((batch,), steps, dtype=torch.int32, device=device)
+        return _full_lengths(steps, batch, torch.device(device))
     return lengths.to(device=device, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_lengths(steps: int, batch: int, device: torch.device) -> Tensor:
+    return torch.full((batch,), steps, dtype=torch.int32, device=device)
 
 
 def previous_states(sequence: Tensor, initial: Tensor, lengths: Tensor | None, reverse: bool):
