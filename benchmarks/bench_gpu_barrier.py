@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_gpu_tiles import median_seconds
+from bench_gpu_tiles import median_seconds, step_calls
 from bench_layers import write_json
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "gpu-barrier.json"
@@ -78,17 +78,7 @@ def layer_rows(repeats: int) -> list[dict]:
             torch.manual_seed(0)
             layer = rnnkit.from_torch(make(inputs, hidden).cuda(), backend="gpu")
             x = torch.randn(steps, batch, inputs, device="cuda")
-
-            def inference(layer=layer, x=x):
-                with torch.inference_mode():
-                    layer(x)
-
-            def training(layer=layer, x=x):
-                layer.zero_grad(set_to_none=True)
-                output, _ = layer(x)
-                output.sum().backward()
-
-            for mode, call in (("inference", inference), ("training", training)):
+            for mode, call in step_calls(layer, x).items():
                 us = median_seconds(call, repeats) / steps * 1e6
                 config = [batch, steps, inputs, hidden]
                 rows.append({"cell": cell, "config": config, "mode": mode, "us_per_step": us})
