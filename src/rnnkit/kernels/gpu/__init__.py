@@ -139,7 +139,8 @@ def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
     recurrent weights fit (kernels/gpu/_common.py)."""
     from rnnkit.kernels.gpu import _common, gru, lstm, rnn
 
-    like = torch.empty(0, device=x.device, dtype=_compute_dtype(x))
+    dtype = _compute_dtype(x)
+    like = x if x.dtype == dtype else x.new_empty(0, dtype=dtype)  # the plans read its dtype
     hidden, batch = spec.hidden_size, max(x.size(1), 1)
     if spec.mode == "GRU" and not spec.reset_after:
         return "the gpu kernels take them for the GRU with reset_after=True only"
