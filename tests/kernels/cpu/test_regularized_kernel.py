@@ -8,6 +8,9 @@ directions.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -176,3 +179,23 @@ def test_batch_parts_match_the_reference_loop(cell, monkeypatch, outputs_and_gra
     expected = outputs_and_gradients(reference, x, hx, lengths, seed=13)
     for index, (a, b) in enumerate(zip(got, expected)):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+
+
+def test_kernels_first_imported_under_inference_mode_still_train():
+    # rnnkit loads its CPU kernels on first use; when that use is under inference_mode, the
+    # module-level tensors they keep must still be normal tensors, since training saves them.
+    program = (
+        "import sys, torch, rnnkit\n"
+        "layer = rnnkit.LSTM(3, 4, recurrent_dropout=0.2, zoneout=0.1)\n"
+        "x = torch.randn(5, 2, 3)\n"
+        "with torch.inference_mode():\n"
+        "    layer(x)\n"
+        "assert 'rnnkit.kernels.cpu.regularized' in sys.modules\n"
+        "layer(x)[0].sum().backward()\n"
+        "print(float(layer.weight_hh_l0.grad.abs().sum()) > 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"

@@ -612,3 +612,19 @@ def test_regularized_on_chip_kernels_float32_batch_first_and_float16_autocast(
         output, _ = fused(x, hx)
     assert output.dtype == torch.float16
     assert torch.allclose(output.float(), expected[0], atol=5e-3)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_shared_placeholders_made_under_inference_mode_can_be_saved_later(cell):
+    # The per-shape lengths and placeholder tensors are cached: the first call may come under
+    # inference_mode, and a later training call saves them for its backward.
+    _common._full_lengths.cache_clear()
+    _common.empty_like_nothing.cache_clear()
+    fused, reference = make_pair(cell, torch.float64, input_size=3, hidden_size=5)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        fused(x)
+    assert _common._full_lengths.cache_info().currsize == 1
+    got = run_and_differentiate(fused, x, None)
+    expected = run_and_differentiate(reference, x, None)
+    assert_all_close(got, expected, 1e-9)

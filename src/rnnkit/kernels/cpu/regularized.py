@@ -438,8 +438,10 @@ def _gru_backward(
 # torch glue.
 
 
-# The kernels' stand-in for an absent array (no projection), per dtype.
-_EMPTY = {dtype: torch.empty(0, 0, 0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+# The kernels' stand-in for an absent array (no projection), per dtype; saved for the backward,
+# so never an inference tensor, even when this module is first imported under inference_mode.
+with torch.inference_mode(False):
+    _EMPTY = {dtype: torch.empty(0, 0, 0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def _projection(w_hr: Tensor | None, dtype: torch.dtype) -> np.ndarray:

@@ -476,7 +476,9 @@ def device_lengths(lengths: Tensor | None, steps: int, batch: int, device) -> Te
 
 @functools.lru_cache(maxsize=64)
 def _full_lengths(steps: int, batch: int, device: torch.device) -> Tensor:
-    return torch.full((batch,), steps, dtype=torch.int32, device=device)
+    # Shared by later calls that may save it for the backward: never an inference tensor.
+    with torch.inference_mode(False):
+        return torch.full((batch,), steps, dtype=torch.int32, device=device)
 
 
 def previous_states(sequence: Tensor, initial: Tensor, lengths: Tensor | None, reverse: bool):
@@ -504,5 +506,6 @@ def flat(tensor: Tensor) -> Tensor:
 def empty_like_nothing(device, dtype) -> Tensor:
     """A one-element placeholder for buffers a kernel variant does not touch: made once per
     device and dtype and shared, since no kernel reads or writes it (saves an allocation per
-    placeholder per call)."""
-    return torch.empty(1, device=device, dtype=dtype)
+    placeholder per call). Never an inference tensor, so that a later call may save it."""
+    with torch.inference_mode(False):
+        return torch.empty(1, device=device, dtype=dtype)
