@@ -177,7 +177,7 @@ backend = CPUBackend()
 
 def warmup() -> None:
     """Compile, or load from numba's disk cache, every kernel of every cell (float32, float64)."""
-    from rnnkit.kernels.cpu import indrnn, minimal
+    from rnnkit.kernels.cpu import indrnn, minimal, random_masks
 
-    for cell in (lstm, gru, rnn, layer_norm, regularized, minimal, indrnn):
-        cell.warmup()
+    for module in (random_masks, lstm, gru, rnn, layer_norm, regularized, minimal, indrnn):
+        module.warmup()
