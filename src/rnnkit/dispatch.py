@@ -27,8 +27,6 @@ from rnnkit.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "cpu", "gpu")
 _KERNEL_MODULES = {"cpu": "rnnkit.kernels.cpu", "gpu": "rnnkit.kernels.gpu"}
-# The layer-normalised cells have fused kernels on the CPU only.
-_CPU_ONLY_MODES = ("LN_LSTM", "LN_GRU")
 
 
 class Backend(Protocol):
@@ -66,10 +64,8 @@ def check_backend_name(owner: str, backend: str) -> str:
     return backend
 
 
-def _load(name: str, mode: str = "") -> Backend | str:
-    """The backend object for this mode, or a string saying why it cannot be used here."""
-    if mode in _CPU_ONLY_MODES and name == "gpu":
-        return f"there is no {name} kernel for {mode}"
+def _load(name: str) -> Backend | str:
+    """The backend object, or a string saying why it cannot be used here."""
     if name not in _loaded:
         try:
             module = importlib.import_module(_KERNEL_MODULES[name])
@@ -97,7 +93,7 @@ def _select(
         return "reference", reference, "backend='reference' was requested"
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
-        backend = _load(candidate, spec.mode)
+        backend = _load(candidate)
         if isinstance(backend, str):
             return "reference", reference, f"auto: {backend}; using the reference loop"
         unsupported = backend.unsupported_reason(spec, x, lengths)
@@ -106,7 +102,7 @@ def _select(
             return "reference", reference, reason
         reason = f"auto: fused {candidate} kernel for {x.device.type} tensors" if explain else ""
         return candidate, backend, reason
-    backend = _load(requested, spec.mode)
+    backend = _load(requested)
     if isinstance(backend, str):
         raise RuntimeError(f"backend={requested!r} is unavailable: {backend}")
     unsupported = backend.unsupported_reason(spec, x, lengths)

@@ -3,8 +3,9 @@
 The cells' equations are in `rnnkit.cells.layer_norm`. Each layer and direction holds torch's
 weight_ih / weight_hh / bias_ih / bias_hh (the biases are the shifts of the two normalisations)
 plus gain_ih / gain_hh, and for the LSTM gain_c / bias_c of the cell-state normalisation, all with
-torch's `_l{k}[_reverse]` suffixes. The layers run through `rnnkit.dispatch`: the reference loop
-or the fused CPU kernel in `rnnkit.kernels.cpu.layer_norm`.
+torch's `_l{k}[_reverse]` suffixes. The layers run through `rnnkit.dispatch`: the reference loop,
+the fused CPU kernel in `rnnkit.kernels.cpu.layer_norm`, or on CUDA tensors the Triton kernels in
+`rnnkit.kernels.gpu.layer_norm`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ weight_drop act outside the recurrence and run with every fused kernel; recurren
 training and zoneout act inside it: the CPU backend runs them for RNN, LSTM and GRU in kernels of
 their own (rnnkit.kernels.cpu.regularized) and for the layer-normalised cells in theirs
 (rnnkit.kernels.cpu.layer_norm), with the same masks as the reference loop for the same seed;
-the GPU backend has none and leaves them to the reference loop, which `rnnkit.explain_backend`
-says.
+the GPU backend runs them in its on-chip kernels (rnnkit.kernels.gpu._common) where the recurrent
+weights fit and leaves the rest to the reference loop, which `rnnkit.explain_backend` says.
 """
 
 from __future__ import annotations

@@ -306,3 +306,50 @@ def test_regularized_on_chip_kernels_match_the_reference_float64(cell):
         results.append(outputs_and_gradients(layer, x, lengths, hx))
     for index, (a, b) in enumerate(zip(*results)):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+
+
+LAYER_NORM_CELLS = {"ln_lstm": rnnkit.LayerNormLSTM, "ln_gru": rnnkit.LayerNormGRU}
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_cells_match_reference_float64(cell):
+    # hidden 70: three unit tiles; batch 20: two programs.
+    torch.manual_seed(0)
+    options = {"input_size": 5, "hidden_size": 70, "bidirectional": True, "num_layers": 2}
+    mine = LAYER_NORM_CELLS[cell](**options, dtype=torch.float64, backend="gpu", device=CUDA)
+    with torch.no_grad():
+        for parameter in mine.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    reference = LAYER_NORM_CELLS[cell](
+        **options, dtype=torch.float64, backend="reference", device=CUDA
+    )
+    reference.load_state_dict(mine.state_dict())
+    x = torch.randn(6, 20, 5, dtype=torch.float64, device=CUDA, requires_grad=True)
+    lengths = torch.tensor([6, 1, 3] * 6 + [2, 5])
+    results = []
+    for layer in (mine, reference):
+        output, state = layer(x, lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = output.square().sum() + sum(part.sum() for part in states)
+        results.append([output, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+    text = rnnkit.explain_backend(LAYER_NORM_CELLS[cell](5, 70, device=CUDA), x.float())
+    assert text == "auto: fused gpu kernel for cuda tensors"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
+    torch.manual_seed(0)
+    layer = LAYER_NORM_CELLS[cell](8, 64, backend="gpu", device=CUDA)
+    x = torch.randn(10, 4, 8, device=CUDA)
+    expected, _ = layer(x)
+    with torch.autocast("cuda", dtype=dtype):
+        output, _ = layer(x)
+    assert output.dtype == dtype
+    assert torch.allclose(output.float(), expected, atol=5e-2)
+    output.float().sum().backward()
+    for parameter in layer.parameters():
+        assert parameter.grad.dtype == torch.float32
+        assert torch.isfinite(parameter.grad).all()

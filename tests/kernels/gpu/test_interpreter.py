@@ -36,7 +36,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 try:
     import triton  # noqa: F401
 
-    from rnnkit.kernels.gpu import _common, gru, lstm, minimal, rnn
+    from rnnkit.kernels.gpu import _common, gru, layer_norm, lstm, minimal, rnn
 finally:
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]
@@ -342,7 +342,7 @@ def test_warmup_runs_every_cell_forward_and_backward(monkeypatch):
     from rnnkit.kernels import gpu
 
     calls = []
-    for module in (gru, lstm, rnn):
+    for module in (gru, lstm, rnn, layer_norm):
         function = module.run_direction
         monkeypatch.setattr(
             module,
@@ -352,8 +352,8 @@ def test_warmup_runs_every_cell_forward_and_backward(monkeypatch):
             ),
         )
     gpu.warmup("cpu", hidden_sizes=(4,))
-    # five cells, two directions, an inference and a training forward each
-    assert len(calls) == 20
+    # seven cells, two directions, an inference and a training forward each
+    assert len(calls) == 28
 
 
 @pytest.mark.parametrize(
@@ -628,3 +628,131 @@ def test_shared_placeholders_made_under_inference_mode_can_be_saved_later(cell):
     got = run_and_differentiate(fused, x, None)
     expected = run_and_differentiate(reference, x, None)
     assert_all_close(got, expected, 1e-9)
+
+
+# -- layer-normalised cells -------------------------------------------------------------------
+LAYER_NORM_CELLS = {"ln_lstm": rnnkit.LayerNormLSTM, "ln_gru": rnnkit.LayerNormGRU}
+
+
+def make_layer_norm_pair(cell: str, dtype: torch.dtype, **options):
+    """The same layer-normalised layer on the gpu kernels and on the reference loop, with gains
+    and shifts away from their 1 and 0 initialisation."""
+    torch.manual_seed(0)
+    fused = LAYER_NORM_CELLS[cell](dtype=dtype, backend="gpu", **options)
+    with torch.no_grad():
+        for parameter in fused.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    reference = LAYER_NORM_CELLS[cell](dtype=dtype, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def spy_on_layer_norm_kernels(monkeypatch) -> list[str]:
+    ran = []
+    for name in ("ln_lstm_forward_kernel", "ln_lstm_backward_kernel", "ln_gru_forward_kernel",
+                 "ln_gru_backward_kernel"):  # fmt: skip
+        kernel = getattr(layer_norm, name)
+
+        class Spy:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                ran.append(_name)
+                return _kernel[grid]
+
+        monkeypatch.setattr(layer_norm, name, Spy())
+    return ran
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_two_layers_bidirectional_lengths_hx_match_reference_float64(
+    cell, bias, monkeypatch
+):
+    # hidden 40: two unit tiles of 32 with padding, and 120 or 160 pre-activation columns;
+    # batch 20: two programs, the second with 4 rows.
+    fused, reference = make_layer_norm_pair(
+        cell, torch.float64, input_size=3, hidden_size=40, num_layers=2, bidirectional=True,
+        bias=bias,
+    )  # fmt: skip
+    ran = spy_on_layer_norm_kernels(monkeypatch)
+    x = torch.randn(7, 20, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.randint(1, 8, (20,))
+    lengths[0] = 7
+    hx = initial_state("lstm" if cell == "ln_lstm" else "gru", (4, 20, 40), torch.float64)
+    got = run_and_differentiate(fused, x, hx, lengths)
+    expected = run_and_differentiate(reference, x, hx, lengths)
+    assert_all_close(got, expected, 1e-9)
+    kernel = "ln_lstm" if cell == "ln_lstm" else "ln_gru"
+    assert ran.count(f"{kernel}_forward_kernel") == 4  # two layers, two directions
+    assert ran.count(f"{kernel}_backward_kernel") == 4
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_float32_batch_first_inference_matches_training_forward(cell):
+    fused, reference = make_layer_norm_pair(cell, torch.float32, input_size=4, hidden_size=17,
+                                            batch_first=True)  # fmt: skip
+    x = torch.randn(3, 9, 4)
+    with torch.no_grad():
+        inference, inference_state = fused(x)
+    training, training_state = fused(x.requires_grad_())
+    expected, expected_state = reference(x)
+    assert torch.allclose(inference, training, atol=1e-6)
+    assert torch.allclose(training, expected, atol=1e-5)
+    states = zip(*(s if isinstance(s, tuple) else (s,) for s in (inference_state, expected_state)))
+    for got_state, expected_part in states:
+        assert torch.allclose(got_state, expected_part, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_gradcheck_reverse_with_lengths(cell):
+    lstm = cell == "ln_lstm"
+    gates = 4 if lstm else 3
+    steps, batch, inputs, hidden = 3, 2, 2, 3
+    shapes = [(steps, batch, inputs)] + [(batch, hidden)] * (2 if lstm else 1)
+    shapes += [(gates * hidden, inputs), (gates * hidden, hidden)] + [(gates * hidden,)] * 4
+    shapes += [(hidden,), (hidden,)] if lstm else []
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    states = 2 if lstm else 1
+    lengths = torch.tensor([2, 3])
+    mode = "LN_LSTM" if lstm else "LN_GRU"
+
+    # One flat input and one flat output, with fast_mode: few interpreted launches (as above).
+    def function(packed):
+        x, *tensors = [part.view(shape) for part, shape in zip(packed.split(sizes), shapes)]
+        state, weights = tensors[:states], tensors[states:]
+        output, final = layer_norm.run_direction(mode, x, tuple(state), weights, lengths, True)
+        return torch.cat([output.flatten(), *(part.flatten() for part in final)])
+
+    torch.manual_seed(2)
+    packed = torch.randn(sum(sizes), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(function, (packed,), fast_mode=True)
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_float16_autocast_close_to_float32(cell):
+    torch.manual_seed(0)
+    layer = LAYER_NORM_CELLS[cell](4, 16, backend="gpu")
+    x = torch.randn(4, 2, 4)
+    expected, _ = layer(x)
+    expected_grads = torch.autograd.grad(expected.sum(), list(layer.parameters()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        output, _ = layer(x)
+    assert output.dtype == torch.float16
+    assert torch.allclose(output.float(), expected, atol=3e-3)
+    grads = torch.autograd.grad(output.float().sum(), list(layer.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32
+        assert torch.allclose(grad, expected_grad, atol=3e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_with_in_loop_regularizers_runs_the_reference_loop_with_a_reason(cell):
+    layer = LAYER_NORM_CELLS[cell](3, 4, zoneout=0.1, backend="gpu")
+    with pytest.raises(RuntimeError, match="zoneout=.*layer-normalised cells do not take them"):
+        layer(torch.randn(2, 1, 3))
+
+
+def test_layer_norm_unknown_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        layer_norm.run_direction(
+            "LSTM", torch.zeros(1, 1, 1), (torch.zeros(1, 1),), (), None, False
+        )

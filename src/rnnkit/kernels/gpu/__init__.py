@@ -1,8 +1,9 @@
 """Fused GPU kernels (Triton): forward and hand-derived backpropagation through time.
 
 Each cell file (lstm.py, gru.py, rnn.py) exports `run_direction(x, state, weights, lengths,
-reverse, ...)`: (T, B, I) input -> ((T, B, H) output, final state tuple), differentiable through
-its own torch.autograd.Function. This package turns them into the dispatch's backend. Triton is
+reverse, ...)`, and layer_norm.py (LN_LSTM, LN_GRU) `run_direction(mode, x, ...)`: (T, B, I)
+input -> ((T, B, H) output, final state tuple), differentiable through its own
+torch.autograd.Function. This package turns them into the dispatch's backend. Triton is
 imported only when this package is (the dispatch does that lazily), and a missing Triton is a
 reason the backend gives, not an import error. On CPU tensors the kernels run only under
 Triton's interpreter (TRITON_INTERPRET=1), which the tests use; "auto" never picks this backend
@@ -80,7 +81,7 @@ class GPUBackend:
     def run_layer(self, spec, x, hx, weights, lengths):
         if x.size(1) == 0:
             return run_layer_reference(spec, x, hx, weights, lengths)
-        from rnnkit.kernels.gpu import gru, lstm, rnn
+        from rnnkit.kernels.gpu import gru, layer_norm, lstm, rnn
         from rnnkit.kernels.gpu._common import InLoop
 
         dtype = _compute_dtype(x)
@@ -96,7 +97,11 @@ class GPUBackend:
                 in_loop = None
                 if regularized:  # drawn per direction before it runs, as the reference loop does
                     in_loop = InLoop(*_flatten_masks(draw_masks(spec, tuple(state), x.size(0))))
-                if spec.mode == "LSTM":
+                if spec.mode in layer_norm.MODES:
+                    output, final = layer_norm.run_direction(
+                        spec.mode, x, state, direction_weights, lengths, reverse
+                    )
+                elif spec.mode == "LSTM":
                     output, final = lstm.run_direction(
                         x, state, direction_weights, lengths, reverse, in_loop=in_loop
                     )
@@ -142,6 +147,8 @@ def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
     dtype = _compute_dtype(x)
     like = x if x.dtype == dtype else x.new_empty(0, dtype=dtype)  # the plans read its dtype
     hidden, batch = spec.hidden_size, max(x.size(1), 1)
+    if spec.mode in ("LN_LSTM", "LN_GRU"):
+        return "the gpu kernels of the layer-normalised cells do not take them"
     if spec.mode == "GRU" and not spec.reset_after:
         return "the gpu kernels take them for the GRU with reset_after=True only"
     if spec.mode in ("RNN_TANH", "RNN_RELU"):
@@ -178,6 +185,7 @@ def warmup(
     """
     from rnnkit.layers import GRU, LSTM, RNN
     from rnnkit.variants.indrnn import IndRNN
+    from rnnkit.variants.layer_norm import LayerNormGRU, LayerNormLSTM
     from rnnkit.variants.minimal import MinGRU, MinLSTM
 
     cells = [
@@ -186,6 +194,8 @@ def warmup(
         (GRU, {"reset_after": False}),
         (RNN, {}),
         (RNN, {"nonlinearity": "relu"}),
+        (LayerNormLSTM, {}),
+        (LayerNormGRU, {}),
         (MinGRU, {}),
         (MinLSTM, {}),
         (IndRNN, {}),
