@@ -51,7 +51,7 @@ def _geometric_mean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def _rows(
+def time_rows(
     variant: str, config, layers: dict, repeats: int, timer: str, device: str = "cpu"
 ) -> list[dict]:
     """Inference and training rows: name -> layer timed, call by call in turn, on `device`."""
@@ -115,7 +115,7 @@ def bench_indrnn_min(args: argparse.Namespace) -> dict:
             loop = cls(input_size, hidden, batch_first=True, backend="reference")
             loop.load_state_dict(fused.state_dict())
             layers["autograd loop"] = loop if variant == "indrnn" else _WithMode(loop, "sequential")
-        rows += _rows(variant, config, layers, args.repeats, args.timer, args.device)
+        rows += time_rows(variant, config, layers, args.repeats, args.timer, args.device)
     _add_ratio(rows, "loop_over_fused", "autograd loop", "fused")
     _add_ratio(rows, "fused_over_torch", "fused", "torch.nn LSTM")
     return {
@@ -151,7 +151,7 @@ def bench_min_scan(args: argparse.Namespace) -> dict:
         # The step loop's training step takes seconds at T = 4096: fewer samples there.
         repeats = max(1, min(args.repeats, 3)) if steps >= 4096 else args.repeats
         config = (batch, steps, input_size, hidden)
-        rows += _rows("min_gru", config, layers, repeats, args.timer, args.device)
+        rows += time_rows("min_gru", config, layers, repeats, args.timer, args.device)
     _add_ratio(rows, "loop_over_parallel", "step loop", "fused parallel")
     _add_ratio(rows, "loop_over_scan", "step loop", "log-space scan")
     _add_ratio(rows, "sequential_over_parallel", "fused sequential", "fused parallel")

@@ -20,6 +20,10 @@ recurrent_dropout=0.25 and zoneout=0.1, the fused kernels of rnnkit.kernels.cpu.
 layer_norm) against the same layers' autograd loop and against torch.nn's plain layer of the same
 size (no regularisers, no layer norm), with the same two targets.
 
+--device cuda times the same sections with backend="auto" on CUDA tensors (the Triton kernels of
+rnnkit.kernels.gpu); a layer that "auto" leaves to the reference loop there gets the reason in
+place of a fused time.
+
 Prints a table per section, writes JSON; asserts no times.
 """
 
@@ -33,15 +37,8 @@ from pathlib import Path
 
 import bench_minimal
 import torch
-from bench_layers import (
-    CONFIGS,
-    QUICK_CONFIGS,
-    machine_info,
-    reference_is_slow,
-    step_functions,
-    time_interleaved,
-    write_json,
-)
+from bench_layers import CONFIGS, QUICK_CONFIGS, machine_info, reference_is_slow, write_json
+from bench_minimal import time_rows
 from tqdm import tqdm
 
 import rnnkit
@@ -51,29 +48,6 @@ DEFAULT_JSON = Path(__file__).parent / "results" / "variants-cpu.json"
 
 def geometric_mean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
-
-
-def time_rows(variant: str, config, layers: dict, args) -> list[dict]:
-    """Inference and training rows of one variant and configuration: name -> layer timed."""
-    batch, steps, input_size, _ = config
-    torch.manual_seed(1)
-    x = torch.randn(batch, steps, input_size)
-    functions = {name: step_functions(layer, x) for name, layer in layers.items()}
-    rows = []
-    for mode in ("inference", "training"):
-        timed = time_interleaved(
-            {name: fns[mode] for name, fns in functions.items()}, args.repeats, "cpu", args.timer
-        )
-        rows.append(
-            {
-                "variant": variant,
-                "config": list(config),
-                "mode": mode,
-                "times": {k: v for k, v in timed.items() if isinstance(v, float)},
-                "errors": {k: v for k, v in timed.items() if isinstance(v, str)},
-            }
-        )
-    return rows
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -95,18 +69,30 @@ REGULARIZED_VARIANTS = {
 def bench_against_loop_and_torch(variants: dict, args, name: str) -> dict:
     """Each fused variant vs the same layer on its autograd loop and vs torch.nn's plain layer."""
     rows = []
+    # backend="cpu" on the CPU (the fused kernel or an error, never the loop); on CUDA "auto",
+    # and a layer that "auto" would leave to the reference loop is reported, not timed.
+    fused_backend = "auto" if args.device == "cuda" else "cpu"
     jobs = [(variant, config) for variant in variants for config in args.config_list]
     for variant, config in tqdm(jobs, desc=name, unit="config", file=sys.stderr):
         cls, torch_cls, options = variants[variant]
         _, _, input_size, hidden = config
         torch.manual_seed(0)
-        fused = cls(input_size, hidden, batch_first=True, backend="cpu", **options)
+        fused = cls(input_size, hidden, batch_first=True, backend=fused_backend, **options)
         layers = {"fused": fused, "torch.nn": torch_cls(input_size, hidden, batch_first=True)}
         if not reference_is_slow(config):
             loop = cls(input_size, hidden, batch_first=True, backend="reference", **options)
             loop.load_state_dict(fused.state_dict())
             layers["autograd loop"] = loop
-        rows += time_rows(variant, config, layers, args)
+        reason = rnnkit.explain_backend(
+            fused.to(args.device), torch.zeros(config[1], 1, input_size, device=args.device)
+        )
+        if args.device == "cuda" and not reason.startswith("auto: fused"):
+            del layers["fused"]
+        new_rows = time_rows(variant, config, layers, args.repeats, args.timer, args.device)
+        for row in new_rows:
+            if "fused" not in layers:
+                row["errors"]["fused"] = f"not timed: {reason}"
+        rows += new_rows
     for row in rows:
         times = row["times"]
         if "fused" in times:
@@ -150,8 +136,6 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "regularized": bench_regularized,
     **bench_minimal.SECTIONS,  # indrnn_min, min_scan: see bench_minimal.py
 }
-# The sections whose layers have GPU kernels (MinGRU, MinLSTM, IndRNN), run by --device cuda.
-CUDA_SECTIONS = tuple(bench_minimal.SECTIONS)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -195,9 +179,7 @@ def print_section(name: str, result: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sections", default=None, help=f"of {list(SECTIONS)} (default: all the device has)"
-    )
+    parser.add_argument("--sections", default=None, help=f"of {list(SECTIONS)} (default: all)")
     parser.add_argument(
         "--configs", default=None, help=f"comma-separated indices into {CONFIGS} (default: all)"
     )
@@ -210,19 +192,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help=f"cuda: the sections with GPU kernels only, {list(CUDA_SECTIONS)}",
+        help="cuda: the Triton kernels (backend='auto'); a layer they leave to the reference "
+        "loop is reported, not timed",
     )
     args = parser.parse_args(argv)
     if args.sections is None:
-        args.sections = ",".join(CUDA_SECTIONS if args.device == "cuda" else SECTIONS)
+        args.sections = ",".join(SECTIONS)
     args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]
     for section in args.section_list:
         if section not in SECTIONS:
             parser.error(f"--sections: each must be one of {list(SECTIONS)}, got {section!r}")
-        if args.device == "cuda" and section not in CUDA_SECTIONS:
-            parser.error(
-                f"--device cuda: sections must be of {list(CUDA_SECTIONS)}, got {section!r}"
-            )
     if args.configs is None:
         indices = QUICK_CONFIGS if args.quick else list(range(len(CONFIGS)))
     else:

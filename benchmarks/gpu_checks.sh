@@ -6,9 +6,11 @@
 # The barrier comparison (bench_gpu_barrier.py: the programs' barrier polled with atomics or
 # acquire loads; the rest of the run uses the faster), the CUDA tests (parity with cuDNN and the
 # reference, gradcheck, autocast), the tile sweep, then the layer benchmark in float32 and
-# bfloat16 with the fastest tile, then the element-wise layers (bench_variants.py --device cuda:
-# MinGRU, MinLSTM, IndRNN). Each stage has its own time limit so that a slow one still leaves the
-# others their turn; SKIP_TESTS=1 or SKIP_BENCH=1 leaves one out. About 8 minutes on an H200.
+# bfloat16 with the fastest tile, then the variants (bench_variants.py --device cuda: MinGRU,
+# MinLSTM, IndRNN; then the layer-normalised cells and the in-loop regularisers). Each stage has
+# its own time limit so that a slow one still leaves the others their turn; SKIP_TESTS=1 or
+# SKIP_BENCH=1 leaves one out. About 8 minutes on an H200 before the last stage (session 9,
+# not yet run) was added.
 set -u
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
@@ -71,6 +73,10 @@ print(','.join(map(str, best)) if best else '')" "$OUT/gpu-tiles.json" 2>/dev/nu
         --json "$OUT/layers-cuda-bfloat16.json" 2>&1 | tee "$OUT/bench-bfloat16.log"
     # The element-wise layers' Triton walks (MinGRU, MinLSTM, IndRNN).
     timeout "${VARIANTS_LIMIT:-120}" $PY benchmarks/bench_variants.py --device cuda \
-        --configs 0,1,2 --repeats "${REPEATS:-7}" --json "$OUT/variants-cuda.json" 2>&1 \
-        | tee "$OUT/bench-variants.log" | tail -n 40
+        --sections indrnn_min,min_scan --configs 0,1,2 --repeats "${REPEATS:-7}" \
+        --json "$OUT/variants-cuda.json" 2>&1 | tee "$OUT/bench-variants.log" | tail -n 40
+    # The layer-normalised cells' kernels and the on-chip kernels' recurrent dropout and zoneout.
+    timeout "${LN_REG_LIMIT:-150}" $PY benchmarks/bench_variants.py --device cuda \
+        --sections layer_norm,regularized --configs 0,1,2 --repeats "${REPEATS:-7}" \
+        --json "$OUT/variants-cuda-ln-reg.json" 2>&1 | tee "$OUT/bench-ln-reg.log" | tail -n 60
 fi

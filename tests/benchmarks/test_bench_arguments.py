@@ -24,15 +24,15 @@ def test_gpu_tile_and_the_cuda_grid_are_taken():
     assert args.config_list == bench_layers.CUDA_CONFIGS
 
 
-def test_variants_on_cuda_run_only_the_sections_with_gpu_kernels(capsys):
+def test_variants_run_every_section_on_either_device_and_refuse_unknown_ones(capsys):
     import bench_variants
 
-    args = bench_variants.parse_args(["--device", "cuda"])
-    assert args.section_list == ["indrnn_min", "min_scan"]
+    for device in ("cpu", "cuda"):
+        args = bench_variants.parse_args(["--device", device])
+        assert args.section_list == list(bench_variants.SECTIONS)
     with pytest.raises(SystemExit):
-        bench_variants.parse_args(["--device", "cuda", "--sections", "layer_norm"])
-    assert "--device cuda: sections must be of" in capsys.readouterr().err
-    assert bench_variants.parse_args([]).section_list == list(bench_variants.SECTIONS)
+        bench_variants.parse_args(["--sections", "layer_norm,lstm"])
+    assert "--sections: each must be one of" in capsys.readouterr().err
 
 
 def test_barrier_benchmark_refuses_no_repeats_and_skips_without_cuda(capsys, monkeypatch, tmp_path):
