@@ -130,19 +130,24 @@ for dtype, precision in (("fp32", "ieee"), ("bf16", "ieee")):
                         {"RELU": relu, "BLOCK": 128})
 
 # The layer-normalised cells' kernels, in float32 and in bfloat16 (autocast): the inputs,
-# weights, gains, shifts and output in that dtype, the per-step buffers in float32.
+# weights, gains, shifts, masks and output in that dtype, the per-step buffers in float32; in
+# float32 also with recurrent dropout and zoneout.
 for dtype in ("fp32", "bf16"):
     table = {name: "*" + dtype for name in ("a_x_ptr", "w_hh_ptr", "g_hh_ptr", "b_hh_ptr",
                                              "g_c_ptr", "b_c_ptr", "out_ptr", "d_out_ptr",
-                                             "h_prev_ptr")}  # fmt: skip
+                                             "h_prev_ptr", "mask_ptr", "keep_h_ptr",
+                                             "keep_c_ptr")}  # fmt: skip
     table["lengths_ptr"] = "*i32"
     names = lambda kernel: {name: table.get(name, "*fp32") for name in kernel.arg_names
                             if name.endswith("_ptr")}  # fmt: skip
-    layer_norm_constants = {"HAS_BIAS": True, "EPS": 1e-5, "PRECISION": "tf32"}
-    for kernel in (layer_norm.ln_lstm_forward_kernel, layer_norm.ln_gru_forward_kernel):
-        compile_variant(kernel, names(kernel), layer_norm_constants | {"SAVE": True})
-    for kernel in (layer_norm.ln_lstm_backward_kernel, layer_norm.ln_gru_backward_kernel):
-        compile_variant(kernel, names(kernel), layer_norm_constants)
+    for regularized in ((False, True) if dtype == "fp32" else (False,)):
+        layer_norm_constants = {"HAS_BIAS": True, "EPS": 1e-5, "PRECISION": "tf32",
+                                "DROPOUT": regularized, "ZONEOUT": int(regularized),
+                                "ZONEOUT_C": int(regularized)}  # fmt: skip
+        for kernel in (layer_norm.ln_lstm_forward_kernel, layer_norm.ln_gru_forward_kernel):
+            compile_variant(kernel, names(kernel), layer_norm_constants | {"SAVE": True})
+        for kernel in (layer_norm.ln_lstm_backward_kernel, layer_norm.ln_gru_backward_kernel):
+            compile_variant(kernel, names(kernel), layer_norm_constants)
 """
 
 
@@ -162,7 +167,7 @@ def test_every_kernel_compiles_for_sm90():
     if result.returncode != 0 and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this triton wheel ships no ptxas to assemble the PTX")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count(" ok") == 37, result.stdout
+    assert result.stdout.count(" ok") == 41, result.stdout
 
 
 COMPILE_WITH_LOAD_BARRIER = r"""

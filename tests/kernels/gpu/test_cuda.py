@@ -353,3 +353,26 @@ def test_layer_norm_autocast_runs_in_low_precision_close_to_float32(cell, dtype)
     for parameter in layer.parameters():
         assert parameter.grad.dtype == torch.float32
         assert torch.isfinite(parameter.grad).all()
+
+
+@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
+def test_layer_norm_cells_with_recurrent_dropout_and_zoneout_match_reference_float64(cell):
+    zoneout = (0.2, 0.4) if cell == "ln_lstm" else 0.2
+    options = {"bidirectional": True, "device": CUDA, "dtype": torch.float64}
+    options |= {"recurrent_dropout": 0.35, "zoneout": zoneout}
+    torch.manual_seed(0)
+    fused = LAYER_NORM_CELLS[cell](5, 70, backend="gpu", **options)
+    reference = LAYER_NORM_CELLS[cell](5, 70, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(37, 12, 5, device=CUDA, dtype=torch.float64, requires_grad=True)
+    make = lambda: torch.randn(  # noqa: E731
+        2, 37, 70, device=CUDA, dtype=torch.float64, requires_grad=True
+    )
+    hx = (make(), make()) if cell == "ln_lstm" else make()
+    lengths = torch.randint(1, 13, (37,))
+    results = []
+    for layer in (fused, reference):
+        torch.manual_seed(5)  # the same masks: both draw them in the same order
+        results.append(outputs_and_gradients(layer, x, lengths, hx))
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())

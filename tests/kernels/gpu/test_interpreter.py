@@ -744,11 +744,29 @@ def test_layer_norm_float16_autocast_close_to_float32(cell):
         assert torch.allclose(grad, expected_grad, atol=3e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("rates", REGULARIZER_RATES)
 @pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
-def test_layer_norm_with_in_loop_regularizers_runs_the_reference_loop_with_a_reason(cell):
-    layer = LAYER_NORM_CELLS[cell](3, 4, zoneout=0.1, backend="gpu")
-    with pytest.raises(RuntimeError, match="zoneout=.*layer-normalised cells do not take them"):
-        layer(torch.randn(2, 1, 3))
+def test_layer_norm_regularized_match_the_reference_with_the_same_masks(
+    cell, rates, training, monkeypatch, outputs_and_gradients
+):
+    recurrent_dropout, zoneout = rates
+    if cell == "ln_gru" and isinstance(zoneout, tuple):
+        zoneout = zoneout[0]
+    fused, reference = make_layer_norm_pair(
+        cell, torch.float64, input_size=3, hidden_size=20, bidirectional=True,
+        recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+    )  # fmt: skip
+    fused.train(training)
+    reference.train(training)
+    ran = spy_on_layer_norm_kernels(monkeypatch)
+    x = torch.randn(5, 17, 3, dtype=torch.float64, requires_grad=True)
+    hx = initial_state("lstm" if cell == "ln_lstm" else "gru", (2, 17, 20), torch.float64)
+    lengths = torch.tensor([5, 2, 4, 1] * 4 + [3])
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=11)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=11)
+    assert_all_close(got, expected, 1e-9)
+    assert len(ran) == 4  # two directions, a forward and a backward each
 
 
 def test_layer_norm_unknown_mode_is_refused_by_name():

@@ -99,7 +99,7 @@ class GPUBackend:
                     in_loop = InLoop(*_flatten_masks(draw_masks(spec, tuple(state), x.size(0))))
                 if spec.mode in layer_norm.MODES:
                     output, final = layer_norm.run_direction(
-                        spec.mode, x, state, direction_weights, lengths, reverse
+                        spec.mode, x, state, direction_weights, lengths, reverse, in_loop=in_loop
                     )
                 elif spec.mode == "LSTM":
                     output, final = lstm.run_direction(
@@ -139,16 +139,16 @@ def _flatten_masks(masks) -> tuple:
 
 
 def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
-    """Why the on-chip kernels cannot run this layer's recurrent dropout and zoneout, or None:
-    the RNN's resident kernel and the LSTM's and GRU's slice kernels take them, where the
-    recurrent weights fit (kernels/gpu/_common.py)."""
+    """Why the gpu kernels cannot run this layer's recurrent dropout and zoneout, or None: the
+    RNN's resident kernel and the LSTM's and GRU's slice kernels take them where the recurrent
+    weights fit (kernels/gpu/_common.py), the layer-normalised cells' kernels at any size."""
     from rnnkit.kernels.gpu import _common, gru, lstm, rnn
 
     dtype = _compute_dtype(x)
     like = x if x.dtype == dtype else x.new_empty(0, dtype=dtype)  # the plans read its dtype
     hidden, batch = spec.hidden_size, max(x.size(1), 1)
     if spec.mode in ("LN_LSTM", "LN_GRU"):
-        return "the gpu kernels of the layer-normalised cells do not take them"
+        return None  # their kernels read W_hh from memory at every step: any size fits
     if spec.mode == "GRU" and not spec.reset_after:
         return "the gpu kernels take them for the GRU with reset_after=True only"
     if spec.mode in ("RNN_TANH", "RNN_RELU"):

@@ -26,8 +26,14 @@ GRU (reset after), W = 3H, a_h = gamma_hh P^ + beta_hh:
     dh_prev = g_h z + dP W_hh, dP from d a_h as the LSTM's from da
 The weight gradients are sums over all steps and rows, as torch ops after the kernel:
 dW_hh = dP^T h_prev, d gamma_hh = sum of d a_h P^, d beta_hh = sum of d a_h, and for the LSTM
-d gamma_c = sum of dy c^, d beta_c = sum of dy. Recurrent dropout and zoneout are not taken
-here: those layers run the reference loop on GPU, which the dispatch says.
+d gamma_c = sum of dy c^, d beta_c = sum of dy.
+
+Recurrent dropout and zoneout (rnnkit.variants.regularization; the derivation of
+kernels/cpu/layer_norm.py), masks drawn per direction by draw_masks as the reference loop draws
+them: the product takes hm = h * m (P = hm W_hh^T, dW_hh = dP^T hm_prev, dh_prev gets
+(dP W_hh) * m; the GRU's carry z h keeps the whole h), and zoneout mixes the old state into the
+new one, h' = k h + (1 - k) h~, c' = k_c c + (1 - k_c) c~, with h~ = o tanh(LN(c~)). Backward:
+h~ gets (1 - k) g_h and h_prev k g_h; c~ gets (1 - k_c) dc and c_prev k_c dc + f dc~.
 """
 
 from __future__ import annotations
@@ -42,18 +48,21 @@ from torch.autograd.function import once_differentiable
 from rnnkit.cells.layer_norm import LAYER_NORM_EPS
 from rnnkit.kernels.gpu._common import (
     BLOCK_B,
+    InLoop,
     accumulate_dtype,
     add_rows_times_weight,
-    add_rows_times_weight_t,
     block_size,
     device_lengths,
     dot_precision,
     empty_like_nothing,
     flat,
+    in_loop_arguments,
+    keep_weight,
     previous_states,
     sigmoid,
     tanh,
     time_index,
+    zone_out,
 )
 
 MODES = ("LN_LSTM", "LN_GRU")
@@ -65,18 +74,31 @@ _MAX_BLOCK_K = 64
 
 @triton.jit
 def _product_and_mean(
-    h_ptr, h_rows, row_ok, w_hh_ptr, p_ptr, p_rows, H, W, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    h_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W,
+    DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """P = h W_hh^T (BLOCK_B, W) written to p_ptr; returns the row means of P."""
+    """P = hm W_hh^T (BLOCK_B, W) written to p_ptr, hm = h * m with the recurrent dropout mask
+    when DROPOUT, else h; returns the row means of P."""
     total = tl.zeros([BLOCK_B], p_ptr.dtype.element_ty)
     for start in range(0, W, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < W
         p = tl.zeros([BLOCK_B, BLOCK_N], p_ptr.dtype.element_ty)
-        p = add_rows_times_weight_t(
-            p, h_ptr, h_rows, row_ok, H, w_hh_ptr, 0, H, cols, col_ok, BLOCK_K, PRECISION
-        )
+        for k_start in range(0, H, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            k_mask = row_ok[:, None] & (ks < H)[None, :]
+            h = tl.load(
+                h_ptr + h_rows[:, None] + ks[None, :], mask=k_mask, other=0.0, cache_modifier=".cg"
+            )
+            if DROPOUT:
+                h *= tl.load(mask_ptr + rows[:, None] * H + ks[None, :], mask=k_mask, other=0.0)
+            w = tl.load(
+                w_hh_ptr + cols[None, :] * H + ks[:, None],
+                mask=col_ok[None, :] & (ks < H)[:, None],
+                other=0.0,
+            )
+            p = tl.dot(h.to(w.dtype), w, p, input_precision=PRECISION, out_dtype=p.dtype)
         tl.store(p_ptr + p_rows[:, None] + cols[None, :], p, mask=row_ok[:, None] & col_ok[None, :])
         total += tl.sum(p, axis=1)
     return total / W
@@ -148,6 +170,31 @@ def _recurrent_norm_backward(
         tl.store(d_p_ptr + offsets, d_p, mask=mask)
 
 
+@triton.jit
+def _state_gradient(
+    dh_ptr, carry_ptr, d_p_ptr, rows_w, rows, row_ok, valid, mask_ptr, w_hh_ptr, H, W,
+    CARRY: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dh_prev = (dP W_hh) * m (the mask only when DROPOUT), plus the carried part at carry_ptr
+    when CARRY, written to dh_ptr for the valid rows (dP and the carry were written by other
+    threads: the caller's barrier comes first)."""
+    for start in range(0, H, BLOCK_N):
+        units = start + tl.arange(0, BLOCK_N)
+        unit_ok = units < H
+        state_offsets = rows[:, None] * H + units[None, :]
+        mask = valid[:, None] & unit_ok[None, :]
+        dh = tl.zeros([BLOCK_B, BLOCK_N], dh_ptr.dtype.element_ty)
+        dh = add_rows_times_weight(
+            dh, d_p_ptr, rows_w, row_ok, W, w_hh_ptr, 0, H, units, unit_ok, BLOCK_K, PRECISION
+        )
+        if DROPOUT:
+            dh *= tl.load(mask_ptr + state_offsets, mask=mask, other=0.0).to(dh.dtype)
+        if CARRY:
+            dh += tl.load(carry_ptr + state_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(dh_ptr + state_offsets, dh, mask=mask)
+
+
 @triton.jit(do_not_specialize=["T", "B"])
 def ln_lstm_forward_kernel(
     a_x_ptr,  # (T, B, 4H) LN(x W_ih^T) + beta_ih
@@ -162,15 +209,21 @@ def ln_lstm_forward_kernel(
     out_ptr,  # (T, B, H)
     p_ptr,  # (T or 1, B, 4H) accumulate dtype: P, then P^ (saved when SAVE)
     gates_ptr,  # (T or 1, B, 4H) accumulate dtype: i, f, g, o
-    c_hat_ptr,  # (T or 1, B, H) accumulate dtype: c', then c^
+    c_hat_ptr,  # (T or 1, B, H) accumulate dtype: c~ (c' before zoneout), then its c^
     c_prev_ptr,  # (T, B, H) accumulate dtype: c entering each step, written when SAVE
-    inverse_std_ptr,  # (T, B, 2) accumulate dtype: 1/std of P and of c', written when SAVE
+    inverse_std_ptr,  # (T, B, 2) accumulate dtype: 1/std of P and of c~, written when SAVE
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
+    keep_c_ptr,  # zoneout of c, the same (ZONEOUT_C)
     T,
     B,
     H,
     HAS_BIAS: tl.constexpr,
     REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    ZONEOUT_C: tl.constexpr,
     EPS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -191,8 +244,8 @@ def ln_lstm_forward_kernel(
         h_rows = (step % 2) * B * H + rows * H
         p_rows = (slot * B + rows) * W
         mean = _product_and_mean(
-            h_buf_ptr, h_rows, row_ok, w_hh_ptr, p_ptr, p_rows, H, W, BLOCK_B, BLOCK_N, BLOCK_K,
-            PRECISION,
+            h_buf_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W, DROPOUT,
+            BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         tl.debug_barrier()
         inverse_std = _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
@@ -230,12 +283,15 @@ def ln_lstm_forward_kernel(
             tl.store(gates_ptr + gate_offsets + 3 * H, gate_o, mask=mask)
             state_offsets = rows[:, None] * H + units[None, :]
             c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0)
-            c_new = gate_f * c + gate_i * gate_g
+            c_cand = gate_f * c + gate_i * gate_g
+            c_new = c_cand
+            if ZONEOUT_C != 0:
+                c_new = zone_out(c, c_cand, keep_c_ptr, step, rows, units, mask, B, H, ZONEOUT_C)
             if SAVE:
                 tl.store(c_prev_ptr + c_rows[:, None] + units[None, :], c, mask=mask)
             tl.store(c_ptr + state_offsets, c_new, mask=valid[:, None] & unit_ok[None, :])
-            tl.store(c_hat_ptr + c_rows[:, None] + units[None, :], c_new, mask=mask)
-            c_total += tl.sum(tl.where(mask, c_new, 0.0), axis=1)
+            tl.store(c_hat_ptr + c_rows[:, None] + units[None, :], c_cand, mask=mask)
+            c_total += tl.sum(tl.where(mask, c_cand, 0.0), axis=1)
         c_mean = c_total / H
         tl.debug_barrier()
         c_inverse_std = _inverse_std(c_hat_ptr, c_rows, row_ok, c_mean, H, EPS, BLOCK_N)
@@ -261,6 +317,8 @@ def ln_lstm_forward_kernel(
             h_new = gate_o * tanh(y)
             state_offsets = rows[:, None] * H + units[None, :]
             h_old = tl.load(h_buf_ptr + h_rows[:, None] + units[None, :], mask=mask, other=0.0)
+            if ZONEOUT != 0:
+                h_new = zone_out(h_old, h_new, keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
             keep = valid[:, None] & unit_ok[None, :]
             tl.store(h_buf_ptr + target + state_offsets, tl.where(keep, h_new, h_old), mask=mask)
             out_offsets = (time * B + rows)[:, None] * H + units[None, :]
@@ -286,11 +344,18 @@ def ln_lstm_backward_kernel(
     d_a_ptr,  # (T, B, 4H) accumulate dtype, zeros: dL/da (both a_x's and a_h's)
     d_y_ptr,  # (T, B, H) accumulate dtype, zeros: dL/dy of y = LN(c')
     d_p_ptr,  # (T, B, 4H) accumulate dtype, zeros: dL/dP
+    carry_ptr,  # (B, H) accumulate dtype: scratch for k g_h, used when ZONEOUT
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
+    keep_c_ptr,  # zoneout of c, the same (ZONEOUT_C)
     T,
     B,
     H,
     HAS_BIAS: tl.constexpr,
     REVERSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    ZONEOUT_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -317,6 +382,10 @@ def ln_lstm_backward_kernel(
             h_offsets = rows_h[:, None] + units[None, :]
             g_h = tl.load(dh_ptr + rows[:, None] * H + units[None, :], mask=mask, other=0.0)
             g_h += tl.load(d_out_ptr + h_offsets, mask=mask, other=0.0).to(g_h.dtype)
+            if ZONEOUT != 0:
+                kept = keep_weight(keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
+                tl.store(carry_ptr + rows[:, None] * H + units[None, :], kept * g_h, mask=mask)
+                g_h = (1.0 - kept) * g_h  # the part that reaches h~
             gate_o = tl.load(
                 gates_ptr + rows_w[:, None] + 3 * H + units[None, :], mask=mask, other=0.0
             )
@@ -346,32 +415,36 @@ def ln_lstm_backward_kernel(
             g_c = tl.load(g_c_ptr + units, mask=unit_ok, other=0.0).to(d_y.dtype)[None, :]
             state_offsets = rows[:, None] * H + units[None, :]
             dc = tl.load(dc_ptr + state_offsets, mask=mask, other=0.0)
-            dc += (d_y * g_c - mean_d[:, None] - c_hat * mean_dc[:, None]) * c_inverse_std[:, None]
+            d_cand = dc  # dL/dc~: the part of dc that reaches c~, and the path through h~
+            if ZONEOUT_C != 0:
+                kept_c = keep_weight(keep_c_ptr, step, rows, units, mask, B, H, ZONEOUT_C)
+                d_cand = (1.0 - kept_c) * dc
+            d_hat = d_y * g_c - mean_d[:, None] - c_hat * mean_dc[:, None]
+            d_cand += d_hat * c_inverse_std[:, None]
             gate_offsets = rows_w[:, None] + units[None, :]
             gate_i = tl.load(gates_ptr + gate_offsets, mask=mask, other=0.0)
             gate_f = tl.load(gates_ptr + gate_offsets + H, mask=mask, other=0.0)
             gate_g = tl.load(gates_ptr + gate_offsets + 2 * H, mask=mask, other=0.0)
             c_prev = tl.load(c_prev_ptr + h_offsets, mask=mask, other=0.0)
-            tl.store(d_a_ptr + gate_offsets, dc * gate_g * gate_i * (1.0 - gate_i), mask=mask)
-            tl.store(d_a_ptr + gate_offsets + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=mask)
-            tl.store(
-                d_a_ptr + gate_offsets + 2 * H, dc * gate_i * (1.0 - gate_g * gate_g), mask=mask
-            )
-            tl.store(dc_ptr + state_offsets, dc * gate_f, mask=mask)
+            d_i = d_cand * gate_g * gate_i * (1.0 - gate_i)
+            d_f = d_cand * c_prev * gate_f * (1.0 - gate_f)
+            d_g = d_cand * gate_i * (1.0 - gate_g * gate_g)
+            tl.store(d_a_ptr + gate_offsets, d_i, mask=mask)
+            tl.store(d_a_ptr + gate_offsets + H, d_f, mask=mask)
+            tl.store(d_a_ptr + gate_offsets + 2 * H, d_g, mask=mask)
+            dc_prev = d_cand * gate_f
+            if ZONEOUT_C != 0:
+                dc_prev += kept_c * dc
+            tl.store(dc_ptr + state_offsets, dc_prev, mask=mask)
         tl.debug_barrier()
         _recurrent_norm_backward(
             d_a_ptr, p_ptr, rows_w, row_ok, valid, g_hh_ptr, inverse_std, d_p_ptr, W, BLOCK_N
         )
         tl.debug_barrier()
-        for start in range(0, H, BLOCK_N):
-            units = start + tl.arange(0, BLOCK_N)
-            unit_ok = units < H
-            dh = tl.zeros([BLOCK_B, BLOCK_N], dh_ptr.dtype.element_ty)
-            dh = add_rows_times_weight(
-                dh, d_p_ptr, rows_w, row_ok, W, w_hh_ptr, 0, H, units, unit_ok, BLOCK_K, PRECISION
-            )
-            mask = valid[:, None] & unit_ok[None, :]
-            tl.store(dh_ptr + rows[:, None] * H + units[None, :], dh, mask=mask)
+        _state_gradient(
+            dh_ptr, carry_ptr, d_p_ptr, rows_w, rows, row_ok, valid, mask_ptr, w_hh_ptr, H, W,
+            ZONEOUT != 0, DROPOUT, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
         tl.debug_barrier()
 
 
@@ -387,12 +460,16 @@ def ln_gru_forward_kernel(
     p_ptr,  # (T or 1, B, 3H) accumulate dtype: P, then P^ (saved when SAVE)
     gates_ptr,  # (T, B, 3H) accumulate dtype: r, z, n, written when SAVE
     inverse_std_ptr,  # (T, B) accumulate dtype: 1/std of P, written when SAVE
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
     T,
     B,
     H,
     HAS_BIAS: tl.constexpr,
     REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
     EPS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -413,8 +490,8 @@ def ln_gru_forward_kernel(
         h_rows = (step % 2) * B * H + rows * H
         p_rows = (slot * B + rows) * W
         mean = _product_and_mean(
-            h_buf_ptr, h_rows, row_ok, w_hh_ptr, p_ptr, p_rows, H, W, BLOCK_B, BLOCK_N, BLOCK_K,
-            PRECISION,
+            h_buf_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W, DROPOUT,
+            BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         tl.debug_barrier()
         inverse_std = _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
@@ -442,7 +519,9 @@ def ln_gru_forward_kernel(
             update = sigmoid(x_z + h_z)
             candidate = tanh(x_n + reset * h_n)
             h_old = tl.load(h_buf_ptr + h_rows[:, None] + units[None, :], mask=mask, other=0.0)
-            h_new = (1.0 - update) * candidate + update * h_old
+            h_new = (1.0 - update) * candidate + update * h_old  # the whole h, not hm, is carried
+            if ZONEOUT != 0:
+                h_new = zone_out(h_old, h_new, keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
             if SAVE:
                 gate_offsets = p_rows[:, None] + units[None, :]
                 tl.store(gates_ptr + gate_offsets, reset, mask=mask)
@@ -460,7 +539,7 @@ def ln_gru_forward_kernel(
 def ln_gru_backward_kernel(
     d_out_ptr,  # (T, B, H)
     dh_ptr,  # (B, H) accumulate dtype: dL/dh_n on entry, dL/dh0 on exit
-    dh_carry_ptr,  # (B, H) accumulate dtype: scratch for g_h z
+    carry_ptr,  # (B, H) accumulate dtype: scratch for the carried part, g_h z (+ k g_h)
     w_hh_ptr,  # (3H, H)
     g_hh_ptr,  # (3H,)
     b_hh_ptr,  # (3H,), read when HAS_BIAS
@@ -472,11 +551,15 @@ def ln_gru_backward_kernel(
     d_a_x_ptr,  # (T, B, 3H) accumulate dtype, zeros: dL/da_x
     d_a_h_ptr,  # (T, B, 3H) accumulate dtype, zeros: dL/da_h
     d_p_ptr,  # (T, B, 3H) accumulate dtype, zeros: dL/dP
+    mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
+    keep_h_ptr,  # zoneout of h: (T, B, H) 0/1 mask by processing step (ZONEOUT 1), (1,) p (2)
     T,
     B,
     H,
     HAS_BIAS: tl.constexpr,
     REVERSE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ZONEOUT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -501,6 +584,11 @@ def ln_gru_backward_kernel(
             g_h += tl.load(d_out_ptr + rows_h[:, None] + units[None, :], mask=mask, other=0.0).to(
                 g_h.dtype
             )
+            carried = g_h * 0
+            if ZONEOUT != 0:
+                kept = keep_weight(keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
+                carried = kept * g_h
+                g_h = (1.0 - kept) * g_h  # the part that reaches h~
             gate_offsets = rows_w[:, None] + units[None, :]
             reset = tl.load(gates_ptr + gate_offsets, mask=mask, other=0.0)
             update = tl.load(gates_ptr + gate_offsets + H, mask=mask, other=0.0)
@@ -523,23 +611,17 @@ def ln_gru_backward_kernel(
             tl.store(d_a_h_ptr + gate_offsets, d_r, mask=mask)
             tl.store(d_a_h_ptr + gate_offsets + H, d_z, mask=mask)
             tl.store(d_a_h_ptr + gate_offsets + 2 * H, d_n * reset, mask=mask)
-            tl.store(dh_carry_ptr + state_offsets, g_h * update, mask=mask)
+            tl.store(carry_ptr + state_offsets, carried + g_h * update, mask=mask)
         tl.debug_barrier()
         inverse_std = tl.load(inverse_std_ptr + time * B + rows, mask=row_ok, other=0.0)
         _recurrent_norm_backward(
             d_a_h_ptr, p_ptr, rows_w, row_ok, valid, g_hh_ptr, inverse_std, d_p_ptr, W, BLOCK_N
         )
         tl.debug_barrier()
-        for start in range(0, H, BLOCK_N):
-            units = start + tl.arange(0, BLOCK_N)
-            unit_ok = units < H
-            mask = valid[:, None] & unit_ok[None, :]
-            state_offsets = rows[:, None] * H + units[None, :]
-            dh = tl.load(dh_carry_ptr + state_offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            dh = add_rows_times_weight(
-                dh, d_p_ptr, rows_w, row_ok, W, w_hh_ptr, 0, H, units, unit_ok, BLOCK_K, PRECISION
-            )
-            tl.store(dh_ptr + state_offsets, dh, mask=mask)
+        _state_gradient(
+            dh_ptr, carry_ptr, d_p_ptr, rows_w, rows, row_ok, valid, mask_ptr, w_hh_ptr, H, W,
+            True, DROPOUT, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
         tl.debug_barrier()
 
 
@@ -560,9 +642,9 @@ def _bias_or_nothing(bias: Tensor | None, like: Tensor) -> Tensor:
     return empty_like_nothing(like.device, like.dtype) if bias is None else bias.contiguous()
 
 
-def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save):
+def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, in_loop, save):
     """Run the forward kernel: output (T, B, H), h_n, c_n (None for the GRU), and the buffers
-    the backward reads when save (else None)."""
+    the backward reads when save (else None). in_loop: in_loop_arguments' (tensors, constants)."""
     steps, batch, width = a_x.shape
     hidden = w_hh.size(1)
     lstm = c0 is not None
@@ -574,10 +656,11 @@ def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save):
     p = torch.empty(slots, batch, width, device=a_x.device, dtype=acc)
     kernel_lengths = device_lengths(lengths, steps, batch, a_x.device)
     block_n, block_k, _ = _tiles(hidden, width)
-    has_bias = b_hh is not None
+    (mask, keep_h, keep_c), switches = in_loop
     constants = {
-        "HAS_BIAS": has_bias, "REVERSE": reverse, "SAVE": save, "EPS": LAYER_NORM_EPS,
-        "BLOCK_B": BLOCK_B, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": dot_precision(a_x),
+        "HAS_BIAS": b_hh is not None, "REVERSE": reverse, "SAVE": save, "EPS": LAYER_NORM_EPS,
+        "DROPOUT": switches["DROPOUT"], "ZONEOUT": switches["ZONEOUT"], "BLOCK_B": BLOCK_B,
+        "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": dot_precision(a_x),
     }  # fmt: skip
     nothing = empty_like_nothing(a_x.device, acc)
     if lstm:
@@ -590,8 +673,8 @@ def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save):
         )
         ln_lstm_forward_kernel[_grid(batch)](
             a_x, w_hh, g_hh, _bias_or_nothing(b_hh, g_hh), g_c, _bias_or_nothing(b_c, g_c),
-            kernel_lengths, h_buf, c, out, p, gates, c_hat, c_prev, inverse_std, steps, batch,
-            hidden, **constants,
+            kernel_lengths, h_buf, c, out, p, gates, c_hat, c_prev, inverse_std, mask, keep_h,
+            keep_c, steps, batch, hidden, ZONEOUT_C=switches["ZONEOUT_C"], **constants,
         )  # fmt: skip
         saved = (p, gates, c_hat, c_prev, inverse_std) if save else None
         c_n = c.to(a_x.dtype)
@@ -600,7 +683,7 @@ def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save):
         inverse_std = torch.empty(steps, batch, device=a_x.device, dtype=acc) if save else nothing
         ln_gru_forward_kernel[_grid(batch)](
             a_x, w_hh, g_hh, _bias_or_nothing(b_hh, g_hh), kernel_lengths, h_buf, out, p, gates,
-            inverse_std, steps, batch, hidden, **constants,
+            inverse_std, mask, keep_h, steps, batch, hidden, **constants,
         )  # fmt: skip
         saved = (p, gates, inverse_std) if save else None
         c_n = None
@@ -609,22 +692,31 @@ def _forward(a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save):
 
 class LayerNormRecurrence(torch.autograd.Function):
     """One direction's recurrence of a layer-normalised LSTM or GRU: a_x (T, B, G*H) -> output
-    (T, B, H), h_n, and c_n (LSTM; None for the GRU)."""
+    (T, B, H), h_n, and c_n (LSTM; None for the GRU). mask, keep_h, keep_c and switches: the
+    in-loop regularisers as in_loop_arguments gives them."""
 
     @staticmethod
-    def forward(ctx, a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse):
+    def forward(
+        ctx, a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, mask, keep_h, keep_c,
+        switches,
+    ):  # fmt: skip
         a_x = a_x.contiguous()
+        in_loop = ((mask, keep_h, keep_c), switches)
         out, h_n, c_n, saved = _forward(
-            a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, save=True
+            a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, reverse, in_loop, save=True
         )
-        ctx.reverse = reverse
-        ctx.save_for_backward(h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, out, *saved)
+        ctx.reverse, ctx.switches = reverse, switches
+        ctx.save_for_backward(
+            h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, mask, keep_h, keep_c, out, *saved
+        )
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h_n, d_c_n):
-        h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, out, *saved = ctx.saved_tensors
+        h0, c0, w_hh, g_hh, b_hh, g_c, b_c, lengths, mask, keep_h, keep_c, out, *saved = (
+            ctx.saved_tensors
+        )
         steps, batch, hidden = out.shape
         width = w_hh.size(0)
         acc = saved[0].dtype
@@ -634,14 +726,16 @@ class LayerNormRecurrence(torch.autograd.Function):
         dh = zeros(batch, hidden) if d_h_n is None else d_h_n.to(acc).contiguous().clone()
         kernel_lengths = device_lengths(lengths, steps, batch, device)
         block_n, _, block_k = _tiles(hidden, width)
+        switches = ctx.switches
         constants = {
-            "HAS_BIAS": b_hh is not None, "REVERSE": ctx.reverse, "BLOCK_B": BLOCK_B,
-            "BLOCK_N": block_n,
+            "HAS_BIAS": b_hh is not None, "REVERSE": ctx.reverse, "DROPOUT": switches["DROPOUT"],
+            "ZONEOUT": switches["ZONEOUT"], "BLOCK_B": BLOCK_B, "BLOCK_N": block_n,
             "BLOCK_K": block_k, "PRECISION": dot_precision(out),
         }  # fmt: skip
         d_a_x = zeros(steps, batch, width)
         d_p = zeros(steps, batch, width)
-        h_prev = previous_states(out, h0.to(out.dtype), lengths, ctx.reverse).contiguous()
+        carry = torch.empty_like(dh)
+        h_prev = previous_states(out, h0.to(out.dtype), lengths, ctx.reverse)
         d_g_c = d_b_c = d_c0 = None
         if c0 is not None:
             p, gates, c_hat, c_prev, inverse_std = saved
@@ -649,8 +743,8 @@ class LayerNormRecurrence(torch.autograd.Function):
             d_y = zeros(steps, batch, hidden)
             ln_lstm_backward_kernel[_grid(batch)](
                 d_out, dh, dc, w_hh, g_hh, g_c, _bias_or_nothing(b_c, g_c), kernel_lengths, p,
-                gates, c_hat, c_prev, inverse_std, d_a_x, d_y, d_p, steps, batch, hidden,
-                **constants,
+                gates, c_hat, c_prev, inverse_std, d_a_x, d_y, d_p, carry, mask, keep_h, keep_c,
+                steps, batch, hidden, ZONEOUT_C=switches["ZONEOUT_C"], **constants,
             )  # fmt: skip
             d_a_h = d_a_x
             d_g_c = (d_y * c_hat).sum((0, 1))
@@ -660,10 +754,12 @@ class LayerNormRecurrence(torch.autograd.Function):
             p, gates, inverse_std = saved
             d_a_h = zeros(steps, batch, width)
             ln_gru_backward_kernel[_grid(batch)](
-                d_out, dh, torch.empty_like(dh), w_hh, g_hh, _bias_or_nothing(b_hh, g_hh),
-                kernel_lengths, p, gates, inverse_std, h_prev, d_a_x, d_a_h, d_p, steps, batch,
-                hidden, **constants,
+                d_out, dh, carry, w_hh, g_hh, _bias_or_nothing(b_hh, g_hh), kernel_lengths, p,
+                gates, inverse_std, h_prev.contiguous(), d_a_x, d_a_h, d_p, mask, keep_h, steps,
+                batch, hidden, **constants,
             )  # fmt: skip
+        if switches["DROPOUT"]:  # the product saw hm = h * m
+            h_prev = h_prev * mask
         d_w_hh = flat(d_p).T @ flat(h_prev).to(acc)
         d_g_hh = (d_a_h * p).sum((0, 1))
         d_b_hh = d_a_h.sum((0, 1)) if b_hh is not None else None
@@ -671,7 +767,7 @@ class LayerNormRecurrence(torch.autograd.Function):
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return (
             cast(d_a_x), cast(dh), cast(d_c0), cast(d_w_hh), cast(d_g_hh), cast(d_b_hh),
-            cast(d_g_c), cast(d_b_c), None, None,
+            cast(d_g_c), cast(d_b_c), None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -682,8 +778,10 @@ def run_direction(
     weights: tuple[Tensor | None, ...],
     lengths: Tensor | None,
     reverse: bool,
+    in_loop: InLoop | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """(T, B, I) input, ((B, H),) or ((B, H), (B, H)) state -> (T, B, H) output, final state."""
+    """(T, B, I) input, ((B, H),) or ((B, H), (B, H)) state -> (T, B, H) output, final state;
+    in_loop: the direction's recurrent dropout and zoneout (draw_masks), None when off."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lstm = mode == "LN_LSTM"
@@ -697,9 +795,13 @@ def run_direction(
     reverse = bool(reverse)
     if lengths is not None:
         lengths = lengths.to(x.device)
+    in_loop_tensors, switches = in_loop_arguments(in_loop, a_x)
     inputs = (a_x, h0, c0, w_hh, g_hh, b_hh, g_c, b_c)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        output, h_n, c_n = LayerNormRecurrence.apply(*inputs, lengths, reverse)
+        output, h_n, c_n = LayerNormRecurrence.apply(
+            *inputs, lengths, reverse, *in_loop_tensors, switches
+        )
     else:
-        output, h_n, c_n, _ = _forward(*inputs, lengths, reverse, save=False)
+        in_loop_pair = (in_loop_tensors, switches)
+        output, h_n, c_n, _ = _forward(*inputs, lengths, reverse, in_loop_pair, save=False)
     return output, ((h_n, c_n) if lstm else (h_n,))
