@@ -6,7 +6,8 @@ recurrence: a_x = LN(x W_ih^T; gamma_ih, beta_ih) runs for all steps at once as 
 batch rows and every unit of them, so the layer norms' sums over a row never leave it. Per
 step it passes over the row a few times (the recurrent product P = h W_hh^T, written to a
 per-step buffer with its row sum; the spread about the mean; then the gates), with a CTA
-barrier between passes that read what other threads wrote.
+barrier between passes that read what other threads wrote, and reads what the kernel wrote
+with the ".cg" cache modifier (past L1, as kernels/gpu/_common.py's kernels do).
 
 LSTM forward, per step (G = 4 gates, W = 4H):
     a = a_x + gamma_hh P^ + beta_hh,  P^ = (P - mean(P)) / std(P)        (W,)
@@ -282,7 +283,7 @@ def ln_lstm_forward_kernel(
             tl.store(gates_ptr + gate_offsets + 2 * H, gate_g, mask=mask)
             tl.store(gates_ptr + gate_offsets + 3 * H, gate_o, mask=mask)
             state_offsets = rows[:, None] * H + units[None, :]
-            c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0)
+            c = tl.load(c_ptr + state_offsets, mask=mask, other=0.0, cache_modifier=".cg")
             c_cand = gate_f * c + gate_i * gate_g
             c_new = c_cand
             if ZONEOUT_C != 0:
@@ -316,7 +317,12 @@ def ln_lstm_forward_kernel(
             )  # fmt: skip
             h_new = gate_o * tanh(y)
             state_offsets = rows[:, None] * H + units[None, :]
-            h_old = tl.load(h_buf_ptr + h_rows[:, None] + units[None, :], mask=mask, other=0.0)
+            h_old = tl.load(
+                h_buf_ptr + h_rows[:, None] + units[None, :],
+                mask=mask,
+                other=0.0,
+                cache_modifier=".cg",
+            )
             if ZONEOUT != 0:
                 h_new = zone_out(h_old, h_new, keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
             keep = valid[:, None] & unit_ok[None, :]
@@ -380,7 +386,12 @@ def ln_lstm_backward_kernel(
             unit_ok = units < H
             mask = valid[:, None] & unit_ok[None, :]
             h_offsets = rows_h[:, None] + units[None, :]
-            g_h = tl.load(dh_ptr + rows[:, None] * H + units[None, :], mask=mask, other=0.0)
+            g_h = tl.load(
+                dh_ptr + rows[:, None] * H + units[None, :],
+                mask=mask,
+                other=0.0,
+                cache_modifier=".cg",
+            )
             g_h += tl.load(d_out_ptr + h_offsets, mask=mask, other=0.0).to(g_h.dtype)
             if ZONEOUT != 0:
                 kept = keep_weight(keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
@@ -414,7 +425,7 @@ def ln_lstm_backward_kernel(
             c_hat = tl.load(c_hat_ptr + h_offsets, mask=mask, other=0.0)
             g_c = tl.load(g_c_ptr + units, mask=unit_ok, other=0.0).to(d_y.dtype)[None, :]
             state_offsets = rows[:, None] * H + units[None, :]
-            dc = tl.load(dc_ptr + state_offsets, mask=mask, other=0.0)
+            dc = tl.load(dc_ptr + state_offsets, mask=mask, other=0.0, cache_modifier=".cg")
             d_cand = dc  # dL/dc~: the part of dc that reaches c~, and the path through h~
             if ZONEOUT_C != 0:
                 kept_c = keep_weight(keep_c_ptr, step, rows, units, mask, B, H, ZONEOUT_C)
@@ -518,7 +529,12 @@ def ln_gru_forward_kernel(
             reset = sigmoid(x_r + h_r)
             update = sigmoid(x_z + h_z)
             candidate = tanh(x_n + reset * h_n)
-            h_old = tl.load(h_buf_ptr + h_rows[:, None] + units[None, :], mask=mask, other=0.0)
+            h_old = tl.load(
+                h_buf_ptr + h_rows[:, None] + units[None, :],
+                mask=mask,
+                other=0.0,
+                cache_modifier=".cg",
+            )
             h_new = (1.0 - update) * candidate + update * h_old  # the whole h, not hm, is carried
             if ZONEOUT != 0:
                 h_new = zone_out(h_old, h_new, keep_h_ptr, step, rows, units, mask, B, H, ZONEOUT)
@@ -580,7 +596,7 @@ def ln_gru_backward_kernel(
             unit_ok = units < H
             mask = valid[:, None] & unit_ok[None, :]
             state_offsets = rows[:, None] * H + units[None, :]
-            g_h = tl.load(dh_ptr + state_offsets, mask=mask, other=0.0)
+            g_h = tl.load(dh_ptr + state_offsets, mask=mask, other=0.0, cache_modifier=".cg")
             g_h += tl.load(d_out_ptr + rows_h[:, None] + units[None, :], mask=mask, other=0.0).to(
                 g_h.dtype
             )
