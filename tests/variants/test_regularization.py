@@ -17,6 +17,7 @@ from rnnkit.variants.regularization import (
     check_regularizers,
     drop_input,
     drop_weights,
+    dropout_mask,
     regularized_step,
     zoneout_mask,
 )
@@ -247,3 +248,26 @@ def test_zoneout_mask_follows_torch_manual_seed_with_the_keep_probability(dtype)
     # Neighbouring entries are independent: both kept with probability p^2.
     pairs = (first.view(-1)[1:] * first.view(-1)[:-1]).double().mean().item()
     assert abs(pairs - 0.04) < 0.005
+
+
+@pytest.mark.parametrize("shape, compiled", [((3, 5), False), ((64, 48), True)])
+def test_dropout_mask_keeps_with_probability_1_minus_p_scaled_and_follows_manual_seed(
+    shape, compiled, monkeypatch
+):
+    from rnnkit.kernels.cpu import random_masks
+
+    calls = []
+    draw = random_masks.bernoulli_mask
+    monkeypatch.setattr(
+        random_masks, "bernoulli_mask", lambda *args: calls.append(args) or draw(*args)
+    )
+    like = torch.zeros(shape, dtype=torch.float64)
+    torch.manual_seed(3)
+    first = dropout_mask(like, 0.25)
+    torch.manual_seed(3)
+    assert torch.equal(first, dropout_mask(like, 0.25))
+    assert len(calls) == (2 if compiled else 0)  # the compiled draws from 1024 entries on
+    assert first.shape == shape and first.dtype == torch.float64
+    assert set(first.unique().tolist()) == {0.0, 1 / 0.75}
+    if compiled:
+        assert abs((first > 0).double().mean().item() - 0.75) < 0.03  # 3072 draws: std 0.008
