@@ -36,6 +36,7 @@ ALL_CELLS = {
     "rnn_tanh": (rnnkit.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
 }
+LAYER_NORM_CELLS = {"ln_lstm": (rnnkit.LayerNormLSTM, {}), "ln_gru": (rnnkit.LayerNormGRU, {})}
 # (batch, steps, input_size, hidden_size): one tile, several column tiles, several programs.
 SIZES = [(1, 5, 3, 8), (5, 7, 4, 33), (37, 4, 6, 130)]
 
@@ -81,9 +82,9 @@ def test_packed_bidirectional_two_layers_match_cudnn(cell, size):
         assert torch.allclose(a, b, atol=2e-4, rtol=2e-4), (index, (a - b).abs().max())
 
 
-@pytest.mark.parametrize("cell", ALL_CELLS)
+@pytest.mark.parametrize("cell", [*ALL_CELLS, *LAYER_NORM_CELLS])
 def test_matches_reference_float64(cell):
-    layer_class, cell_options = ALL_CELLS[cell]
+    layer_class, cell_options = (ALL_CELLS | LAYER_NORM_CELLS)[cell]
     torch.manual_seed(0)
     options = {"input_size": 5, "hidden_size": 70, "bidirectional": True, "dtype": torch.float64}
     mine = layer_class(**options, **cell_options, backend="gpu", device=CUDA)
@@ -136,9 +137,9 @@ def test_gradcheck_float64(cell):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cell", ALL_CELLS)
+@pytest.mark.parametrize("cell", [*ALL_CELLS, *LAYER_NORM_CELLS])
 def test_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
-    layer_class, cell_options = ALL_CELLS[cell]
+    layer_class, cell_options = (ALL_CELLS | LAYER_NORM_CELLS)[cell]
     torch.manual_seed(0)
     layer = layer_class(8, 64, **cell_options, backend="gpu", device=CUDA)
     x = torch.randn(10, 4, 8, device=CUDA)
@@ -154,9 +155,10 @@ def test_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
 
 
 def test_auto_picks_the_gpu_kernel_for_cuda_tensors():
-    layer = rnnkit.LSTM(3, 4, device=CUDA)
-    text = rnnkit.explain_backend(layer, torch.randn(2, 1, 3, device=CUDA))
-    assert text == "auto: fused gpu kernel for cuda tensors"
+    for layer_class in (rnnkit.LSTM, rnnkit.LayerNormLSTM, rnnkit.LayerNormGRU):
+        layer = layer_class(3, 4, device=CUDA)
+        text = rnnkit.explain_backend(layer, torch.randn(2, 1, 3, device=CUDA))
+        assert text == "auto: fused gpu kernel for cuda tensors"
 
 
 @pytest.mark.parametrize("cell", ALL_CELLS)
@@ -280,11 +282,13 @@ def test_resident_kernel_out_of_shared_memory_falls_back_to_split(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
-def test_regularized_on_chip_kernels_match_the_reference_float64(cell):
-    # hidden 100: the LSTM's and GRU's slices over four programs, the RNN's resident kernel
-    layer_class, cell_options = ALL_CELLS[cell]
-    zoneout = (0.2, 0.4) if cell == "lstm" else 0.2
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru", "ln_lstm", "ln_gru"])
+def test_regularized_kernels_match_the_reference_float64(cell):
+    # hidden 100: the LSTM's and GRU's slices over four programs, the RNN's resident kernel;
+    # the layer-normalised cells' kernels, four unit tiles
+    layer_class, cell_options = (ALL_CELLS | LAYER_NORM_CELLS)[cell]
+    two_states = cell in ("lstm", "ln_lstm")
+    zoneout = (0.2, 0.4) if two_states else 0.2
     options = {**cell_options, "bidirectional": True, "device": CUDA, "dtype": torch.float64}
     options |= {"recurrent_dropout": 0.35, "zoneout": zoneout}
     torch.manual_seed(0)
@@ -298,78 +302,8 @@ def test_regularized_on_chip_kernels_match_the_reference_float64(cell):
     make = lambda: torch.randn(  # noqa: E731
         2, 37, 100, device=CUDA, dtype=torch.float64, requires_grad=True
     )
-    hx = (make(), make()) if cell == "lstm" else make()
+    hx = (make(), make()) if two_states else make()
     lengths = torch.randint(1, 41, (37,))
-    results = []
-    for layer in (fused, reference):
-        torch.manual_seed(5)  # the same masks: both draw them in the same order
-        results.append(outputs_and_gradients(layer, x, lengths, hx))
-    for index, (a, b) in enumerate(zip(*results)):
-        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
-
-
-LAYER_NORM_CELLS = {"ln_lstm": rnnkit.LayerNormLSTM, "ln_gru": rnnkit.LayerNormGRU}
-
-
-@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
-def test_layer_norm_cells_match_reference_float64(cell):
-    # hidden 70: three unit tiles; batch 20: two programs.
-    torch.manual_seed(0)
-    options = {"input_size": 5, "hidden_size": 70, "bidirectional": True, "num_layers": 2}
-    mine = LAYER_NORM_CELLS[cell](**options, dtype=torch.float64, backend="gpu", device=CUDA)
-    with torch.no_grad():
-        for parameter in mine.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    reference = LAYER_NORM_CELLS[cell](
-        **options, dtype=torch.float64, backend="reference", device=CUDA
-    )
-    reference.load_state_dict(mine.state_dict())
-    x = torch.randn(6, 20, 5, dtype=torch.float64, device=CUDA, requires_grad=True)
-    lengths = torch.tensor([6, 1, 3] * 6 + [2, 5])
-    results = []
-    for layer in (mine, reference):
-        output, state = layer(x, lengths=lengths)
-        states = state if isinstance(state, tuple) else (state,)
-        loss = output.square().sum() + sum(part.sum() for part in states)
-        results.append([output, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
-    for index, (a, b) in enumerate(zip(*results)):
-        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
-    text = rnnkit.explain_backend(LAYER_NORM_CELLS[cell](5, 70, device=CUDA), x.float())
-    assert text == "auto: fused gpu kernel for cuda tensors"
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
-def test_layer_norm_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
-    torch.manual_seed(0)
-    layer = LAYER_NORM_CELLS[cell](8, 64, backend="gpu", device=CUDA)
-    x = torch.randn(10, 4, 8, device=CUDA)
-    expected, _ = layer(x)
-    with torch.autocast("cuda", dtype=dtype):
-        output, _ = layer(x)
-    assert output.dtype == dtype
-    assert torch.allclose(output.float(), expected, atol=5e-2)
-    output.float().sum().backward()
-    for parameter in layer.parameters():
-        assert parameter.grad.dtype == torch.float32
-        assert torch.isfinite(parameter.grad).all()
-
-
-@pytest.mark.parametrize("cell", LAYER_NORM_CELLS)
-def test_layer_norm_cells_with_recurrent_dropout_and_zoneout_match_reference_float64(cell):
-    zoneout = (0.2, 0.4) if cell == "ln_lstm" else 0.2
-    options = {"bidirectional": True, "device": CUDA, "dtype": torch.float64}
-    options |= {"recurrent_dropout": 0.35, "zoneout": zoneout}
-    torch.manual_seed(0)
-    fused = LAYER_NORM_CELLS[cell](5, 70, backend="gpu", **options)
-    reference = LAYER_NORM_CELLS[cell](5, 70, backend="reference", **options)
-    reference.load_state_dict(fused.state_dict())
-    x = torch.randn(37, 12, 5, device=CUDA, dtype=torch.float64, requires_grad=True)
-    make = lambda: torch.randn(  # noqa: E731
-        2, 37, 70, device=CUDA, dtype=torch.float64, requires_grad=True
-    )
-    hx = (make(), make()) if cell == "ln_lstm" else make()
-    lengths = torch.randint(1, 13, (37,))
     results = []
     for layer in (fused, reference):
         torch.manual_seed(5)  # the same masks: both draw them in the same order

@@ -74,13 +74,29 @@ _MAX_BLOCK_K = 64
 
 
 @triton.jit
-def _product_and_mean(
+def _inverse_std(v_ptr, v_rows, row_ok, mean, W, EPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """1 / sqrt(var + EPS) of each row's W values at v_ptr (written by other threads: the
+    caller's barrier comes first), about their mean."""
+    spread = mean * 0
+    for start in range(0, W, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < W)[None, :]
+        v = tl.load(
+            v_ptr + v_rows[:, None] + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg"
+        )
+        d = tl.where(mask, v - mean[:, None], 0.0)
+        spread += tl.sum(d * d, axis=1)
+    return 1.0 / tl.sqrt(spread / W + EPS)
+
+
+@triton.jit
+def _recurrent_statistics(
     h_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W,
-    DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """P = hm W_hh^T (BLOCK_B, W) written to p_ptr, hm = h * m with the recurrent dropout mask
-    when DROPOUT, else h; returns the row means of P."""
+    when DROPOUT, else h; returns the rows' mean and 1/std of P."""
     total = tl.zeros([BLOCK_B], p_ptr.dtype.element_ty)
     for start in range(0, W, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -102,23 +118,18 @@ def _product_and_mean(
             p = tl.dot(h.to(w.dtype), w, p, input_precision=PRECISION, out_dtype=p.dtype)
         tl.store(p_ptr + p_rows[:, None] + cols[None, :], p, mask=row_ok[:, None] & col_ok[None, :])
         total += tl.sum(p, axis=1)
-    return total / W
+    mean = total / W
+    tl.debug_barrier()
+    return mean, _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
 
 
 @triton.jit
-def _inverse_std(v_ptr, v_rows, row_ok, mean, W, EPS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """1 / sqrt(var + EPS) of each row's W values at v_ptr (written by other threads: the
-    caller's barrier comes first), about their mean."""
-    spread = mean * 0
-    for start in range(0, W, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = row_ok[:, None] & (cols < W)[None, :]
-        v = tl.load(
-            v_ptr + v_rows[:, None] + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg"
-        )
-        d = tl.where(mask, v - mean[:, None], 0.0)
-        spread += tl.sum(d * d, axis=1)
-    return 1.0 / tl.sqrt(spread / W + EPS)
+def _step_slot(time, SAVE: tl.constexpr):
+    """The row of the per-step buffers for this step: its time, or 0 when they hold one step."""
+    if SAVE:
+        return time
+    else:
+        return time * 0
 
 
 @triton.jit
@@ -238,18 +249,13 @@ def ln_lstm_forward_kernel(
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = row_ok & (step < lengths)
-        if SAVE:
-            slot = time
-        else:  # the per-step buffers hold one step
-            slot = time * 0
+        slot = _step_slot(time, SAVE)
         h_rows = (step % 2) * B * H + rows * H
         p_rows = (slot * B + rows) * W
-        mean = _product_and_mean(
+        mean, inverse_std = _recurrent_statistics(
             h_buf_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W, DROPOUT,
-            BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+            EPS, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
-        tl.debug_barrier()
-        inverse_std = _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
         x_rows = (time * B + rows) * W
         c_rows = (slot * B + rows) * H
         c_total = mean * 0
@@ -305,8 +311,8 @@ def ln_lstm_forward_kernel(
             unit_ok = units < H
             mask = row_ok[:, None] & unit_ok[None, :]
             c_offsets = c_rows[:, None] + units[None, :]
-            c_new = tl.load(c_hat_ptr + c_offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            c_hat = (c_new - c_mean[:, None]) * c_inverse_std[:, None]
+            c_cand = tl.load(c_hat_ptr + c_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            c_hat = (c_cand - c_mean[:, None]) * c_inverse_std[:, None]
             tl.store(c_hat_ptr + c_offsets, c_hat, mask=mask)
             y = tl.load(g_c_ptr + units, mask=unit_ok, other=0.0).to(c_hat.dtype)[None, :] * c_hat
             if HAS_BIAS:
@@ -348,7 +354,7 @@ def ln_lstm_backward_kernel(
     c_prev_ptr,  # (T, B, H)
     inverse_std_ptr,  # (T, B, 2)
     d_a_ptr,  # (T, B, 4H) accumulate dtype, zeros: dL/da (both a_x's and a_h's)
-    d_y_ptr,  # (T, B, H) accumulate dtype, zeros: dL/dy of y = LN(c')
+    d_y_ptr,  # (T, B, H) accumulate dtype, zeros: dL/dy of y = LN(c~)
     d_p_ptr,  # (T, B, 4H) accumulate dtype, zeros: dL/dP
     carry_ptr,  # (B, H) accumulate dtype: scratch for k g_h, used when ZONEOUT
     mask_ptr,  # (B, H) recurrent dropout mask, read when DROPOUT
@@ -494,18 +500,13 @@ def ln_gru_forward_kernel(
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = row_ok & (step < lengths)
-        if SAVE:
-            slot = time
-        else:
-            slot = time * 0
+        slot = _step_slot(time, SAVE)
         h_rows = (step % 2) * B * H + rows * H
         p_rows = (slot * B + rows) * W
-        mean = _product_and_mean(
+        mean, inverse_std = _recurrent_statistics(
             h_buf_ptr, h_rows, rows, row_ok, mask_ptr, w_hh_ptr, p_ptr, p_rows, H, W, DROPOUT,
-            BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
+            EPS, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
-        tl.debug_barrier()
-        inverse_std = _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
         if SAVE:
             tl.store(inverse_std_ptr + time * B + rows, inverse_std, mask=row_ok)
         x_rows = (time * B + rows) * W
