@@ -9,8 +9,10 @@
 # bfloat16 with the fastest tile, then the variants (bench_variants.py --device cuda: MinGRU,
 # MinLSTM, IndRNN; then the layer-normalised cells and the in-loop regularisers). Each stage has
 # its own time limit so that a slow one still leaves the others their turn; SKIP_TESTS=1 or
-# SKIP_BENCH=1 leaves one out. About 8 minutes on an H200 before the last stage (session 9,
-# not yet run) was added.
+# SKIP_BENCH=1 leaves one out. About 8 minutes on an H200 before the barrier comparison and the
+# last stage (sessions 8 and 9, not yet run) were added: where one command may run 10 minutes
+# at most, run SKIP_BENCH=1 (smoke and tests) and then SKIP_TESTS=1 (the rest) as two commands
+# into the same OUT.
 set -u
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
