@@ -70,6 +70,15 @@ print(','.join(map(str, best)) if best else '')" "$OUT/gpu-tiles.json" 2>/dev/nu
     TILE=${BEST:+--gpu-tile $BEST}
     timeout "${BENCH_LIMIT:-170}" $PY benchmarks/bench_layers.py --device cuda $TILE \
         --repeats "${REPEATS:-7}" --json "$OUT/layers-cuda.json" 2>&1 | tee "$OUT/bench-float32.log"
+    # The on-chip kernels' one-step-ahead loads (session 9, on by default, not yet timed): the
+    # same float32 layers without them, to set against the run above (torch.nn in each run is
+    # the yardstick).
+    if [ -z "${SKIP_PREFETCH_AB:-}" ]; then
+        RNNKIT_GPU_PREFETCH=0 timeout "${PREFETCH_LIMIT:-120}" $PY benchmarks/bench_layers.py \
+            --device cuda $TILE --no-reference --no-memory --repeats "${REPEATS:-7}" \
+            --json "$OUT/layers-cuda-no-prefetch.json" 2>&1 | tee "$OUT/bench-no-prefetch.log" \
+            | tail -n 12
+    fi
     timeout "${BENCH_LIMIT_BF16:-100}" $PY benchmarks/bench_layers.py --device cuda $TILE \
         --dtype bfloat16 --no-reference --no-memory --repeats "${REPEATS:-7}" \
         --json "$OUT/layers-cuda-bfloat16.json" 2>&1 | tee "$OUT/bench-bfloat16.log"

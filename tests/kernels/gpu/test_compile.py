@@ -32,7 +32,8 @@ def compile_variant(kernel, pointers, constants, num_warps=4):
         name: pointers.get(name, "constexpr" if name in constants else "i32")
         for name in kernel.arg_names
     }
-    defaults = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 64, "REVERSE": True, "SPLIT": True}
+    defaults = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 64, "REVERSE": True, "SPLIT": True,
+                "PREFETCH": True}
     constants = {
         name: value for name, value in (defaults | constants).items() if name in kernel.arg_names
     }
@@ -180,7 +181,8 @@ from rnnkit.kernels.gpu import _common, lstm
 assert _common.sync_programs is _common.sync_programs_load
 kernel = lstm.lstm_slice_forward_kernel
 constants = {"REVERSE": False, "SAVE": True, "BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_H": 128,
-             "PRECISION": "tf32", "SPLIT": True, "DROPOUT": False, "ZONEOUT": 0, "ZONEOUT_C": 0}
+             "PRECISION": "tf32", "SPLIT": True, "DROPOUT": False, "ZONEOUT": 0, "ZONEOUT_C": 0,
+             "PREFETCH": True}
 pointers = {"lengths_ptr": "*i32", "counter_ptr": "*i32"}
 signature = {
     name: "constexpr" if name in constants else pointers.get(name, "*fp32")

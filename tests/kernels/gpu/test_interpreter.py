@@ -34,9 +34,23 @@ if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     from rnnkit.kernels.gpu import _common, gru, layer_norm, lstm, minimal, rnn
+
+    @triton.jit
+    def step_tiles_kernel(source_ptr, lengths_ptr, out_ptr, T, B, H, REVERSE: tl.constexpr):
+        """out[s + 1] = step_tile(source, s) for s in -1 .. T (16 x 16 tiles)."""
+        rows = tl.arange(0, 16)
+        cols = tl.arange(0, 16)
+        mask = (rows < B)[:, None] & (cols < H)[None, :]
+        lengths = tl.load(lengths_ptr + rows, mask=rows < B, other=0)
+        for index in range(T + 2):
+            tile = _common.step_tile(
+                source_ptr, index - 1, T, lengths, rows, cols, mask, B, H, REVERSE
+            )
+            tl.store(out_ptr + (index * B + rows)[:, None] * H + cols[None, :], tile, mask=mask)
 finally:
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]
@@ -758,3 +772,22 @@ def test_layer_norm_unknown_mode_is_refused_by_name():
         layer_norm.run_direction(
             "LSTM", torch.zeros(1, 1, 1), (torch.zeros(1, 1),), (), None, False
         )
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_step_tile_reads_the_step_and_nothing_past_either_end(reverse):
+    # The (T, B, H) tensor sits inside a larger buffer whose other entries are 999: a prefetch
+    # past either end of the loop (step -1 or T) must give zeros, not a neighbour's entries.
+    steps, batch, hidden = 4, 3, 5
+    buffer = torch.full((steps + 2, batch, hidden), 999.0)
+    source = buffer[1:-1]
+    source.copy_(torch.randn(steps, batch, hidden))
+    lengths = torch.tensor([4, 2, 3], dtype=torch.int32)
+    out = torch.empty(steps + 2, batch, hidden)
+    step_tiles_kernel[(1,)](source, lengths, out, steps, batch, hidden, REVERSE=reverse)
+    assert torch.equal(out[0], torch.zeros(batch, hidden))
+    assert torch.equal(out[-1], torch.zeros(batch, hidden))
+    for step in range(steps):
+        for row, length in enumerate(lengths.tolist()):
+            time = length - 1 - step if reverse and step < length else step
+            assert torch.equal(out[step + 1, row], source[time, row])

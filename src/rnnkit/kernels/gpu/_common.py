@@ -45,6 +45,10 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 # RNNKIT_GPU_SPLIT=0 keeps each batch tile on one program (no cross-program barrier).
 SPLIT_HIDDEN = os.environ.get("RNNKIT_GPU_SPLIT", "1") != "0"
+# RNNKIT_GPU_PREFETCH=0: the on-chip kernels (the RNN's resident kernels, the LSTM's and GRU's
+# slice forwards) load each step's input tiles at that step instead of one step ahead (session
+# 9, not yet timed on a GPU: the switch is for an A/B comparison).
+PREFETCH = os.environ.get("RNNKIT_GPU_PREFETCH", "1") != "0"
 # The slice kernels: hidden units per program, and the widest (power-of-two padded) hidden size
 # and the most weight-slice bytes per program they take. On an H200 (session 8 probe, float32)
 # the LSTM forward with 32-unit slices took 3.6 us a step against the split kernel's 5.2 at
@@ -171,6 +175,16 @@ def keep_weight(keep_ptr, step, rows, cols, mask, B, H, ZONEOUT: tl.constexpr):
 def zone_out(old, new, keep_ptr, step, rows, cols, mask, B, H, ZONEOUT: tl.constexpr):
     """new + k (old - new): zoneout keeps the old state with weight k (keep_weight)."""
     return new + keep_weight(keep_ptr, step, rows, cols, mask, B, H, ZONEOUT) * (old - new)
+
+
+@triton.jit
+def step_tile(ptr, step, T, lengths, rows, cols, mask, B, width, REVERSE: tl.constexpr):
+    """The (rows, cols) tile of a (T, B, width) tensor at processing step `step`; zero where
+    `step` lies outside [0, T) (a prefetch past either end of the loop)."""
+    offsets = (time_index(step, lengths, REVERSE) * B + rows)[:, None] * width + cols[None, :]
+    steps = lengths * 0 + step
+    inside = (steps >= 0) & (steps < T)
+    return tl.load(ptr + offsets, mask=mask & inside[:, None], other=0.0)
 
 
 @triton.jit

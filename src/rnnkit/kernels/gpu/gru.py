@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
+    PREFETCH,
     InLoop,
     accumulate_dtype,
     add_rows_times_gate_weights_t,
@@ -44,6 +45,7 @@ from rnnkit.kernels.gpu._common import (
     sigmoid,
     slice_plan,
     slice_tiles,
+    step_tile,
     sync_programs,
     tanh,
     time_index,
@@ -415,6 +417,7 @@ def gru_slice_forward_kernel(
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """gru_forward_kernel (reset_after) with one unit tile a program, its W_hh slice and its own
     part of h held across steps; with the in-loop regularisers the products see h * m (z * h
@@ -435,6 +438,10 @@ def gru_slice_forward_kernel(
     all_units = row_ok[:, None] & unit_ok[None, :]
     if DROPOUT:
         dropout = tl.load(mask_ptr + rows[:, None] * H + units[None, :], mask=all_units, other=0.0)
+    if PREFETCH:
+        next_r = step_tile(xp_ptr, 0, T, lengths, rows, cols, mask, B, 3 * H, REVERSE)
+        next_z = step_tile(xp_ptr, 0, T, lengths, rows, cols + H, mask, B, 3 * H, REVERSE)
+        next_n = step_tile(xp_ptr, 0, T, lengths, rows, cols + 2 * H, mask, B, 3 * H, REVERSE)
     arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
@@ -442,6 +449,21 @@ def gru_slice_forward_kernel(
         keep = valid[:, None] & col_ok[None, :]
         source = (step % 2) * B * H
         target = ((step + 1) % 2) * B * H
+        if PREFETCH:
+            pre_r, pre_z, pre_n = next_r, next_z, next_n
+            upcoming = step + 1
+            next_r = step_tile(xp_ptr, upcoming, T, lengths, rows, cols, mask, B, 3 * H, REVERSE)
+            next_z = step_tile(
+                xp_ptr, upcoming, T, lengths, rows, cols + H, mask, B, 3 * H, REVERSE
+            )
+            next_n = step_tile(
+                xp_ptr, upcoming, T, lengths, rows, cols + 2 * H, mask, B, 3 * H, REVERSE
+            )
+        else:
+            x_tile = xp_ptr + ((time * B + rows) * (3 * H))[:, None] + cols[None, :]
+            pre_r = tl.load(x_tile, mask=mask, other=0.0)
+            pre_z = tl.load(x_tile + H, mask=mask, other=0.0)
+            pre_n = tl.load(x_tile + 2 * H, mask=mask, other=0.0)
         h = tl.load(
             h_buf_ptr + source + rows[:, None] * H + units[None, :],
             mask=all_units,
@@ -451,15 +473,12 @@ def gru_slice_forward_kernel(
         if DROPOUT:
             h = h * dropout
         h = h.to(w_r.dtype)
-        x_tile = xp_ptr + ((time * B + rows) * (3 * H))[:, None] + cols[None, :]
-        pre_r = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
-        pre_z = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
-        pre_r = tl.dot(h, w_r, pre_r, input_precision=PRECISION, out_dtype=acc_dtype)
-        pre_z = tl.dot(h, w_z, pre_z, input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_r = tl.dot(h, w_r, pre_r.to(acc_dtype), input_precision=PRECISION, out_dtype=acc_dtype)
+        pre_z = tl.dot(h, w_z, pre_z.to(acc_dtype), input_precision=PRECISION, out_dtype=acc_dtype)
         hn = tl.dot(h, w_n, b_hn, input_precision=PRECISION, out_dtype=acc_dtype)
         gate_r = sigmoid(pre_r)
         gate_z = sigmoid(pre_z)
-        pre_n = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
+        pre_n = pre_n.to(acc_dtype)
         gate_n = tanh(pre_n + gate_r * hn)
         h_new = (1.0 - gate_z) * gate_n + gate_z * h_own
         if ZONEOUT != 0:
@@ -622,6 +641,7 @@ class GRUFunction(torch.autograd.Function):
             hidden,
             **constants,
             **in_loop_constants,
+            PREFETCH=PREFETCH,
         ):
             if in_loop is not None:
                 raise RuntimeError(regularizers_do_not_fit(hidden, x))

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
+    PREFETCH,
     InLoop,
     accumulate_dtype,
     add_rows_times_gate_weights_t,
@@ -39,6 +40,7 @@ from rnnkit.kernels.gpu._common import (
     sigmoid,
     slice_plan,
     slice_tiles,
+    step_tile,
     sync_programs,
     tanh,
     time_index,
@@ -271,10 +273,12 @@ def lstm_slice_forward_kernel(
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """lstm_forward_kernel with one unit tile a program and its W_hh slice held across steps;
     with the in-loop regularisers the products see h * m, and c' = c~ + k_c (c - c~),
-    h' = h~ + k_h (h - h~) (kernels/cpu/regularized.py's equations). `cells` saves c'."""
+    h' = h~ + k_h (h - h~) (kernels/cpu/regularized.py's equations). `cells` saves c'.
+    PREFETCH loads each step's input projection tiles one step ahead (they do not depend on h)."""
     acc_dtype = h_buf_ptr.dtype.element_ty
     rows, row_ok, lengths, counter, programs, cols, col_ok, units, unit_ok = slice_tiles(
         lengths_ptr, counter_ptr, B, H, BLOCK_B, BLOCK_N, BLOCK_H
@@ -290,6 +294,11 @@ def lstm_slice_forward_kernel(
     all_units = row_ok[:, None] & unit_ok[None, :]
     if DROPOUT:
         dropout = tl.load(mask_ptr + rows[:, None] * H + units[None, :], mask=all_units, other=0.0)
+    if PREFETCH:
+        next_i = step_tile(xp_ptr, 0, T, lengths, rows, cols, mask, B, 4 * H, REVERSE)
+        next_f = step_tile(xp_ptr, 0, T, lengths, rows, cols + H, mask, B, 4 * H, REVERSE)
+        next_g = step_tile(xp_ptr, 0, T, lengths, rows, cols + 2 * H, mask, B, 4 * H, REVERSE)
+        next_o = step_tile(xp_ptr, 0, T, lengths, rows, cols + 3 * H, mask, B, 4 * H, REVERSE)
     arrivals = programs * 0
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
@@ -297,6 +306,26 @@ def lstm_slice_forward_kernel(
         keep = valid[:, None] & col_ok[None, :]
         source = (step % 2) * B * H
         target = ((step + 1) % 2) * B * H
+        x_rows = (time * B + rows) * (4 * H)
+        if PREFETCH:
+            pre_i, pre_f, pre_g, pre_o = next_i, next_f, next_g, next_o
+            upcoming = step + 1
+            next_i = step_tile(xp_ptr, upcoming, T, lengths, rows, cols, mask, B, 4 * H, REVERSE)
+            next_f = step_tile(
+                xp_ptr, upcoming, T, lengths, rows, cols + H, mask, B, 4 * H, REVERSE
+            )
+            next_g = step_tile(
+                xp_ptr, upcoming, T, lengths, rows, cols + 2 * H, mask, B, 4 * H, REVERSE
+            )
+            next_o = step_tile(
+                xp_ptr, upcoming, T, lengths, rows, cols + 3 * H, mask, B, 4 * H, REVERSE
+            )
+        else:
+            x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
+            pre_i = tl.load(x_tile, mask=mask, other=0.0)
+            pre_f = tl.load(x_tile + H, mask=mask, other=0.0)
+            pre_g = tl.load(x_tile + 2 * H, mask=mask, other=0.0)
+            pre_o = tl.load(x_tile + 3 * H, mask=mask, other=0.0)
         h = tl.load(
             h_buf_ptr + source + rows[:, None] * H + units[None, :],
             mask=all_units,
@@ -306,12 +335,10 @@ def lstm_slice_forward_kernel(
         if DROPOUT:
             h = h * dropout
         h = h.to(w_i.dtype)
-        x_rows = (time * B + rows) * (4 * H)
-        x_tile = xp_ptr + x_rows[:, None] + cols[None, :]
-        pre_i = tl.load(x_tile, mask=mask, other=0.0).to(acc_dtype)
-        pre_f = tl.load(x_tile + H, mask=mask, other=0.0).to(acc_dtype)
-        pre_g = tl.load(x_tile + 2 * H, mask=mask, other=0.0).to(acc_dtype)
-        pre_o = tl.load(x_tile + 3 * H, mask=mask, other=0.0).to(acc_dtype)
+        pre_i = pre_i.to(acc_dtype)
+        pre_f = pre_f.to(acc_dtype)
+        pre_g = pre_g.to(acc_dtype)
+        pre_o = pre_o.to(acc_dtype)
         pre_i = tl.dot(h, w_i, pre_i, input_precision=PRECISION, out_dtype=acc_dtype)
         pre_f = tl.dot(h, w_f, pre_f, input_precision=PRECISION, out_dtype=acc_dtype)
         pre_g = tl.dot(h, w_g, pre_g, input_precision=PRECISION, out_dtype=acc_dtype)
@@ -508,6 +535,7 @@ class LSTMFunction(torch.autograd.Function):
             hidden,
             **constants,
             **in_loop_constants,
+            PREFETCH=PREFETCH,
         ):
             if in_loop is not None:
                 raise RuntimeError(regularizers_do_not_fit(hidden, x))

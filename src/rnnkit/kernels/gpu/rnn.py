@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
     OUT_OF_RESOURCES,
+    PREFETCH,
     InLoop,
     accumulate_dtype,
     add_rows_times_weight,
@@ -45,6 +46,7 @@ from rnnkit.kernels.gpu._common import (
     plan_launch,
     previous_states,
     regularizers_do_not_fit,
+    step_tile,
     sync_programs,
     tanh,
     time_index,
@@ -220,9 +222,12 @@ def rnn_resident_forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """The recurrence with W_hh and h held in one program; with the in-loop regularisers, the
-    product sees h * m and h' = h~ + k (h - h~) (kernels/cpu/regularized.py's equations)."""
+    product sees h * m and h' = h~ + k (h - h~) (kernels/cpu/regularized.py's equations).
+    PREFETCH loads each step's input projection one step ahead: it does not depend on h, so its
+    latency can overlap the step before instead of stalling the product."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
@@ -239,11 +244,17 @@ def rnn_resident_forward_kernel(
     h = tl.load(h0_ptr + state_offsets, mask=mask, other=0.0)
     if DROPOUT:
         dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
+    if PREFETCH:
+        xp_next = step_tile(xp_ptr, 0, T, lengths, rows, units, mask, B, H, REVERSE)
     for step in range(T):
         time = time_index(step, lengths, REVERSE)
         valid = (row_ok & (step < lengths))[:, None]
         out_offsets = (time * B + rows)[:, None] * H + units[None, :]
-        pre = tl.load(xp_ptr + out_offsets, mask=mask, other=0.0).to(h.dtype)
+        if PREFETCH:
+            pre = xp_next.to(h.dtype)
+            xp_next = step_tile(xp_ptr, step + 1, T, lengths, rows, units, mask, B, H, REVERSE)
+        else:
+            pre = tl.load(xp_ptr + out_offsets, mask=mask, other=0.0).to(h.dtype)
         recurrent_input = h * dropout if DROPOUT else h
         pre = tl.dot(
             recurrent_input.to(w_t.dtype), w_t, pre, input_precision=PRECISION, out_dtype=h.dtype
@@ -284,9 +295,12 @@ def rnn_resident_backward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Backward of rnn_resident_forward_kernel: with zoneout the gradient reaching h' splits
-    into (1 - k) dh' for h~ and k dh' straight to h; the product's part is masked by m."""
+    into (1 - k) dh' for h~ and k dh' straight to h; the product's part is masked by m.
+    PREFETCH loads each step's output gradient and activation one step ahead, as the forward
+    does its input."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
@@ -302,20 +316,32 @@ def rnn_resident_backward_kernel(
     dh = tl.load(dh_n_ptr + state_offsets, mask=mask, other=0.0)
     if DROPOUT:
         dropout = tl.load(mask_ptr + state_offsets, mask=mask, other=0.0)
+    # The activation each step's derivative reads: before zoneout when there is zoneout.
+    act_ptr = cand_ptr if ZONEOUT != 0 else out_ptr
+    if PREFETCH:
+        dout_next = step_tile(dout_ptr, T - 1, T, lengths, rows, units, mask, B, H, REVERSE)
+        act_next = step_tile(act_ptr, T - 1, T, lengths, rows, units, mask, B, H, REVERSE)
     for back in range(T):
         step = T - 1 - back
         time = time_index(step, lengths, REVERSE)
         valid = (row_ok & (step < lengths))[:, None]
         keep = valid & unit_ok[None, :]
         out_offsets = (time * B + rows)[:, None] * H + units[None, :]
-        dh_total = dh + tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+        if PREFETCH:
+            d_out, h = dout_next, act_next.to(dh.dtype)
+            dout_next = step_tile(dout_ptr, step - 1, T, lengths, rows, units, mask, B, H, REVERSE)
+            act_next = step_tile(act_ptr, step - 1, T, lengths, rows, units, mask, B, H, REVERSE)
+            d_out = tl.where(keep, d_out, 0.0)
+            h = tl.where(keep, h, 0.0)
+        else:
+            d_out = tl.load(dout_ptr + out_offsets, mask=keep, other=0.0)
+            h = tl.load(act_ptr + out_offsets, mask=keep, other=0.0).to(dh.dtype)
+        dh_total = dh + d_out
         if ZONEOUT != 0:
             kept = keep_weight(keep_ptr, step, rows, units, mask, B, H, ZONEOUT)
             d_new = (1.0 - kept) * dh_total
-            h = tl.load(cand_ptr + out_offsets, mask=keep, other=0.0)
         else:
             d_new = dh_total
-            h = tl.load(out_ptr + out_offsets, mask=keep, other=0.0).to(dh.dtype)
         if RELU:
             dpre = tl.where(h > 0.0, d_new, 0.0)
         else:
@@ -342,6 +368,7 @@ def resident_plan(kernel, batch: int, hidden: int, x: Tensor) -> tuple[tuple[int
         "BLOCK_B": RESIDENT_BLOCK_B,
         "BLOCK_H": block_h,
         "PRECISION": dot_precision(x),
+        "PREFETCH": PREFETCH,
         "num_warps": 8 if block_h >= 128 else 4,
     }
     return (triton.cdiv(batch, RESIDENT_BLOCK_B),), options
