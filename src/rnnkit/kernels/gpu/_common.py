@@ -45,9 +45,9 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 # RNNKIT_GPU_SPLIT=0 keeps each batch tile on one program (no cross-program barrier).
 SPLIT_HIDDEN = os.environ.get("RNNKIT_GPU_SPLIT", "1") != "0"
-# RNNKIT_GPU_PREFETCH=0: the on-chip kernels (the RNN's resident kernels, the LSTM's and GRU's
-# slice forwards) load each step's input tiles at that step instead of one step ahead (session
-# 9, not yet timed on a GPU: the switch is for an A/B comparison).
+# The on-chip kernels (the RNN's resident kernels; the LSTM's and GRU's slice forwards, see
+# prefetch_slices) load each step's input tiles one step ahead; RNNKIT_GPU_PREFETCH=0 loads them
+# at their step instead (session 9, not yet timed on a GPU: the switch is for an A/B run).
 PREFETCH = os.environ.get("RNNKIT_GPU_PREFETCH", "1") != "0"
 # The slice kernels: hidden units per program, and the widest (power-of-two padded) hidden size
 # and the most weight-slice bytes per program they take. On an H200 (session 8 probe, float32)
@@ -396,6 +396,13 @@ def slice_tiling(kernel, batch: int, hidden: int, gates: int, x: Tensor) -> tupl
         "num_warps": NUM_WARPS,
     }
     return (triton.cdiv(batch, block_b), units), options
+
+
+def prefetch_slices(options: dict) -> bool:
+    """Whether a slice forward loads its input tiles a step ahead (PREFETCH): not at the widest
+    slices, where the extra tiles spill registers (sm_90, cuobjdump: the GRU's at BLOCK_H = 256
+    goes from 255 registers and no stack to 40 bytes of stack; at 128 neither spills)."""
+    return PREFETCH and options["BLOCK_H"] <= 128
 
 
 def slice_plan(

@@ -26,7 +26,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.gpu._common import (
-    PREFETCH,
     InLoop,
     accumulate_dtype,
     add_rows_times_gate_weights_t,
@@ -40,6 +39,7 @@ from rnnkit.kernels.gpu._common import (
     keep_weight,
     launch_if_it_fits,
     plan_launch,
+    prefetch_slices,
     previous_states,
     regularizers_do_not_fit,
     sigmoid,
@@ -641,7 +641,7 @@ class GRUFunction(torch.autograd.Function):
             hidden,
             **constants,
             **in_loop_constants,
-            PREFETCH=PREFETCH,
+            PREFETCH=prefetch_slices(plan[1]),
         ):
             if in_loop is not None:
                 raise RuntimeError(regularizers_do_not_fit(hidden, x))
