@@ -794,7 +794,8 @@ def test_step_tile_reads_the_step_and_nothing_past_either_end(reverse):
 
 
 def test_slice_forwards_prefetch_up_to_128_units_and_never_when_switched_off(monkeypatch):
-    assert _common.prefetch_slices({"BLOCK_H": 128}) is True  # on by default
+    monkeypatch.setattr(_common, "PREFETCH", True)  # the default
+    assert _common.prefetch_slices({"BLOCK_H": 128}) is True
     assert _common.prefetch_slices({"BLOCK_H": 256}) is False  # it would spill registers
     monkeypatch.setattr(_common, "PREFETCH", False)
     assert _common.prefetch_slices({"BLOCK_H": 64}) is False
