@@ -120,7 +120,11 @@ def _recurrent_statistics(
         total += tl.sum(p, axis=1)
     mean = total / W
     tl.debug_barrier()
-    return mean, _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
+    inverse_std = _inverse_std(p_ptr, p_rows, row_ok, mean, W, EPS, BLOCK_N)
+    # The gates' pass writes P^ over P in unit tiles, which map columns to threads otherwise
+    # than the column tiles above: every thread must have read P first.
+    tl.debug_barrier()
+    return mean, inverse_std
 
 
 @triton.jit
@@ -302,6 +306,7 @@ def ln_lstm_forward_kernel(
         c_mean = c_total / H
         tl.debug_barrier()
         c_inverse_std = _inverse_std(c_hat_ptr, c_rows, row_ok, c_mean, H, EPS, BLOCK_N)
+        tl.debug_barrier()  # c^ is written over c~ next, which every thread must have read
         if SAVE:
             tl.store(inverse_std_ptr + (time * B + rows) * 2, inverse_std, mask=row_ok)
             tl.store(inverse_std_ptr + (time * B + rows) * 2 + 1, c_inverse_std, mask=row_ok)
