@@ -142,13 +142,13 @@ def _in_loop_unsupported_reason(spec: LayerSpec, x: Tensor) -> str | None:
     """Why the gpu kernels cannot run this layer's recurrent dropout and zoneout, or None: the
     RNN's resident kernel and the LSTM's and GRU's slice kernels take them where the recurrent
     weights fit (kernels/gpu/_common.py), the layer-normalised cells' kernels at any size."""
+    if spec.mode in ("LN_LSTM", "LN_GRU"):
+        return None  # their kernels read W_hh from memory at every step: any size fits
     from rnnkit.kernels.gpu import _common, gru, lstm, rnn
 
     dtype = _compute_dtype(x)
     like = x if x.dtype == dtype else x.new_empty(0, dtype=dtype)  # the plans read its dtype
     hidden, batch = spec.hidden_size, max(x.size(1), 1)
-    if spec.mode in ("LN_LSTM", "LN_GRU"):
-        return None  # their kernels read W_hh from memory at every step: any size fits
     if spec.mode == "GRU" and not spec.reset_after:
         return "the gpu kernels take them for the GRU with reset_after=True only"
     if spec.mode in ("RNN_TANH", "RNN_RELU"):
