@@ -48,3 +48,6 @@ def test_widths_must_be_powers_of_two():
     result = run("--widths", "64,100")
     assert result.returncode != 0
     assert "--widths: powers of two of at least 16, got '64,100'" in result.stderr
+    result = run("--widths", "64,x")
+    assert result.returncode != 0
+    assert "--widths: comma-separated integers, got '64,x'" in result.stderr
