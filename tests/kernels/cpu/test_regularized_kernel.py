@@ -181,6 +181,41 @@ def test_batch_parts_match_the_reference_loop(cell, monkeypatch, outputs_and_gra
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
+def test_input_projected_in_chunks_of_steps_matches_the_reference_loop(
+    cell, monkeypatch, outputs_and_gradients
+):
+    """The kernels project the input a chunk of steps at a time (about 2^16 elements: with 256
+    units and 5 rows, 12 steps for the LSTM, 17 for the GRU, 51 for the RNN), each sequence's
+    step read at its time position when walking backwards: 70 steps span several chunks, with
+    a partial last one, in both directions with lengths."""
+    monkeypatch.setattr(
+        regularized, "_batch_parts", lambda batch, step_work: [slice(0, 2), slice(2, 7)]
+    )
+    layer_class, options = CELLS[cell]
+    options = options | {
+        "bidirectional": True,
+        "dtype": torch.float64,
+        "recurrent_dropout": 0.3,
+        "zoneout": 0.2,
+    }
+    torch.manual_seed(0)
+    fused = layer_class(3, 256, backend="cpu", **options)
+    reference = layer_class(3, 256, backend="reference", **options)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(70, 7, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([70, 23, 64, 1, 70, 49, 12])
+    hx = tuple(
+        torch.randn(2, 7, 256, dtype=torch.float64, requires_grad=True)
+        for _ in range(2 if cell == "lstm" else 1)
+    )
+    hx = hx if cell == "lstm" else hx[0]
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=5)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=5)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())
+
+
 def test_kernels_first_imported_under_inference_mode_still_train():
     # rnnkit loads its CPU kernels on first use; when that use is under inference_mode, the
     # module-level tensors they keep must still be normal tensors, since training saves them.

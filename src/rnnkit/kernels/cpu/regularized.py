@@ -11,11 +11,13 @@ lstm.py, gru.py and rnn.py. Backward per step, given dh (and dc) reaching h' (an
     the cell's own gate gradients dpre from dh~ (and dc~), as in its plain kernel
     dh_prev = k dh (+ z dh~ for the GRU) + (dpre_rec @ W_hh) * m,  dc_prev = k_c dc + f dc~
 and dW_hh = sum over steps of dpre_rec^T hm (r * hm for the GRU's candidate when the reset comes
-before its product), one matmul over all T * B rows after the loop. The input projection and
-its gradients are one matmul each in RegularizedFunction, which also reverses a backward
-direction's sequences around the kernels, so the kernels always walk forward in processing
-order: the masks are drawn in the reference loop's order (rnnkit.scan) and give the same numbers
-for the same seed.
+before its product), one matmul over all T * B rows after the loop. The kernels walk in
+processing order (a backward direction's sequences reversed within their lengths), so the masks
+are drawn in the reference loop's order (rnnkit.scan) and give the same numbers for the same
+seed. As in lstm.py, each kernel projects the input a chunk of steps at a time into a buffer
+that stays in cache until the steps add their recurrent products, reading each sequence's step
+at its time position; the projection's gradients are one matmul each in RegularizedFunction's
+backward, which puts a backward direction's gradients back in time order.
 
 As in the plain kernels, the per-step products take a weight packed once per call (`blas`:
 rnnkit's AVX-512 panels for float32, else MKL), and with several torch threads and a large
@@ -33,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
 from rnnkit.kernels.cpu.indrnn import _array
-from rnnkit.kernels.cpu.lstm import _gate_activations, _sigmoid, _tanh
+from rnnkit.kernels.cpu.lstm import _CHUNK_ELEMENTS, _gate_activations, _position, _sigmoid, _tanh
 from rnnkit.scan import reverse_padded
 from rnnkit.spec import LayerSpec
 
@@ -124,15 +126,53 @@ def _zone_out(state, keep, new):
 
 
 @_jit
+def _input_plan(x, w_ih, steps, batch, use_packing, work):
+    """Steps per chunk of the input projection, its weight prepared for chunk * batch rows, and
+    the chunk's input rows and projections."""
+    chunk = max(1, min(steps, max(32, _CHUNK_ELEMENTS // w_ih.shape[0]) // max(batch, 1)))
+    ih, ih_transposed, packed = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
+    inputs = np.zeros((chunk * batch, x.shape[2]), x.dtype)
+    projected = np.empty((chunk * batch, w_ih.shape[0]), x.dtype)
+    return chunk, (ih, ih_transposed, packed), inputs, projected
+
+
+@_jit
+def _step_projection(x, plan, bias, lengths, reverse, step, first, work):
+    """The (batch, G) input projections x W_ih^T + bias of a step's rows, each sequence's input
+    read at its time position; the step that starts a chunk projects the whole chunk."""
+    chunk, (ih, ih_transposed, packed), inputs, projected = plan
+    batch = projected.shape[0] // chunk
+    offset = step % chunk
+    if offset == 0:
+        count = min(chunk, x.shape[0] - step)
+        for later in range(count):
+            for b in range(batch):
+                sequence = first + b
+                position = _position(step + later, lengths[sequence], reverse)
+                blas.copy_vector(x[position, sequence], inputs[later * batch + b])
+        rows = projected[: count * batch]
+        blas.gemm_weight(inputs[: count * batch], ih, ih_transposed, packed, rows, False, work)
+        for row in range(count * batch):
+            values = rows[row]
+            for k in range(values.size):
+                values[k] += bias[k]
+    return projected[offset * batch : (offset + 1) * batch]
+
+
+@_jit
 def _rnn_forward(
-    xp, h, w_hh, lengths, mask, keep, relu, use_packing, first, last, out, cand, hm_all
-):
-    """xp (T, B, H); h (B, H): h0 in, h_n out; saves the activations h~ in cand and hm per step."""
-    steps, _, hidden = xp.shape
+    x, w_ih, bias, reverse, h, w_hh, lengths, mask, keep, relu, use_packing, first, last, out,
+    cand, hm_all,
+):  # fmt: skip
+    """x (T, B, I), W_ih (H, I), bias (H,); h (B, H): h0 in, h_n out; saves the activations h~
+    in cand and hm per step."""
+    steps, _, hidden = out.shape
     batch = last - first
-    work = blas.workspace(xp)
+    work = blas.workspace(x)
+    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     for s in range(steps):
+        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         step_cand = cand[s, first:last]
@@ -142,7 +182,7 @@ def _rnn_forward(
             if s >= lengths[sequence]:
                 out[s, sequence, :] = 0
                 continue
-            new, pre = step_cand[b], xp[s, sequence]
+            new, pre = step_cand[b], step_xp[b]
             if relu:
                 for j in range(hidden):
                     value = new[j] + pre[j]
@@ -186,24 +226,27 @@ def _rnn_backward(
 
 @_jit
 def _lstm_forward(
-    xp, h, c, w_hh, w_hr, lengths, mask, keep_h, keep_c, use_packing, first, last, out, gates,
-    tanh_cand, c_prev, hm_all, projected_all,
+    x, w_ih, bias, reverse, h, c, w_hh, w_hr, lengths, mask, keep_h, keep_c, use_packing, first,
+    last, out, gates, tanh_cand, c_prev, hm_all, projected_all,
 ):  # fmt: skip
-    """xp (T, B, 4H) in torch's gate order (i, f, g, o); h (B, P), c (B, H): initial in, final
+    """x (T, B, I), W_ih (4H, I), bias (4H,) in torch's gate order (i, f, g, o); h (B, P), c (B,
+    H): initial in, final
     out; w_hr (P, H), or (0, 0) without a projection (P = H). Saves the gate activations,
     tanh(c~), the cell each step started from, hm, and (with a projection) o * tanh(c~), the
     projection's input, in projected_all (T, B, H)."""
     steps, _, hidden = c_prev.shape
     batch = last - first
     project = w_hr.shape[0] > 0
-    work = blas.workspace(xp)
+    work = blas.workspace(x)
+    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     hr, hr_transposed, hr_packed = blas.prepare_weight(batch, w_hr, True, use_packing, work)
-    new_c = np.empty(hidden, xp.dtype)
+    new_c = np.empty(hidden, x.dtype)
     # The new h before zoneout: o * tanh(c~), then (with a projection) its product with W_hr.
-    unprojected = np.empty((batch, hidden), xp.dtype)
-    new_h = np.empty((batch, h.shape[1]), xp.dtype) if project else unprojected
+    unprojected = np.empty((batch, hidden), x.dtype)
+    new_h = np.empty((batch, h.shape[1]), x.dtype) if project else unprojected
     for s in range(steps):
+        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         step_gates = gates[s, first:last]
@@ -216,7 +259,7 @@ def _lstm_forward(
                 step_unprojected[b, :] = 0  # a product input: no stale values
                 continue
             # Loops over whole rows from 0, each writing one array, so that LLVM vectorises them.
-            row, pre = step_gates[b], xp[s, sequence]
+            row, pre = step_gates[b], step_xp[b]
             for k in range(row.size):
                 row[k] += pre[k]
             _gate_activations(row, hidden)
@@ -299,17 +342,19 @@ def _lstm_backward(
 
 @_jit
 def _gru_forward(
-    xp, h, w_hh, w_rz, w_n, b_hn, lengths, mask, keep, reset_after, use_packing, first, last,
-    out, gates, hm_all, rhm_all,
+    x, w_ih, bias, reverse, h, w_hh, w_rz, w_n, b_hn, lengths, mask, keep, reset_after,
+    use_packing, first, last, out, gates, hm_all, rhm_all,
 ):  # fmt: skip
-    """xp (T, B, 3H) in torch's gate order (r, z, n); w_rz, w_n: W_hh's two row blocks.
+    """x (T, B, I), W_ih (3H, I), bias (3H,) in torch's gate order (r, z, n); w_rz, w_n: W_hh's
+    two row blocks.
 
     Saves r, z, n and (reset_after) hn = hm W_hn^T + b_hn in gates (T, B, 4H), hm, and (reset
     before the product) r * hm.
     """
     steps, _, hidden = out.shape
     batch = last - first
-    work = blas.workspace(xp)
+    work = blas.workspace(x)
+    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
     # reset_after: one product with the whole W_hh; else one with W_rz, then one with W_n.
     hh, hh_transposed, packed = blas.prepare_weight(
         batch, w_hh if reset_after else w_rz, True, use_packing, work
@@ -317,16 +362,17 @@ def _gru_forward(
     hn_weight, hn_transposed, hn_packed = blas.prepare_weight(
         batch, w_n[:0] if reset_after else w_n, True, use_packing, work
     )
-    one = _one(xp)
-    recurrent = np.empty((batch, 3 * hidden), xp.dtype)
+    one = _one(x)
+    recurrent = np.empty((batch, 3 * hidden), x.dtype)
     for s in range(steps):
+        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         columns = 3 * hidden if reset_after else 2 * hidden
         blas.gemm_weight(hm, hh, hh_transposed, packed, recurrent[:, :columns], False, work)
         for b in range(batch):
             sequence = first + b
-            row, pre, rec = gates[s, sequence], xp[s, sequence], recurrent[b]
+            row, pre, rec = gates[s, sequence], step_xp[b], recurrent[b]
             rz = row[: 2 * hidden]
             for k in range(2 * hidden):
                 rz[k] = _sigmoid(pre[k] + rec[k])
@@ -347,7 +393,7 @@ def _gru_forward(
             if s >= lengths[sequence]:
                 out[s, sequence, :] = 0
                 continue
-            row, pre = gates[s, sequence], xp[s, sequence, 2 * hidden :]
+            row, pre = gates[s, sequence], step_xp[b, 2 * hidden :]
             rec_n = recurrent[b, 2 * hidden :]
             gate_r, gate_z = row[:hidden], row[hidden : 2 * hidden]
             gate_n, hn = row[2 * hidden : 3 * hidden], row[3 * hidden :]
@@ -482,10 +528,8 @@ class RegularizedFunction(torch.autograd.Function):
         steps, batch, _ = x.shape
         hidden = w_hh.size(1)  # the state's size: the LSTM's projection size when it has one
         dtype = x.dtype
-        xp, b_hn = _project(x, w_ih, b_ih, b_hh, mode == "GRU" and reset_after)
-        if reverse:
-            xp = reverse_padded(xp, lengths)
-        xp_array = _array(xp)
+        bias, b_hn = _input_bias(w_ih, b_ih, b_hh, mode == "GRU" and reset_after)
+        projection = (_array(x), _array(w_ih), _array(bias), reverse)
         h = h0.detach().clone(memory_format=torch.contiguous_format)
         out = torch.empty(steps, batch, hidden, dtype=dtype)
         hm = torch.empty(steps, batch, hidden, dtype=dtype)
@@ -503,7 +547,7 @@ class RegularizedFunction(torch.autograd.Function):
             # With a projection, its input o * tanh(c~) of every step, for dW_hr.
             projected = torch.empty_like(tanh_cand) if w_hr is not None else _EMPTY[dtype]
             arguments = (
-                xp_array, h.numpy(), c.numpy(), w, _projection(w_hr, dtype), lengths_array,
+                *projection, h.numpy(), c.numpy(), w, _projection(w_hr, dtype), lengths_array,
                 *masks, _array(keep_c),
             )  # fmt: skip
             results = (out, gates, tanh_cand, c_prev, hm, projected)
@@ -514,7 +558,7 @@ class RegularizedFunction(torch.autograd.Function):
             gates = torch.empty(steps, batch, 4 * hidden, dtype=dtype)
             rhm = torch.empty(steps if not reset_after else 0, batch, hidden, dtype=dtype)
             arguments = (
-                xp_array, h.numpy(), w, w[: 2 * hidden], w[2 * hidden :],
+                *projection, h.numpy(), w, w[: 2 * hidden], w[2 * hidden :],
                 _array(b_hn) if b_hn is not None else np.zeros(hidden, w.dtype),
                 lengths_array, *masks, reset_after,
             )  # fmt: skip
@@ -524,7 +568,9 @@ class RegularizedFunction(torch.autograd.Function):
         else:
             c = None
             cand = torch.empty_like(out)
-            arguments = (xp_array, h.numpy(), w, lengths_array, *masks, mode == "RNN_RELU")
+            arguments = (
+                *projection, h.numpy(), w, lengths_array, *masks, mode == "RNN_RELU",
+            )  # fmt: skip
             results = (out, cand, hm)
             saved = (cand,)
             kernel = _rnn_forward
@@ -669,19 +715,19 @@ def run_direction(
     return output, ((h_n, c_n) if mode == "LSTM" else (h_n,))
 
 
-def _project(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, reset_after: bool):
-    """(T, B, I) -> the (T, B, G*H) input projection with the biases that are purely additive,
-    and the GRU's b_hn (inside r * (...)) when the reset comes after its product, else None."""
-    rows = _rows(x)
+def _input_bias(
+    w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, reset_after: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The (G*H,) bias added to the input projection: the biases that are purely additive; and
+    the GRU's b_hn (inside r * (...)) when the reset comes after its product, else None."""
     if b_ih is None:
-        return (rows @ w_ih.T).view(x.size(0), x.size(1), -1), None
-    b_hn = None
-    bias = b_ih + b_hh
-    if reset_after:
-        hidden = w_ih.size(0) // 3
-        b_hn = b_hh[2 * hidden :]
-        bias[2 * hidden :] = b_ih[2 * hidden :]
-    return torch.addmm(bias, rows, w_ih.T).view(x.size(0), x.size(1), -1), b_hn
+        return w_ih.new_zeros(w_ih.size(0)), None
+    bias = (b_ih + b_hh).detach()
+    if not reset_after:
+        return bias, None
+    hidden = w_ih.size(0) // 3
+    bias[2 * hidden :] = b_ih[2 * hidden :]
+    return bias, b_hh[2 * hidden :]
 
 
 def warmup() -> None:
