@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from rnnkit.kernels.cpu import random_masks
-from rnnkit.kernels.cpu.random_masks import CHUNK, bernoulli_mask
+from rnnkit.kernels.cpu.random_masks import bernoulli_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_same_seed_gives_the_same_mask_on_any_number_of_threads(dtype):
-    shape = (3, CHUNK // 2 + 5, 2)  # three chunks and a part
+    shape = (3, 349_527, 1)  # above the threaded minimum, split unevenly
+    assert shape[0] * shape[1] >= random_masks._MIN_THREADED
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -24,10 +25,25 @@ def test_the_same_seed_gives_the_same_mask_on_any_number_of_threads(dtype):
         torch.set_num_threads(threads)
     assert one.dtype == dtype and one.shape == shape
     assert torch.equal(one, two)
-    flat = one.view(-1)
-    # Each chunk has its own seed: neighbouring chunks are not copies of each other.
-    assert not torch.equal(flat[:CHUNK], flat[CHUNK : 2 * CHUNK])
-    assert abs(flat.double().mean().item() - 0.3) < 0.005  # 196k draws: std 0.001
+    assert abs(one.double().mean().item() - 0.3) < 0.003  # 1M draws: std 0.0005
+
+
+def test_neighbouring_entries_are_uncorrelated_and_masks_differ_per_call():
+    torch.manual_seed(3)
+    flat = bernoulli_mask((200_000,), 0.3, torch.float64)
+    for lag in (1, 2, 7, 64):
+        both = (flat[lag:] * flat[:-lag]).mean().item()
+        assert abs(both - 0.09) < 0.006, lag  # 200k pairs: std 0.0006
+    assert not torch.equal(flat, bernoulli_mask((200_000,), 0.3, torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (5, 7)])
+def test_small_and_odd_sizes_fill_every_entry(shape):
+    mask = bernoulli_mask(shape, 1.0, torch.float32)
+    assert torch.equal(mask, torch.ones(shape))
+    values = torch.stack([bernoulli_mask(shape, 0.5, torch.float32) for _ in range(200)])
+    assert set(values.unique().tolist()) == {0.0, 1.0}
+    assert (values.mean(0) - 0.5).abs().max() < 0.15  # 200 draws each: std 0.035
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
@@ -44,4 +60,4 @@ def test_bad_dtype_and_probability_are_refused_by_name():
 
 def test_warmup_compiles_both_dtypes():
     random_masks.warmup()
-    assert len(random_masks._fill_chunks.signatures) >= 2
+    assert len(random_masks._fill.signatures) >= 2
