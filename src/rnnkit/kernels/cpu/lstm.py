@@ -146,6 +146,12 @@ _CHUNK_ELEMENTS = 1 << 16
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def input_chunk_steps(steps, batch, width):
+    """Steps per chunk of an input projection of `width` columns over `batch` rows a step."""
+    return max(1, min(steps, max(32, _CHUNK_ELEMENTS // width) // max(batch, 1)))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def lstm_forward_loop(
     x,
     w_ih,
@@ -173,7 +179,7 @@ def lstm_forward_loop(
     gate_width = w_hh.shape[0]
     hidden = gate_width // 4
     projected = w_hr.shape[0] > 0
-    chunk = max(1, min(steps, max(32, _CHUNK_ELEMENTS // gate_width) // batch))
+    chunk = input_chunk_steps(steps, batch, gate_width)
     work = blas.workspace(x)
     ih, ih_transposed, packed_ih = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
     hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, True, use_packing, work)

@@ -35,7 +35,13 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
 from rnnkit.kernels.cpu.indrnn import _array
-from rnnkit.kernels.cpu.lstm import _CHUNK_ELEMENTS, _gate_activations, _position, _sigmoid, _tanh
+from rnnkit.kernels.cpu.lstm import (
+    _gate_activations,
+    _position,
+    _sigmoid,
+    _tanh,
+    input_chunk_steps,
+)
 from rnnkit.scan import reverse_padded
 from rnnkit.spec import LayerSpec
 
@@ -129,7 +135,7 @@ def _zone_out(state, keep, new):
 def _input_plan(x, w_ih, steps, batch, use_packing, work):
     """Steps per chunk of the input projection, its weight prepared for chunk * batch rows, and
     the chunk's input rows and projections."""
-    chunk = max(1, min(steps, max(32, _CHUNK_ELEMENTS // w_ih.shape[0]) // max(batch, 1)))
+    chunk = input_chunk_steps(steps, batch, w_ih.shape[0])
     ih, ih_transposed, packed = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
     inputs = np.zeros((chunk * batch, x.shape[2]), x.dtype)
     projected = np.empty((chunk * batch, w_ih.shape[0]), x.dtype)
@@ -229,11 +235,10 @@ def _lstm_forward(
     x, w_ih, bias, reverse, h, c, w_hh, w_hr, lengths, mask, keep_h, keep_c, use_packing, first,
     last, out, gates, tanh_cand, c_prev, hm_all, projected_all,
 ):  # fmt: skip
-    """x (T, B, I), W_ih (4H, I), bias (4H,) in torch's gate order (i, f, g, o); h (B, P), c (B,
-    H): initial in, final
-    out; w_hr (P, H), or (0, 0) without a projection (P = H). Saves the gate activations,
-    tanh(c~), the cell each step started from, hm, and (with a projection) o * tanh(c~), the
-    projection's input, in projected_all (T, B, H)."""
+    """x (T, B, I), W_ih (4H, I) and bias (4H,) in torch's gate order (i, f, g, o); h (B, P),
+    c (B, H): initial in, final out; w_hr (P, H), or (0, 0) without a projection (P = H). Saves
+    the gate activations, tanh(c~), the cell each step started from, hm, and (with a projection)
+    o * tanh(c~), the projection's input, in projected_all (T, B, H)."""
     steps, _, hidden = c_prev.shape
     batch = last - first
     project = w_hr.shape[0] > 0
