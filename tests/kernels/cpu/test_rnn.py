@@ -281,8 +281,25 @@ def test_auto_backend_uses_the_cpu_kernel(nonlinearity, monkeypatch):
     assert calls == [nonlinearity]
 
 
-def test_warmup_runs():
+def test_warmup_compiles_what_batch_parts_call(monkeypatch):
+    """After warmup a batch split into parts compiles nothing new, training with and without
+    lengths, in float32 and float64."""
     rnn_kernel.warmup()
+    kernels = (
+        rnn_kernel._forward_part,
+        rnn_kernel._pre_activation_grads,
+        rnn_kernel._weight_gradients,
+    )
+    compiled = [len(kernel.signatures) for kernel in kernels]
+    monkeypatch.setattr(
+        rnn_kernel, "_batch_parts", lambda batch, step_work: [slice(0, 1), slice(1, 3)]
+    )
+    for dtype in (torch.float32, torch.float64):
+        for lengths in (None, torch.tensor([4, 2, 3])):
+            x, h0, weights = direction_inputs(4, 3, 2, 5, dtype=dtype, seed=23)
+            output, (final,) = rnn_kernel.run_direction(x, (h0,), weights, lengths, True, "relu")
+            (output.sum() + final.sum()).backward()
+    assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -328,9 +345,6 @@ def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
         assert len(rnn_kernel._batch_parts(10, rnn_kernel._MIN_PART_STEP_WORK)) == 1
         monkeypatch.setattr(rnn_kernel, "_MIN_PART_STEP_WORK", 1)
         assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24)) == split
-        # A long training step runs as one part: the parts' copies would cost memory.
-        too_long = rnn_kernel._SPLIT_TRAINING_MAX_ELEMENTS + 1
-        assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24, too_long)) == 1
         torch.manual_seed(12)
         args = dict(nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
         fused = rnnkit.RNN(6, 24, **args, backend="cpu")
@@ -350,3 +364,51 @@ def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
         assert_all_close([output, h_n], [expected_output, expected_h_n], torch.float64)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("expanded_gradient", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_uneven_batch_parts_share_the_arrays_and_match_reference(
+    reverse, expanded_gradient, with_lengths, monkeypatch
+):
+    """Parts of 1, 3 and 4 sequences each run their time loop on their rows of the shared
+    output and gradient arrays; the projection and the gradients' products cover all rows. An
+    expanded output gradient is copied and dP written over the copy; a contiguous one is not
+    written to."""
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work: parts)
+    x, h0, weights = direction_inputs(6, 8, 3, 5, seed=21)
+    lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6]) if with_lengths else None
+    if expanded_gradient:
+        grad_output = torch.randn(1, 8, 5, dtype=torch.float64).expand(6, 8, 5)
+    else:
+        grad_output = torch.randn(6, 8, 5, dtype=torch.float64)
+    kept = grad_output.clone()
+    grad_final = torch.randn(8, 5, dtype=torch.float64)
+    results = []
+    for run in (rnn_kernel.run_direction, reference_direction):
+        output, (final,) = run(x, (h0,), weights, lengths, reverse, "tanh")
+        grads = torch.autograd.grad((output, final), [x, h0, *weights], (grad_output, grad_final))
+        results.append([output, final, *grads])
+    assert_all_close(results[0], results[1], torch.float64)
+    assert torch.equal(grad_output, kept)
+
+
+def test_batch_parts_project_their_input_in_chunks_of_steps(monkeypatch):
+    """With 1024 units a part of 4 sequences projects 16 steps at a time, one of 3 sequences 21
+    (projection.input_chunk_steps): 40 steps span several chunks, read backwards within each
+    sequence's length. Weights scaled by 1/sqrt(fan-in): unscaled, 1024 units are chaotic, and
+    any two summation orders part within a few steps."""
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work: parts)
+    x, h0, weights = direction_inputs(40, 8, 3, 1024, seed=22)
+    weights = tuple((w.detach() / w.shape[-1] ** 0.5).requires_grad_() for w in weights)
+    lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
+    grad_output = torch.randn(40, 8, 1024, dtype=torch.float64)
+    results = []
+    for run in (rnn_kernel.run_direction, reference_direction):
+        output, (final,) = run(x, (h0,), weights, lengths, True, "tanh")
+        grads = torch.autograd.grad((output, final), [x, h0, *weights], (grad_output, final))
+        results.append([output, final, *grads])
+    assert_all_close(results[0], results[1], torch.float64)

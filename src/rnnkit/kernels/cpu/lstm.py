@@ -36,6 +36,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.projection import input_chunk_steps, time_position
 
 BLAS_LIBRARY = blas.LIBRARY
 PACKED_GEMM = blas.PACKED_GEMM
@@ -98,14 +99,7 @@ _rational_tanh = njit(cache=True, nogil=True, error_model="numpy", inline="alway
 
 # ---------------------------------------------------------------------------------------------
 # The compiled loops. Step s of sequence b reads and writes time position
-# position(s, b) = lengths[b] - 1 - s when reversed and valid, else s (padding stays in place).
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _position(step, length, reverse):
-    if reverse and step < length:
-        return length - 1 - step
-    return step
+# time_position(s, lengths[b], reverse) (projection.py).
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -135,20 +129,6 @@ def _cell_update(row, cell, cell_output, hidden):
         cell[j] = gate_f[j] * cell[j] + gate_i[j] * gate_g[j]
     for j in range(hidden):
         cell_output[j] = gate_o[j] * _tanh(cell[j])
-
-
-# The input projection is computed a chunk of steps at a time into a buffer of about this many
-# elements (256 KiB of float32), which stays in L2 until each step's recurrent product adds to
-# its rows: one matmul per chunk rather than one (T, B, 4H) matmul up front made inference about
-# 20% faster, and a buffer of this size rather than a fixed 512 rows made the products 10-25%
-# faster at 4H = 1024 and 2048 (measured single-threaded at B=32, H=256 and 512).
-_CHUNK_ELEMENTS = 1 << 16
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def input_chunk_steps(steps, batch, width):
-    """Steps per chunk of an input projection of `width` columns over `batch` rows a step."""
-    return max(1, min(steps, max(32, _CHUNK_ELEMENTS // width) // max(batch, 1)))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -198,7 +178,7 @@ def lstm_forward_loop(
         for offset in range(count):
             for b in range(batch):
                 sequence = first + b
-                source = x[_position(start + offset, lengths[sequence], reverse), sequence]
+                source = x[time_position(start + offset, lengths[sequence], reverse), sequence]
                 blas.copy_vector(source, inputs[offset * batch + b])
         if in_place:
             gates = saved_rows[start * batch : (start + count) * batch]
@@ -220,7 +200,7 @@ def lstm_forward_loop(
                 if step >= length:
                     output[step, sequence, :] = 0
                     continue
-                time = _position(step, length, reverse)
+                time = time_position(step, length, reverse)
                 row = gates[offset * batch + b]
                 _gate_activations(row, hidden)
                 _cell_update(row, c[sequence], cell_output[b], hidden)
@@ -237,7 +217,7 @@ def lstm_forward_loop(
                     sequence = first + b
                     if step < lengths[sequence]:
                         blas.copy_vector(projection[b], h[sequence])
-                        time = _position(step, lengths[sequence], reverse)
+                        time = time_position(step, lengths[sequence], reverse)
                         blas.copy_vector(projection[b], output[time, sequence])
 
 
@@ -349,7 +329,7 @@ def lstm_backward_loop(
                     cell_outputs[step, b, :] = 0
                 total_h[b, :] = 0
                 continue
-            time = _position(step, length, reverse)
+            time = time_position(step, length, reverse)
             total = total_h[b]
             incoming = grad_output[time, b]
             carried = grad_h[b]
@@ -365,11 +345,11 @@ def lstm_backward_loop(
             length = lengths[b]
             if step >= length:
                 continue
-            time = _position(step, length, reverse)
+            time = time_position(step, length, reverse)
             if step == 0:
                 cell_before = c0[b]
             else:
-                cell_before = cells[_position(step - 1, length, reverse), b]
+                cell_before = cells[time_position(step - 1, length, reverse), b]
             row = activations[time, b]
             if projected:
                 gate_o = row[3 * hidden :]
@@ -394,7 +374,7 @@ def lstm_backward_loop(
                 if step == 0:
                     blas.copy_vector(h0[b], chunk_before[slot])
                 else:
-                    before = output[_position(step - 1, length, reverse), first + b]
+                    before = output[time_position(step - 1, length, reverse), first + b]
                     blas.copy_vector(before, chunk_before[slot])
         blas.gemm_weight(step_grads, hh, hh_transposed, packed_hh, recurrent, False, work)
         for b in range(batch):
@@ -420,7 +400,7 @@ def lstm_backward_loop(
             for k in range(filled):
                 chunk_step = step + filled - 1 - k
                 for b in range(batch):
-                    time = _position(chunk_step, lengths[b], reverse)
+                    time = time_position(chunk_step, lengths[b], reverse)
                     blas.copy_vector(chunk_grad_x[k * batch + b], grad_x[time, b])
         filled = 0
 

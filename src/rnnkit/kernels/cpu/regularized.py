@@ -35,13 +35,8 @@ from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
 from rnnkit.kernels.cpu.indrnn import _array
-from rnnkit.kernels.cpu.lstm import (
-    _gate_activations,
-    _position,
-    _sigmoid,
-    _tanh,
-    input_chunk_steps,
-)
+from rnnkit.kernels.cpu.lstm import _gate_activations, _sigmoid, _tanh
+from rnnkit.kernels.cpu.projection import input_plan, step_projection
 from rnnkit.scan import reverse_padded
 from rnnkit.spec import LayerSpec
 
@@ -132,40 +127,6 @@ def _zone_out(state, keep, new):
 
 
 @_jit
-def _input_plan(x, w_ih, steps, batch, use_packing, work):
-    """Steps per chunk of the input projection, its weight prepared for chunk * batch rows, and
-    the chunk's input rows and projections."""
-    chunk = input_chunk_steps(steps, batch, w_ih.shape[0])
-    ih, ih_transposed, packed = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
-    inputs = np.zeros((chunk * batch, x.shape[2]), x.dtype)
-    projected = np.empty((chunk * batch, w_ih.shape[0]), x.dtype)
-    return chunk, (ih, ih_transposed, packed), inputs, projected
-
-
-@_jit
-def _step_projection(x, plan, bias, lengths, reverse, step, first, work):
-    """The (batch, G) input projections x W_ih^T + bias of a step's rows, each sequence's input
-    read at its time position; the step that starts a chunk projects the whole chunk."""
-    chunk, (ih, ih_transposed, packed), inputs, projected = plan
-    batch = projected.shape[0] // chunk
-    offset = step % chunk
-    if offset == 0:
-        count = min(chunk, x.shape[0] - step)
-        for later in range(count):
-            for b in range(batch):
-                sequence = first + b
-                position = _position(step + later, lengths[sequence], reverse)
-                blas.copy_vector(x[position, sequence], inputs[later * batch + b])
-        rows = projected[: count * batch]
-        blas.gemm_weight(inputs[: count * batch], ih, ih_transposed, packed, rows, False, work)
-        for row in range(count * batch):
-            values = rows[row]
-            for k in range(values.size):
-                values[k] += bias[k]
-    return projected[offset * batch : (offset + 1) * batch]
-
-
-@_jit
 def _rnn_forward(
     x, w_ih, bias, reverse, h, w_hh, lengths, mask, keep, relu, use_packing, first, last, out,
     cand, hm_all,
@@ -175,10 +136,10 @@ def _rnn_forward(
     steps, _, hidden = out.shape
     batch = last - first
     work = blas.workspace(x)
-    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     for s in range(steps):
-        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
+        step_xp = step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         step_cand = cand[s, first:last]
@@ -243,7 +204,7 @@ def _lstm_forward(
     batch = last - first
     project = w_hr.shape[0] > 0
     work = blas.workspace(x)
-    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     hr, hr_transposed, hr_packed = blas.prepare_weight(batch, w_hr, True, use_packing, work)
     new_c = np.empty(hidden, x.dtype)
@@ -251,7 +212,7 @@ def _lstm_forward(
     unprojected = np.empty((batch, hidden), x.dtype)
     new_h = np.empty((batch, h.shape[1]), x.dtype) if project else unprojected
     for s in range(steps):
-        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
+        step_xp = step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         step_gates = gates[s, first:last]
@@ -359,7 +320,7 @@ def _gru_forward(
     steps, _, hidden = out.shape
     batch = last - first
     work = blas.workspace(x)
-    plan = _input_plan(x, w_ih, steps, batch, use_packing, work)
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
     # reset_after: one product with the whole W_hh; else one with W_rz, then one with W_n.
     hh, hh_transposed, packed = blas.prepare_weight(
         batch, w_hh if reset_after else w_rz, True, use_packing, work
@@ -370,7 +331,7 @@ def _gru_forward(
     one = _one(x)
     recurrent = np.empty((batch, 3 * hidden), x.dtype)
     for s in range(steps):
-        step_xp = _step_projection(x, plan, bias, lengths, reverse, s, first, work)
+        step_xp = step_projection(x, plan, bias, lengths, reverse, s, first, work)
         hm = hm_all[s, first:last]
         _drop_state(h, mask, first, hm)
         columns = 3 * hidden if reset_after else 2 * hidden

@@ -11,7 +11,9 @@ the step before. Every product goes through `blas` (torch's MKL, on torch's own 
 per-step products use a packed weight (rnnkit's AVX-512 panels for float32, else MKL's) from
 _PACK_MIN_STEPS steps on. With several torch threads and a large enough per-step product, the
 batch runs as parts whose time loops (forward and backward) run concurrently on torch's OpenMP
-threads (`threads`); the parts' weight gradients are summed.
+threads (`threads`), each on its rows of the shared arrays: a part's forward projects its
+input a chunk of steps at a time (projection.py), and after the parts' backward loops the
+gradients' products run over all rows, so the parts cost no copies and no memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.projection import input_plan, step_projection, time_position
 
 NONLINEARITIES = ("tanh", "relu")
 # Packing a weight costs about as much as a few products with it; below this many steps plain
@@ -173,81 +176,93 @@ def _forward_kernel(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _pre_activation_grads(
-    grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place, use_packing
+def _forward_part(
+    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing, first, last
 ):  # fmt: skip
-    """BPTT time loop -> dP (T, B, H); grad_h enters as dL/dh_final and leaves as dL/dh0.
+    """Sequences first..last-1 of the batch: their rows of output (T, B, H) and final (B, H),
+    the input projected a chunk of steps at a time (projection.py). `lengths` has every
+    sequence's length (T for full ones); padding outputs are set to zero."""
+    steps = x.shape[0]
+    hidden = h0.shape[1]
+    batch = last - first
+    work = blas.workspace(output)
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
+    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    recurrent = np.empty((batch, hidden), dtype=output.dtype)
+    state = h0[first:last].copy()
+    for step in range(steps):
+        projected = step_projection(x, plan, bias, lengths, reverse, step, first, work)
+        blas.gemm_weight(state, weight, transposed, packed, recurrent, False, work)
+        for b in range(batch):
+            sequence = first + b
+            length = lengths[sequence]
+            if step >= length:
+                continue
+            row = output[time_position(step, length, reverse), sequence]
+            pre, recurrent_row = projected[b], recurrent[b]
+            if relu:
+                for j in range(hidden):
+                    value = pre[j] + recurrent_row[j]
+                    row[j] = value if value > 0 else value * 0
+            else:
+                for j in range(hidden):
+                    row[j] = _tanh(pre[j] + recurrent_row[j])
+            blas.copy_vector(row, state[b])
+    for sequence in range(first, last):
+        output[lengths[sequence] :, sequence, :] = 0
+    blas.copy_matrix(state, final[first:last])
 
-    in_place: write dP over grad_output (each element is read once, just before it is written).
-    """
-    steps, batch, hidden = output.shape
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _pre_activation_grads(
+    grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing, first, last
+):  # fmt: skip
+    """The BPTT time loop of sequences first..last-1 -> their rows of dP, grad_pre (T, B, H);
+    their rows of grad_h (B, H) enter as dL/dh_final and leave as dL/dh0. grad_pre may be
+    grad_output itself (each element is read just before it is written); padding rows get 0."""
+    steps, _, hidden = output.shape
+    batch = last - first
     full = lengths.size == 0
-    if in_place:
-        grad_pre = grad_output
-    elif full:
-        grad_pre = np.empty_like(output)
-    else:
-        grad_pre = np.zeros_like(output)
     step_pre = np.zeros((batch, hidden), dtype=output.dtype)
     through = np.empty((batch, hidden), dtype=output.dtype)
     work = blas.workspace(output)
     weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     for step in range(steps - 1, -1, -1):
         for b in range(batch):
-            length = steps if full else lengths[b]
+            sequence = first + b
+            length = steps if full else lengths[sequence]
             if step >= length:
                 for j in range(hidden):
                     step_pre[b, j] = 0
                 continue
             t = length - 1 - step if reverse else step
             for j in range(hidden):
-                total = grad_h[b, j] + grad_output[t, b, j]
-                h = output[t, b, j]
+                total = grad_h[sequence, j] + grad_output[t, sequence, j]
+                h = output[t, sequence, j]
                 if relu:
                     value = total if h > 0 else total * 0
                 else:
                     value = total * (1 - h * h)
                 step_pre[b, j] = value
-                grad_pre[t, b, j] = value
+                grad_pre[t, sequence, j] = value
         blas.gemm_weight(step_pre, weight, transposed, packed, through, False, work)
         for b in range(batch):
-            if full or step < lengths[b]:
+            if full or step < lengths[first + b]:
                 for j in range(hidden):
-                    grad_h[b, j] = through[b, j]
-    if in_place and not full:
-        for b in range(batch):
-            grad_pre[lengths[b] :, b, :] = 0
-    return grad_pre
+                    grad_h[first + b, j] = through[b, j]
+    if not full:
+        for sequence in range(first, last):
+            grad_pre[lengths[sequence] :, sequence, :] = 0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _backward_kernel(
-    grad_output,
-    grad_h,
-    output,
-    x,
-    h0,
-    w_ih,
-    w_hh,
-    lengths,
-    reverse,
-    relu,
-    in_place,
-    grad_x,
-    grad_w_ih,
-    grad_w_hh,
-    grad_bias,
-    need_x,
-    need_w_ih,
-    need_w_hh,
-    need_bias,
-    use_packing,
-):
-    """All gradients of one direction, written in place; grad_h: dL/dh_final in, dL/dh0 out."""
+def _weight_gradients(
+    grad_pre, output, x, h0, w_ih, lengths, reverse, grad_x, grad_w_ih, grad_w_hh, grad_bias,
+    need_x, need_w_ih, need_w_hh, need_bias,
+):  # fmt: skip
+    """The input, weight and bias gradients from dP (T, B, H), large products over all T * B
+    rows, written in place."""
     steps, batch, hidden = output.shape
-    grad_pre = _pre_activation_grads(
-        grad_output, grad_h, output, w_hh, lengths, reverse, relu, in_place, use_packing
-    )
     rows = steps * batch
     flat_pre = grad_pre.reshape((rows, hidden))
     work = blas.workspace(output)
@@ -285,29 +300,47 @@ def _backward_kernel(
     blas.gemm(first_pre, h0, grad_w_hh, True, False, True, work)
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _backward_kernel(
+    grad_output, grad_h, output, x, h0, w_ih, w_hh, lengths, reverse, relu, in_place, grad_x,
+    grad_w_ih, grad_w_hh, grad_bias, need_x, need_w_ih, need_w_hh, need_bias, use_packing,
+):  # fmt: skip
+    """All gradients of one direction, the whole batch in one call, written in place; grad_h:
+    dL/dh_final in, dL/dh0 out; in_place: dP is written over grad_output (a copy of ours)."""
+    if in_place:
+        grad_pre = grad_output
+    elif lengths.size == 0:
+        grad_pre = np.empty_like(output)
+    else:
+        grad_pre = np.zeros_like(output)
+    _pre_activation_grads(
+        grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing, 0,
+        output.shape[1],
+    )  # fmt: skip
+    _weight_gradients(
+        grad_pre, output, x, h0, w_ih, lengths, reverse, grad_x, grad_w_ih, grad_w_hh, grad_bias,
+        need_x, need_w_ih, need_w_hh, need_bias,
+    )  # fmt: skip
+
+
 def _array(tensor: Tensor) -> np.ndarray:
     """A contiguous numpy view (or copy) of a tensor, detached from autograd."""
     return tensor.detach().contiguous().numpy()
 
 
 # Sequences of a batch are independent: with several torch threads the batch runs as parts
-# whose time loops run concurrently (threads.run_concurrently), each with single-threaded
-# products. A part's per-step product must be large enough to pay for the lower efficiency of
-# fewer rows (see threads.batch_parts).
+# whose time loops run concurrently (threads.run_concurrently), each on its rows of the shared
+# (T, B, H) arrays with single-threaded products; the input projection before the forward loops
+# and the weight gradients after the backward ones are products over all T * B rows. A part's
+# per-step product must be large enough to pay for the lower efficiency of fewer rows (see
+# threads.batch_parts).
 _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 17
-# In training, each part's copies of its slices of the output and of the gradients cost about
-# one more T * B * H: above this many elements training runs as one part, which keeps the peak
-# memory of a training step below torch.nn's (measured at B, T, H = 16, 1000, 128: 42 MiB split
-# against torch.nn's 38, 21 unsplit).
-_SPLIT_TRAINING_MAX_ELEMENTS = 1 << 20
 
 
-def _batch_parts(batch: int, step_work: int, training_elements: int = 0) -> list[slice]:
-    """Parts of the batch; training_elements: T * B * H of a training step (0: inference)."""
+def _batch_parts(batch: int, step_work: int) -> list[slice]:
+    """Parts of the batch whose time loops run concurrently."""
     if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
-        return [slice(0, batch)]
-    if training_elements > _SPLIT_TRAINING_MAX_ELEMENTS:
         return [slice(0, batch)]
     return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
 
@@ -322,42 +355,29 @@ def _forward(
     lengths: Tensor | None,
     reverse: bool,
     relu: bool,
-    training: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     bias = _input_bias(b_ih, b_hh, hidden, x)
+    output = torch.empty(steps, batch, hidden, dtype=x.dtype)
+    final = torch.empty(batch, hidden, dtype=x.dtype)
     if batch == 0:
-        return torch.empty(steps, 0, hidden, dtype=x.dtype), torch.empty(0, hidden, dtype=x.dtype)
-    weights = (_array(w_ih), _array(w_hh), bias)
+        return output, final
     use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
-    outputs, finals, argument_lists = [], [], []
-    training_elements = steps * batch * hidden if training else 0
-    for part in _batch_parts(batch, batch * hidden * hidden, training_elements):
-        size = part.stop - part.start
-        whole = size == batch  # one part (the usual small batch): no slicing
-        output = torch.empty(steps, size, hidden, dtype=x.dtype)
-        final = torch.empty(size, hidden, dtype=x.dtype)
-        argument_lists.append(
-            (
-                _array(x if whole else x[:, part]),
-                _array(h0 if whole else h0[part]),
-                *weights,
-                _lengths_array(lengths, None if whole else part),
-                reverse,
-                relu,
-                output.numpy(),
-                final.numpy(),
-                use_packing,
-            )
-        )
-        outputs.append(output)
-        finals.append(final)
-    threads.run_concurrently(_forward_kernel, argument_lists)
-    if len(outputs) == 1:
-        return outputs[0], finals[0]
-    return torch.cat(outputs, dim=1), torch.cat(finals)
+    x_array, h0_array, w_ih_array, w_hh_array = _array(x), _array(h0), _array(w_ih), _array(w_hh)
+    lengths_array = _lengths_array(lengths)
+    output_array, final_array = output.numpy(), final.numpy()
+    arguments = [x_array, h0_array, w_ih_array, w_hh_array, bias, lengths_array, reverse, relu]
+    arguments += [output_array, final_array, use_packing]
+    parts = _batch_parts(batch, batch * hidden * hidden)
+    if len(parts) == 1:
+        _forward_kernel(*arguments)
+        return output, final
+    if lengths is None:  # the parts' kernel reads every sequence's length
+        arguments[5] = np.full(batch, steps, dtype=np.int64)
+    threads.run_concurrently(_forward_part, [(*arguments, part.start, part.stop) for part in parts])
+    return output, final
 
 
 def _numpy_dtype(x: Tensor) -> type:
@@ -380,12 +400,11 @@ def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int, x: Tensor
 _FULL_LENGTHS = np.empty(0, dtype=np.int64)
 
 
-def _lengths_array(lengths: Tensor | None, part: slice | None) -> np.ndarray:
-    """The kernels' encoding of a batch part's lengths (part None: the whole batch): empty when
-    every sequence is full."""
+def _lengths_array(lengths: Tensor | None) -> np.ndarray:
+    """The kernels' encoding of lengths: empty when every sequence is full."""
     if lengths is None:
         return _FULL_LENGTHS
-    return (lengths if part is None else lengths[part]).contiguous().numpy()
+    return lengths.contiguous().numpy()
 
 
 class FusedRNNFunction(torch.autograd.Function):
@@ -394,7 +413,7 @@ class FusedRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
         x = x.detach().contiguous()  # the kernels' layout, kept for dW_ih
-        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, True)
+        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
         ctx.reverse = reverse
         ctx.relu = relu
         ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output)
@@ -431,65 +450,54 @@ class FusedRNNFunction(torch.autograd.Function):
 
 
 def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths, output):
-    """Runs the backward kernel on each batch part (concurrently when several); grad_h
-    (dL/dh_final in, dL/dh0 out) and grad_x are filled in; returns the weight gradients
-    (dW_ih, dW_hh, d bias), summed over the parts."""
+    """Runs the backward time loop (on each batch part, concurrently, when several) and the
+    gradients' products; grad_h (dL/dh_final in, dL/dh0 out) and grad_x are filled in; returns
+    the weight gradients (dW_ih, dW_hh, d bias)."""
     needs = ctx.needs_input_grad
     steps, batch, hidden = output.shape
-    parts = _batch_parts(batch, batch * hidden * hidden, steps * batch * hidden)
-    weights = (_array(w_ih), _array(w_hh))
-    argument_lists, part_grads = [], []
-    for part in parts:
-        whole = part.stop - part.start == batch  # one part (the usual small batch): no slicing
-        part_grad_output = grad_output.detach()
-        if not whole:
-            part_grad_output = part_grad_output[:, part]
-        # A gradient slice that is not contiguous (the usual case: expanded from a sum, or a part
-        # of the batch) is copied; the copy is ours, so the kernel writes dP over it instead of
-        # allocating another T*B*H.
-        in_place = not part_grad_output.is_contiguous()
-        # For the whole batch these are grad_h and grad_x themselves, written in place.
-        part_grad_h = grad_h if whole else grad_h[part].contiguous()
-        part_grad_x = grad_x[:, part].contiguous() if needs[0] and not whole else grad_x
-        # Each part writes its own weight gradients (the kernel writes every one it is asked
-        # for); they are summed after the run.
-        weight_grads = (
-            torch.empty(w_ih.shape, dtype=w_ih.dtype),
-            torch.empty(w_hh.shape, dtype=w_hh.dtype),
-            torch.empty(hidden, dtype=output.dtype),
-        )
-        argument_lists.append(
-            (
-                part_grad_output.contiguous().numpy(),
-                part_grad_h.numpy(),
-                _array(output if whole else output[:, part]),
-                _array(x if whole else x[:, part]),
-                _array(h0 if whole else h0[part]),
-                *weights,
-                _lengths_array(lengths, None if whole else part),
-                ctx.reverse,
-                ctx.relu,
-                in_place,
-                part_grad_x.numpy(),
-                *(grad.numpy() for grad in weight_grads),
-                needs[0],
-                needs[2],
-                needs[3],
-                needs[4] or needs[5],
-                blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS,
-            )
-        )
-        part_grads.append((part, part_grad_h, part_grad_x, weight_grads))
-    threads.run_concurrently(_backward_kernel, argument_lists)
-    if len(parts) == 1:
-        return part_grads[0][3]
-    for part, part_grad_h, part_grad_x, _ in part_grads:
-        grad_h[part] = part_grad_h
-        if needs[0]:
-            grad_x[:, part] = part_grad_x
-    return tuple(
-        torch.stack([grads[3][index] for grads in part_grads]).sum(0) for index in range(3)
+    grad_output = grad_output.detach()
+    # A gradient that is not contiguous (the usual case: expanded from a sum) is copied; the copy
+    # is ours, so the kernels write dP over it instead of allocating another T*B*H.
+    in_place = not grad_output.is_contiguous()
+    grad_output_array = grad_output.contiguous().numpy()
+    weight_grads = (
+        torch.empty(w_ih.shape, dtype=w_ih.dtype),
+        torch.empty(w_hh.shape, dtype=w_hh.dtype),
+        torch.empty(hidden, dtype=output.dtype),
     )
+    output_array, x_array, h0_array = _array(output), _array(x), _array(h0)
+    w_ih_array, w_hh_array = _array(w_ih), _array(w_hh)
+    lengths_array = _lengths_array(lengths)
+    use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
+    outputs = (grad_x.numpy(), *(grad.numpy() for grad in weight_grads))
+    need = (needs[0], needs[2], needs[3], needs[4] or needs[5])
+    parts = _batch_parts(batch, batch * hidden * hidden)
+    if len(parts) == 1:
+        _backward_kernel(
+            grad_output_array, grad_h.numpy(), output_array, x_array, h0_array, w_ih_array,
+            w_hh_array, lengths_array, ctx.reverse, ctx.relu, in_place, *outputs, *need,
+            use_packing,
+        )  # fmt: skip
+        return weight_grads
+    if in_place:
+        grad_pre = grad_output_array
+    else:
+        grad_pre = (torch.empty if lengths is None else torch.zeros)(
+            output.shape, dtype=output.dtype
+        )
+        grad_pre = grad_pre.numpy()
+    shared = (
+        grad_output_array, grad_h.numpy(), output_array, w_hh_array, lengths_array, ctx.reverse,
+        ctx.relu, grad_pre, use_packing,
+    )  # fmt: skip
+    threads.run_concurrently(
+        _pre_activation_grads, [(*shared, part.start, part.stop) for part in parts]
+    )
+    _weight_gradients(
+        grad_pre, output_array, x_array, h0_array, w_ih_array, lengths_array, ctx.reverse,
+        *outputs, *need,
+    )  # fmt: skip
+    return weight_grads
 
 
 def run_direction(
@@ -528,3 +536,21 @@ def warmup() -> None:
         for lengths in (None, torch.tensor([3, 1])):
             output, (final,) = run_direction(x, (h0,), weights, lengths, False)
             (output.sum() + final.sum()).backward()
+        # What only a batch split into parts calls from Python: the parts' forward kernel and
+        # the backward's two halves (the whole-batch backward kernel compiles them from numba).
+        arrays = [_array(t) for t in (x, h0, *weights[:2])]
+        bias, lengths_array = _array(weights[2]), np.array([3, 1])
+        output_array, final_array = np.zeros((3, 2, 3), arrays[0].dtype), np.zeros_like(arrays[1])
+        _forward_part(
+            *arrays, bias, lengths_array, False, False, output_array, final_array, False, 1, 2
+        )
+        grads = [np.zeros_like(a) for a in (arrays[0], arrays[2], arrays[3], bias)]
+        grad_h, grad_pre = np.zeros_like(arrays[1]), np.zeros_like(output_array)
+        _pre_activation_grads(
+            output_array, grad_h, output_array, arrays[3], lengths_array, False, False, grad_pre,
+            False, 1, 2,
+        )  # fmt: skip
+        _weight_gradients(
+            grad_pre, output_array, arrays[0], arrays[1], arrays[2], lengths_array, False,
+            *grads, True, True, True, True,
+        )  # fmt: skip
