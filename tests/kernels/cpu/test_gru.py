@@ -190,6 +190,25 @@ def test_gradcheck_autograd_function(reset_after, reverse):
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
+def test_input_projected_in_chunks_of_steps_matches_reference(reset_after):
+    """With 1024 units (3072 gate columns) the kernel projects 32 // batch rows' steps at a
+    time (projection.input_chunk_steps): 40 steps span several chunks, in both directions,
+    with lengths."""
+    torch.manual_seed(8)
+    args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
+    mine = rnnkit.GRU(3, 1024, **args, backend="cpu")
+    reference = rnnkit.GRU(3, 1024, **args, backend="reference")
+    reference.load_state_dict(mine.state_dict())
+    x = torch.randn(40, 8, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
+    assert_all_close(
+        forward_backward(mine, x, None, lengths),
+        forward_backward(reference, x, None, lengths),
+        torch.float64,
+    )
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
 def test_long_sequence_stays_finite_and_matches_reference(reset_after):
     torch.manual_seed(3)
     dtype = torch.float64

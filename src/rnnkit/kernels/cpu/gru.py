@@ -1,7 +1,7 @@
 """Fused GRU on the CPU: a compiled time loop forward and a hand-derived BPTT backward.
 
-Forward, one numba call: one matmul projects every step's input, (T*B, I) x (I, 3H); then all T
-steps run in compiled code (the recurrent matmul plus fused gate math per step), saving r, z, n
+Forward, one numba call: all T steps run in compiled code (the input projection a chunk of steps
+at a time, projection.py, then per step the recurrent matmul plus fused gate math), saving r, z, n
 (and W_hn h + b_hn for reset_after=True) only when a gradient is needed; the backward reads
 h_{t-1} back from the output and h0.
 
@@ -37,6 +37,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.projection import input_plan, step_projection
 
 # Packing a weight costs about as much as a few products with it; below this many steps plain
 # products are faster.
@@ -212,13 +213,13 @@ def _forward_reset_after(
     """
     steps, batch, hidden = output.shape
     work = blas.workspace(h0)
-    x_gates = np.empty((steps * batch, 3 * hidden), dtype=h0.dtype)
-    blas.gemm(x_rows, w_ih, x_gates, False, True, False, work)
-    x_gates = x_gates.reshape((steps, batch, 3 * hidden))
+    x = x_rows.reshape((steps, batch, x_rows.shape[1]))
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
     h = h0.copy()
     h_gates = np.empty((batch, 3 * hidden), dtype=h0.dtype)
     weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
     for s in range(steps):
+        x_step = step_projection(x, plan, bias, lengths, reverse, s, 0, work)
         blas.gemm_weight(h, weight, transposed, packed, h_gates, False, work)
         for b in range(batch):
             length = lengths[b]
@@ -229,13 +230,13 @@ def _forward_reset_after(
                 continue
             pos = length - 1 - s if reverse else s
             slot = pos if save else 0
-            x_row, h_row, hg_row = x_gates[pos, b], h[b], h_gates[b]
+            x_row, h_row, hg_row = x_step[b], h[b], h_gates[b]
             out_row, gates_row = output[pos, b], saved_gates[slot, b]
             for j in range(hidden):
-                r = _sigmoid(x_row[j] + bias[j] + hg_row[j])
-                z = _sigmoid(x_row[hidden + j] + bias[hidden + j] + hg_row[hidden + j])
+                r = _sigmoid(x_row[j] + hg_row[j])
+                z = _sigmoid(x_row[hidden + j] + hg_row[hidden + j])
                 h_n = hg_row[2 * hidden + j] + b_hn[j]
-                n = _tanh(x_row[2 * hidden + j] + bias[2 * hidden + j] + r * h_n)
+                n = _tanh(x_row[2 * hidden + j] + r * h_n)
                 h_prev = h_row[j]
                 h_new = n + z * (h_prev - n)
                 gates_row[j] = r
@@ -256,9 +257,8 @@ def _forward_reset_before(
     and w_n (H, H). Writes output, h_last and, when `save`, saved_gates [r, z, n] (T, B, 3H)."""
     steps, batch, hidden = output.shape
     work = blas.workspace(h0)
-    x_gates = np.empty((steps * batch, 3 * hidden), dtype=h0.dtype)
-    blas.gemm(x_rows, w_ih, x_gates, False, True, False, work)
-    x_gates = x_gates.reshape((steps, batch, 3 * hidden))
+    x = x_rows.reshape((steps, batch, x_rows.shape[1]))
+    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
     h = h0.copy()
     rz = np.empty((batch, 2 * hidden), dtype=h0.dtype)
     reset_h = np.zeros((batch, hidden), dtype=h0.dtype)
@@ -266,15 +266,15 @@ def _forward_reset_before(
     rz_weight, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, True, use_packing, work)
     n_weight, n_transposed, n_packed = blas.prepare_weight(batch, w_n, True, use_packing, work)
     for s in range(steps):
+        x_step = step_projection(x, plan, bias, lengths, reverse, s, 0, work)
         blas.gemm_weight(h, rz_weight, rz_transposed, rz_packed, rz, False, work)
         for b in range(batch):
             if s >= lengths[b]:
                 reset_h[b, :] = 0
                 continue
-            pos = lengths[b] - 1 - s if reverse else s
-            x_row, h_row, rz_row, reset_row = x_gates[pos, b], h[b], rz[b], reset_h[b]
+            x_row, h_row, rz_row, reset_row = x_step[b], h[b], rz[b], reset_h[b]
             for j in range(2 * hidden):
-                rz_row[j] = _sigmoid(x_row[j] + bias[j] + rz_row[j])
+                rz_row[j] = _sigmoid(x_row[j] + rz_row[j])
             for j in range(hidden):
                 reset_row[j] = rz_row[j] * h_row[j]
         blas.gemm_weight(reset_h, n_weight, n_transposed, n_packed, h_n, False, work)
@@ -287,11 +287,11 @@ def _forward_reset_before(
                 continue
             pos = length - 1 - s if reverse else s
             slot = pos if save else 0
-            x_row, h_row, rz_row, hn_row = x_gates[pos, b], h[b], rz[b], h_n[b]
+            x_row, h_row, rz_row, hn_row = x_step[b], h[b], rz[b], h_n[b]
             out_row, gates_row = output[pos, b], saved_gates[slot, b]
             for j in range(hidden):
                 z = rz_row[hidden + j]
-                n = _tanh(x_row[2 * hidden + j] + bias[2 * hidden + j] + hn_row[j])
+                n = _tanh(x_row[2 * hidden + j] + hn_row[j])
                 h_prev = h_row[j]
                 h_new = n + z * (h_prev - n)
                 gates_row[j] = rz_row[j]
