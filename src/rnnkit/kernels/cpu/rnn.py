@@ -481,11 +481,10 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths
         return weight_grads
     if in_place:
         grad_pre = grad_output_array
+    elif lengths is None:
+        grad_pre = np.empty_like(output_array)
     else:
-        grad_pre = (torch.empty if lengths is None else torch.zeros)(
-            output.shape, dtype=output.dtype
-        )
-        grad_pre = grad_pre.numpy()
+        grad_pre = np.zeros_like(output_array)
     shared = (
         grad_output_array, grad_h.numpy(), output_array, w_hh_array, lengths_array, ctx.reverse,
         ctx.relu, grad_pre, use_packing,
