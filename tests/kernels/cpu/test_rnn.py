@@ -366,6 +366,20 @@ def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
         torch.set_num_threads(threads)
 
 
+def assert_fused_direction_matches_reference(x, h0, weights, lengths, reverse, grad_output):
+    """The fused direction's output, final state and every gradient (for the given output
+    gradient and a fixed one for the final state) equal the reference loop's, in float64."""
+    grad_final = torch.randn(
+        h0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
+    )
+    results = []
+    for run in (rnn_kernel.run_direction, reference_direction):
+        output, (final,) = run(x, (h0,), weights, lengths, reverse, "tanh")
+        grads = torch.autograd.grad((output, final), [x, h0, *weights], (grad_output, grad_final))
+        results.append([output, final, *grads])
+    assert_all_close(results[0], results[1], torch.float64)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("expanded_gradient", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
@@ -385,13 +399,7 @@ def test_uneven_batch_parts_share_the_arrays_and_match_reference(
     else:
         grad_output = torch.randn(6, 8, 5, dtype=torch.float64)
     kept = grad_output.clone()
-    grad_final = torch.randn(8, 5, dtype=torch.float64)
-    results = []
-    for run in (rnn_kernel.run_direction, reference_direction):
-        output, (final,) = run(x, (h0,), weights, lengths, reverse, "tanh")
-        grads = torch.autograd.grad((output, final), [x, h0, *weights], (grad_output, grad_final))
-        results.append([output, final, *grads])
-    assert_all_close(results[0], results[1], torch.float64)
+    assert_fused_direction_matches_reference(x, h0, weights, lengths, reverse, grad_output)
     assert torch.equal(grad_output, kept)
 
 
@@ -406,9 +414,4 @@ def test_batch_parts_project_their_input_in_chunks_of_steps(monkeypatch):
     weights = tuple((w.detach() / w.shape[-1] ** 0.5).requires_grad_() for w in weights)
     lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
     grad_output = torch.randn(40, 8, 1024, dtype=torch.float64)
-    results = []
-    for run in (rnn_kernel.run_direction, reference_direction):
-        output, (final,) = run(x, (h0,), weights, lengths, True, "tanh")
-        grads = torch.autograd.grad((output, final), [x, h0, *weights], (grad_output, final))
-        results.append([output, final, *grads])
-    assert_all_close(results[0], results[1], torch.float64)
+    assert_fused_direction_matches_reference(x, h0, weights, lengths, True, grad_output)
