@@ -208,6 +208,21 @@ def test_input_projected_in_chunks_of_steps_matches_reference(reset_after):
     )
 
 
+def test_input_projected_in_chunks_of_steps_matches_torch_nn():
+    """The same chunked projection against torch.nn.GRU (torch's reset-after form), with packed
+    lengths."""
+    torch.manual_seed(9)
+    theirs = nn.GRU(3, 1024, bidirectional=True, dtype=torch.float64)
+    mine = rnnkit.from_torch(theirs, backend="cpu")
+    x = torch.randn(40, 8, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
+    assert_all_close(
+        forward_backward(mine, x, None, lengths, packed=True),
+        forward_backward(theirs, x, None, lengths, packed=True),
+        torch.float64,
+    )
+
+
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_long_sequence_stays_finite_and_matches_reference(reset_after):
     torch.manual_seed(3)

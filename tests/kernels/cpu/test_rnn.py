@@ -415,3 +415,21 @@ def test_batch_parts_project_their_input_in_chunks_of_steps(monkeypatch):
     lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
     grad_output = torch.randn(40, 8, 1024, dtype=torch.float64)
     assert_fused_direction_matches_reference(x, h0, weights, lengths, True, grad_output)
+
+
+def test_batch_parts_match_torch_nn(monkeypatch):
+    """The parts path (uneven parts, each projecting 90 steps in chunks of 54 or 72 at 300
+    units) against torch.nn.RNN: packed lengths, both directions, every gradient."""
+    parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work: parts)
+    torch.manual_seed(24)
+    theirs = nn.RNN(3, 300, bidirectional=True, dtype=torch.float64)
+    mine = rnnkit.from_torch(theirs, backend="cpu")
+    x = torch.randn(90, 8, 3, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(2, 8, 300, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([90, 17, 63, 1, 90, 55, 89, 8])
+    assert_all_close(
+        forward_backward(mine, x, hx, lengths, packed=True),
+        forward_backward(theirs, x, hx, lengths, packed=True),
+        torch.float64,
+    )
