@@ -16,6 +16,7 @@ one after the other and `batch_parts` never splits.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,32 @@ def concurrency() -> int:
     return torch.get_num_threads() if AVAILABLE else 1
 
 
+# The calls of each run_concurrently, by a key that GOMP_parallel hands to every thread of the
+# team as its data pointer. One ctypes callback serves every call: a callback made per call sits
+# in a reference cycle of ctypes' own (the function pointer and its thunk), so whatever its
+# closure held (every part's arrays) stayed alive until the garbage collector's next pass, which
+# in a training loop at (16, 1000, 32, 128) meant hundreds of MiB of past steps' buffers.
+_jobs: dict[int, tuple[Callable, Sequence[tuple], list[BaseException]]] = {}
+_job_keys = itertools.count(1)  # never 0: ctypes hands a null data pointer over as None
+
+
+def _run_team_share(key: int) -> None:
+    """The body of the parallel region, on each thread of the team: thread i of n runs calls
+    i, i + n, ... of the job (if the runtime grants fewer threads than asked for, the ones it
+    grants take the rest), collecting their exceptions."""
+    function, argument_lists, errors = _jobs[key]
+    team = _runtime.omp_get_num_threads()
+    for index in range(_runtime.omp_get_thread_num(), len(argument_lists), team):
+        try:
+            function(*argument_lists[index])
+        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(error)
+
+
+_TEAM_SHARE = _BODY(_run_team_share)
+_TEAM_SHARE_ADDRESS = ctypes.cast(_TEAM_SHARE, ctypes.c_void_p)
+
+
 def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> None:
     """function(*arguments) for each tuple of arguments, at most concurrency() at a time; the
     first exception raised by any call is raised here after all have finished."""
@@ -59,19 +86,12 @@ def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> Non
             function(*arguments)
         return
     errors: list[BaseException] = []
-
-    def body(_data) -> None:
-        # Thread i of the team takes calls i, i + n, ...; if the runtime grants fewer threads
-        # than asked for, the ones it grants take the rest.
-        team = _runtime.omp_get_num_threads()
-        for index in range(_runtime.omp_get_thread_num(), len(argument_lists), team):
-            try:
-                function(*argument_lists[index])
-            except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(error)
-
-    callback = _BODY(body)  # kept referenced until GOMP_parallel returns
-    _runtime.GOMP_parallel(ctypes.cast(callback, ctypes.c_void_p), None, count, 0)
+    key = next(_job_keys)
+    _jobs[key] = (function, argument_lists, errors)
+    try:
+        _runtime.GOMP_parallel(_TEAM_SHARE_ADDRESS, key, count, 0)
+    finally:
+        del _jobs[key]
     if errors:
         raise errors[0]
 
