@@ -148,9 +148,10 @@ def common_train_options(command: Callable) -> Callable:
         click.option(
             "--threads",
             type=click.IntRange(min=1),
-            default=1,
-            show_default=True,
-            help="Torch CPU threads per process (small recurrent steps run best on 1).",
+            default=None,
+            help="Torch CPU threads per process; the fused kernels run parts of a batch on "
+            "them. [default: torch's: OMP_NUM_THREADS if set (torchrun sets 1 a process), "
+            "else one per core]",
         ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option(
@@ -192,7 +193,8 @@ def _train(task: str, options: dict[str, Any]) -> None:
     threads, quiet = options.pop("threads"), options.pop("quiet")
     if resume is not None and (out is not None or force):
         raise RunError("--resume continues a run in its own directory; drop --out/--force")
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     summary = train_run(task, options, out=out, force=force, resume=resume, progress=not quiet)
     if summary:
         _print_summary(summary)
