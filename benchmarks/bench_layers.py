@@ -14,7 +14,9 @@ alike; the median of the repeats is reported. Ratios are torch.nn time / rnnkit 
 rnnkit is faster), summarised by their geometric mean per cell. Achieved GFLOP/s counts the
 matmuls only (forward 2*T*B*G*H*(I+H), training three times that) next to the machine's
 measured matmul GFLOP/s. Peak memory: the growth of peak resident memory (CUDA: peak allocated)
-over one training step at T=1000, each implementation in a fresh subprocess. A row that fails
+over one training step at T=1000, and over a loop of LOOP_STEPS such steps (what a training loop
+holds: memory a step leaves behind shows here, not in one step), each implementation in a fresh
+subprocess. A row that fails
 shows its error instead of a time. Prints a table, writes JSON; asserts no times.
 """
 
@@ -58,6 +60,7 @@ CUDA_CONFIGS = [
 QUICK_CONFIGS = [0, 1]
 GPU_TILE_NAMES = ("BLOCK_B", "MAX_BLOCK_B", "MAX_BLOCK_N", "MAX_BLOCK_K", "NUM_WARPS", "NUM_STAGES")
 MEMORY_CONFIG = (16, 1000, 32, 128)
+LOOP_STEPS = 20
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 TORCH_CLASSES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 DEFAULT_JSON = Path(__file__).parent / "results" / "layers-cpu.json"
@@ -323,7 +326,8 @@ def reset_peak_resident() -> bool:
 
 
 def memory_child(cell: str, implementation: str, device: str, dtype_name: str) -> None:
-    """In a fresh process: peak memory growth of one training step at MEMORY_CONFIG, as JSON."""
+    """In a fresh process: peak memory growth of one training step at MEMORY_CONFIG, then of a
+    loop of LOOP_STEPS of them, from the same starting point, as JSON."""
     dtype = getattr(torch, dtype_name)
     tiny = (2, 3, MEMORY_CONFIG[2], MEMORY_CONFIG[3])
     layer = build_layers(cell, tiny, device, dtype, [implementation])[implementation]
@@ -332,22 +336,34 @@ def memory_child(cell: str, implementation: str, device: str, dtype_name: str) -
     batch, steps, input_size, _ = MEMORY_CONFIG
     x = torch.randn(batch, steps, input_size, device=device, dtype=dtype)
     training = step_functions(layer, x)["training"]
+
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.max_memory_allocated()
-        training()
-        torch.cuda.synchronize()
-        growth = torch.cuda.max_memory_allocated() - before
+
+        def peak_growth(calls: int) -> int:
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(calls):
+                training()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+
     else:
         before = resident_bytes("VmRSS")
-        if reset_peak_resident():
-            training()
-            growth = resident_bytes("VmHWM") - before
-        else:  # no /proc/self/clear_refs: the lifetime peak, which may hide a smaller step
-            training()
-            growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps({"peak_growth_bytes": growth}))
+
+        def peak_growth(calls: int) -> int:
+            if reset_peak_resident():
+                for _ in range(calls):
+                    training()
+                return resident_bytes("VmHWM") - before
+            # No /proc/self/clear_refs: the lifetime peak, which may hide a smaller step.
+            for _ in range(calls):
+                training()
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+    growth = peak_growth(1)
+    loop_growth = peak_growth(LOOP_STEPS)
+    print(json.dumps({"peak_growth_bytes": growth, "loop_peak_growth_bytes": loop_growth}))
 
 
 def measure_memory(cells: list[str], args) -> list[dict]:
@@ -372,10 +388,10 @@ def measure_memory(cells: list[str], args) -> list[dict]:
                     entry["error"] = done.stderr.strip().splitlines()[-1:] or ["failed"]
                     entry["error"] = entry["error"][0]
                 else:
-                    entry["peak_growth_mib"] = (
-                        json.loads(done.stdout.strip().splitlines()[-1])["peak_growth_bytes"]
-                        / 2**20
-                    )
+                    measured = json.loads(done.stdout.strip().splitlines()[-1])
+                    entry["peak_growth_mib"] = measured["peak_growth_bytes"] / 2**20
+                    entry["loop_steps"] = LOOP_STEPS
+                    entry["loop_peak_growth_mib"] = measured["loop_peak_growth_bytes"] / 2**20
             except subprocess.TimeoutExpired:
                 entry["error"] = "timed out"
             results.append(entry)
@@ -384,10 +400,13 @@ def measure_memory(cells: list[str], args) -> list[dict]:
 
 def print_memory(results: list[dict], device: str) -> None:
     label = "peak CUDA memory allocated" if device == "cuda" else "peak resident memory"
-    print(f"\n{label} growth of one training step at B,T,I,H={MEMORY_CONFIG}:")
+    print(f"\n{label} growth at B,T,I,H={MEMORY_CONFIG}, one training step / a loop of them:")
     for entry in results:
         value = entry.get("peak_growth_mib")
-        text = f"{value:.1f} MiB" if value is not None else f"error: {entry['error']}"
+        if value is None:
+            text = f"error: {entry['error']}"
+        else:
+            text = f"{value:.1f} MiB / {entry['loop_peak_growth_mib']:.1f} MiB over {LOOP_STEPS}"
         print(f"  {entry['cell']:<5} {entry['implementation']:<9} {text}")
 
 
