@@ -274,3 +274,30 @@ def test_inference_over_several_input_chunks_matches_reference(dtype):
         expected = reference(inputs, lengths=lengths)
         actual = fused(inputs, lengths=lengths)
     _assert_all_close([actual[0], *actual[1]], [expected[0], *expected[1]], dtype)
+
+
+@pytest.mark.parametrize("frozen", [None, "weight_hh_l0", "weight_ih_l0"])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_float32_training_over_several_backward_chunks_matches_torch(monkeypatch, frozen, parts):
+    # Batch 9 makes backward chunks of 29 steps (256 rows): 70 steps are two full chunks and a
+    # partial one, whose weight gradients must add up over every chunk, both directions and
+    # both parts of the batch, with one weight frozen or none.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(parts)
+    monkeypatch.setattr(lstm, "_MIN_PART_STEP_WORK", 1)
+    try:
+        torch.manual_seed(6)
+        theirs = nn.LSTM(7, 20, bidirectional=True, proj_size=12, batch_first=True)
+        fused = rnnkit.from_torch(theirs, backend="cpu")
+        for module in (theirs, fused):
+            if frozen is not None:
+                getattr(module, frozen).requires_grad_(False)
+        padded = torch.randn(9, 70, 7)
+        lengths = torch.tensor([70, 3, 56, 58, 1, 69, 70, 29, 30])
+        expected = _run_packed(theirs, padded, lengths, None)
+        actual = _run_packed(fused, padded, lengths, None)
+        expected = [t for t in expected if t is not None]
+        actual = [t for t in actual if t is not None]
+        _assert_all_close(actual, expected, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
