@@ -25,7 +25,8 @@ def assert_all_close(mine, theirs, dtype: torch.dtype) -> None:
 
 
 def forward_backward(module, x, hx, lengths=None, packed=False):
-    """Output, final state and the gradients of x, hx and every parameter for a fixed loss."""
+    """Output, final state and the gradients of x, hx and every trainable parameter for a fixed
+    loss."""
     if packed:
         inp = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=False)
         output, h_n = module(inp, hx)
@@ -37,7 +38,8 @@ def forward_backward(module, x, hx, lengths=None, packed=False):
         output, h_n = module(x, hx)
     output_weights = torch.linspace(-1, 1, output.numel(), dtype=output.dtype)
     loss = (output * output_weights.view(output.shape)).sum() + (h_n * h_n).sum()
-    inputs = [x] + ([hx] if hx is not None else []) + list(module.parameters())
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    inputs = [x] + ([hx] if hx is not None else []) + trainable
     grads = torch.autograd.grad(loss, inputs)
     return [output, h_n, *grads]
 
@@ -326,5 +328,46 @@ def test_batch_split_over_threads_matches_reference(reset_after, monkeypatch):
             output, h_n = mine(x, hx, lengths=lengths)
         expected_output, expected_h_n = reference(x, hx, lengths=lengths)
         assert_all_close([output, h_n], [expected_output, expected_h_n], torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+
+
+FROZEN = {
+    "W_ih": ("weight_ih",),
+    "W_hh": ("weight_hh",),
+    "biases": ("bias_ih", "bias_hh"),
+    "every parameter": ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+}
+
+
+@pytest.mark.parametrize("frozen", FROZEN.values(), ids=FROZEN.keys())
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_frozen_parameters_are_skipped_and_the_other_gradients_match(
+    frozen, reset_after, parts, monkeypatch
+):
+    # The kernel computes no gradient of a frozen parameter; what it still computes (dx, dh0, the
+    # others) must not depend on the skipped products (torch's form scales dL/da_n by r in place
+    # for W_hn's and b_hn's gradients).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(parts)
+    monkeypatch.setattr(gru_kernel, "_MIN_PART_STEP_WORK", 1)
+    try:
+        torch.manual_seed(9)
+        args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
+        mine = rnnkit.GRU(6, 10, **args, backend="cpu")
+        reference = rnnkit.GRU(6, 10, **args, backend="reference")
+        reference.load_state_dict(mine.state_dict())
+        for module in (mine, reference):
+            for name, parameter in module.named_parameters():
+                parameter.requires_grad_(not name.startswith(frozen))
+        x = torch.randn(12, 8, 6, dtype=torch.float64, requires_grad=True)
+        hx = torch.randn(2, 8, 10, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([12, 1, 5, 12, 3, 7, 2, 9])
+        assert_all_close(
+            forward_backward(mine, x, hx, lengths),
+            forward_backward(reference, x, hx, lengths),
+            torch.float64,
+        )
     finally:
         torch.set_num_threads(threads)

@@ -331,34 +331,44 @@ def _weight_gradients(
     """Gradients of x, W_ih, W_hh and the biases from the per-step gate gradients, by matmuls
     over all T*B rows. d_rz (T, B, 2H) = dL/d[a_r, a_z]; d_n (T, B, H) = dL/da_n. W_hn's input is
     reset_h = r h_{t-1} (T, B, H) in Cho et al.'s form; in torch's form (reset_h empty) it is
-    h_{t-1} and its output's gradient is da_n r, made in place in d_n once d_n is used up."""
+    h_{t-1} and its output's gradient is da_n r, made in place in d_n once d_n is used up.
+    dw_ih, dw_hh and db_ih with db_hh passed empty are not computed (frozen weights)."""
     steps, batch, two_hidden = d_rz.shape
     hidden = d_n.shape[2]
     rows = steps * batch
     d_rz_rows = d_rz.reshape((rows, two_hidden))
     d_n_rows = d_n.reshape((rows, hidden))
-    work = blas.workspace(dw_ih)
+    need_w_ih, need_w_hh, need_bias = dw_ih.shape[0] > 0, dw_hh.shape[0] > 0, db_ih.shape[0] > 0
+    work = blas.workspace(d_n)
     if need_dx:
         blas.gemm(d_rz_rows, w_ih_rz, dx_rows, False, False, False, work)
         blas.gemm(d_n_rows, w_ih_n, dx_rows, False, False, True, work)
-    blas.gemm(d_rz_rows, x_rows, dw_ih[:two_hidden], True, False, False, work)
-    blas.gemm(d_n_rows, x_rows, dw_ih[two_hidden:], True, False, False, work)
-    _column_sums(d_rz_rows, db_ih[:two_hidden])
-    _column_sums(d_n_rows, db_ih[two_hidden:])
-    blas.copy_vector(db_ih[:two_hidden], db_hh[:two_hidden])
-    _times_previous_state(d_rz, output, h0, lengths, reverse, dw_hh[:two_hidden])
+    if need_w_ih:
+        blas.gemm(d_rz_rows, x_rows, dw_ih[:two_hidden], True, False, False, work)
+        blas.gemm(d_n_rows, x_rows, dw_ih[two_hidden:], True, False, False, work)
+    if need_bias:
+        _column_sums(d_rz_rows, db_ih[:two_hidden])
+        _column_sums(d_n_rows, db_ih[two_hidden:])
+        blas.copy_vector(db_ih[:two_hidden], db_hh[:two_hidden])
+    if need_w_hh:
+        _times_previous_state(d_rz, output, h0, lengths, reverse, dw_hh[:two_hidden])
     if reset_h.size == 0:
-        for t in range(steps):
-            for b in range(batch):
-                d_row, r_row = d_n[t, b], saved_gates[t, b]
-                for j in range(hidden):
-                    d_row[j] *= r_row[j]
-        _times_previous_state(d_n, output, h0, lengths, reverse, dw_hh[two_hidden:])
-        _column_sums(d_n_rows, db_hh[two_hidden:])
+        if need_w_hh or need_bias:
+            for t in range(steps):
+                for b in range(batch):
+                    d_row, r_row = d_n[t, b], saved_gates[t, b]
+                    for j in range(hidden):
+                        d_row[j] *= r_row[j]
+        if need_w_hh:
+            _times_previous_state(d_n, output, h0, lengths, reverse, dw_hh[two_hidden:])
+        if need_bias:
+            _column_sums(d_n_rows, db_hh[two_hidden:])
     else:
-        reset_rows = reset_h.reshape((rows, hidden))
-        blas.gemm(d_n_rows, reset_rows, dw_hh[two_hidden:], True, False, False, work)
-        blas.copy_vector(db_ih[two_hidden:], db_hh[two_hidden:])
+        if need_w_hh:
+            reset_rows = reset_h.reshape((rows, hidden))
+            blas.gemm(d_n_rows, reset_rows, dw_hh[two_hidden:], True, False, False, work)
+        if need_bias:
+            blas.copy_vector(db_ih[two_hidden:], db_hh[two_hidden:])
 
 
 @_jit
@@ -668,12 +678,14 @@ class GRUFunction(torch.autograd.Function):
             size = part.stop - part.start
             # Each part writes its own weight gradients; they are summed after the run.
             part_dx = torch.empty(steps, size, inputs, dtype=dtype) if needs[0] else no_dx
+            # A gradient nobody asks for (a frozen weight) is passed empty: not computed.
+            bias_rows = 3 * hidden if needs[4] or needs[5] else 0
             result = (
                 part_dx,
-                torch.empty_like(w_ih),
-                torch.empty_like(w_hh),
-                torch.empty(3 * hidden, dtype=dtype),
-                torch.empty(3 * hidden, dtype=dtype),
+                torch.empty(w_ih.shape if needs[2] else (0, inputs), dtype=dtype),
+                torch.empty(w_hh.shape if needs[3] else (0, hidden), dtype=dtype),
+                torch.empty(bias_rows, dtype=dtype),
+                torch.empty(bias_rows, dtype=dtype),
                 torch.empty(size, hidden, dtype=dtype),
             )
             argument_lists.append(
