@@ -234,3 +234,32 @@ def test_kernels_first_imported_under_inference_mode_still_train():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "True"
+
+
+FROZEN = {
+    "W_ih": ("weight_ih",),
+    "W_hh": ("weight_hh",),
+    "W_hr": ("weight_hr",),
+    "biases": ("bias_ih", "bias_hh"),
+    "every weight": ("weight_ih", "weight_hh", "weight_hr"),
+}
+
+
+@pytest.mark.parametrize("frozen", FROZEN.values(), ids=FROZEN.keys())
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru", "gru_reset_before", "rnn_tanh"])
+def test_frozen_parameters_are_skipped_and_the_other_gradients_match(
+    cell, frozen, outputs_and_gradients
+):
+    # The backward computes no gradient of a frozen parameter; the others must not change.
+    fused, reference = make_pair(cell, (0.3, 0.25), torch.float64)
+    for layer in (fused, reference):
+        for name, parameter in layer.named_parameters():
+            parameter.requires_grad_(not name.startswith(frozen))
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    hx = initial_state(cell, 4)
+    lengths = torch.tensor([6, 2, 5, 1])
+    got = outputs_and_gradients(fused, x, hx, lengths, seed=12)
+    expected = outputs_and_gradients(reference, x, hx, lengths, seed=12)
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (index, (a - b).abs().max())

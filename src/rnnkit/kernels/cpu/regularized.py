@@ -603,29 +603,34 @@ class RegularizedFunction(torch.autograd.Function):
             )  # fmt: skip
             kernel = _rnn_backward
         _run(kernel, (*arguments, ctx.use_packing), ctx.parts, tuple(t.numpy() for t in results))
+        # Only the gradients asked for: a frozen parameter's product is skipped.
+        need = ctx.needs_input_grad
         hm_rows = _rows(hm)
+        d_w_hh = None
+        need_bias = ctx.has_bias and (need[2] or need[3])
         if ctx.mode == "GRU":
             d_xp = d_pre[..., : 3 * hidden]
-            d_w_hh = torch.empty_like(w_hh)
-            torch.mm(_rows(d_pre[..., : 2 * hidden]).T, hm_rows, out=d_w_hh[: 2 * hidden])
             if ctx.reset_after:
                 d_n, n_input = d_pre[..., 3 * hidden :], hm_rows
-                d_b_hn = d_n.sum((0, 1))
+                d_b_hn = d_n.sum((0, 1)) if need_bias else None
             else:
                 d_n, n_input = d_pre[..., 2 * hidden : 3 * hidden], _rows(saved[3])
-            torch.mm(_rows(d_n).T, n_input, out=d_w_hh[2 * hidden :])
+            if need[6]:
+                d_w_hh = torch.empty_like(w_hh)
+                torch.mm(_rows(d_pre[..., : 2 * hidden]).T, hm_rows, out=d_w_hh[: 2 * hidden])
+                torch.mm(_rows(d_n).T, n_input, out=d_w_hh[2 * hidden :])
         else:
             d_xp = d_pre
-            d_w_hh = _rows(d_pre).T @ hm_rows
-            if ctx.mode == "LSTM" and saved[4] is not None:
+            if need[6]:
+                d_w_hh = _rows(d_pre).T @ hm_rows
+            if ctx.mode == "LSTM" and saved[4] is not None and need[7]:
                 d_w_hr = _rows(d_projected).T @ _rows(saved[3])
         if ctx.reverse:
             d_xp = reverse_padded(d_xp, lengths)
-        need = ctx.needs_input_grad
         d_x = d_xp @ w_ih if need[0] else None
         d_w_ih = _rows(d_xp).T @ _rows(x) if need[1] else None
         d_b_ih = d_b_hh = None
-        if ctx.has_bias and (need[2] or need[3]):
+        if need_bias:
             d_b_ih = d_xp.sum((0, 1))
             if ctx.mode == "GRU" and ctx.reset_after:
                 d_b_hh = torch.cat([d_b_ih[: 2 * hidden], d_b_hn])
