@@ -44,6 +44,21 @@ def forward_backward(module, x, hx, lengths=None, packed=False):
     return [output, h_n, *grads]
 
 
+def fused_and_reference(input_size: int, hidden: int, **options) -> tuple[nn.Module, nn.Module]:
+    """A GRU on the fused CPU kernel and one on the reference loop, with the same weights."""
+    mine = rnnkit.GRU(input_size, hidden, **options, backend="cpu")
+    reference = rnnkit.GRU(input_size, hidden, **options, backend="reference")
+    reference.load_state_dict(mine.state_dict())
+    return mine, reference
+
+
+def assert_matches_reference(mine, reference, x, hx, lengths, dtype=torch.float64) -> None:
+    """The two layers' outputs, final states and trainable gradients agree."""
+    assert_all_close(
+        forward_backward(mine, x, hx, lengths), forward_backward(reference, x, hx, lengths), dtype
+    )
+
+
 def random_lengths(batch: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
     lengths[0] = steps
@@ -153,17 +168,11 @@ def test_matches_reference(
 def test_blas_sized_steps_match_reference(batch, hidden, dtype, reset_after):
     torch.manual_seed(6)
     args = dict(bidirectional=True, dtype=dtype, reset_after=reset_after)
-    mine = rnnkit.GRU(8, hidden, **args, backend="cpu")
-    reference = rnnkit.GRU(8, hidden, **args, backend="reference")
-    reference.load_state_dict(mine.state_dict())
+    mine, reference = fused_and_reference(8, hidden, **args)
     x = torch.randn(3, batch, 8, dtype=dtype, requires_grad=True)
     hx = torch.randn(2, batch, hidden, dtype=dtype, requires_grad=True)
     lengths = random_lengths(batch, 3, torch.Generator().manual_seed(6))
-    assert_all_close(
-        forward_backward(mine, x, hx, lengths),
-        forward_backward(reference, x, hx, lengths),
-        dtype,
-    )
+    assert_matches_reference(mine, reference, x, hx, lengths, dtype)
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
@@ -198,16 +207,10 @@ def test_input_projected_in_chunks_of_steps_matches_reference(reset_after):
     with lengths."""
     torch.manual_seed(8)
     args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
-    mine = rnnkit.GRU(3, 1024, **args, backend="cpu")
-    reference = rnnkit.GRU(3, 1024, **args, backend="reference")
-    reference.load_state_dict(mine.state_dict())
+    mine, reference = fused_and_reference(3, 1024, **args)
     x = torch.randn(40, 8, 3, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
-    assert_all_close(
-        forward_backward(mine, x, None, lengths),
-        forward_backward(reference, x, None, lengths),
-        torch.float64,
-    )
+    assert_matches_reference(mine, reference, x, None, lengths)
 
 
 def test_input_projected_in_chunks_of_steps_matches_torch_nn():
@@ -313,17 +316,11 @@ def test_batch_split_over_threads_matches_reference(reset_after, monkeypatch):
         assert len(gru_kernel._batch_parts(10, 10 * 3 * 24 * 24)) == split
         torch.manual_seed(8)
         args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
-        mine = rnnkit.GRU(6, 24, **args, backend="cpu")
-        reference = rnnkit.GRU(6, 24, **args, backend="reference")
-        reference.load_state_dict(mine.state_dict())
+        mine, reference = fused_and_reference(6, 24, **args)
         x = torch.randn(8, 10, 6, dtype=torch.float64, requires_grad=True)
         hx = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
         lengths = torch.tensor([8, 1, 5, 8, 3, 7, 2, 8, 6, 4])
-        assert_all_close(
-            forward_backward(mine, x, hx, lengths),
-            forward_backward(reference, x, hx, lengths),
-            torch.float64,
-        )
+        assert_matches_reference(mine, reference, x, hx, lengths)
         with torch.inference_mode():
             output, h_n = mine(x, hx, lengths=lengths)
         expected_output, expected_h_n = reference(x, hx, lengths=lengths)
@@ -355,19 +352,13 @@ def test_frozen_parameters_are_skipped_and_the_other_gradients_match(
     try:
         torch.manual_seed(9)
         args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
-        mine = rnnkit.GRU(6, 10, **args, backend="cpu")
-        reference = rnnkit.GRU(6, 10, **args, backend="reference")
-        reference.load_state_dict(mine.state_dict())
+        mine, reference = fused_and_reference(6, 10, **args)
         for module in (mine, reference):
             for name, parameter in module.named_parameters():
                 parameter.requires_grad_(not name.startswith(frozen))
         x = torch.randn(12, 8, 6, dtype=torch.float64, requires_grad=True)
         hx = torch.randn(2, 8, 10, dtype=torch.float64, requires_grad=True)
         lengths = torch.tensor([12, 1, 5, 12, 3, 7, 2, 9])
-        assert_all_close(
-            forward_backward(mine, x, hx, lengths),
-            forward_backward(reference, x, hx, lengths),
-            torch.float64,
-        )
+        assert_matches_reference(mine, reference, x, hx, lengths)
     finally:
         torch.set_num_threads(threads)
