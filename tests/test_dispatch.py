@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -51,3 +53,41 @@ def test_explain_backend_covers_the_element_wise_variants(make):
     assert rnnkit.explain_backend(make(3, 4), x) == "auto: fused cpu kernel for cpu tensors"
     reference = make(3, 4, backend="reference")
     assert rnnkit.explain_backend(reference, x) == "backend='reference' was requested"
+
+
+COMPILED_LAYERS = {
+    "LSTM, fused": lambda: rnnkit.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True),
+    "GRU with zoneout, fused": lambda: rnnkit.GRU(6, 8, zoneout=0.2, batch_first=True).eval(),
+    "MinGRU, fused": lambda: rnnkit.MinGRU(6, 8, batch_first=True),
+    "IndRNN, fused": lambda: rnnkit.IndRNN(6, 8, batch_first=True),
+    "LSTM, reference": lambda: rnnkit.LSTM(6, 8, batch_first=True, backend="reference"),
+}
+
+
+@pytest.mark.parametrize("make_layer", COMPILED_LAYERS.values(), ids=COMPILED_LAYERS.keys())
+def test_torch_compile_gives_the_eager_outputs_and_gradients_without_warnings(make_layer):
+    # The fused kernels are kept out of dynamo's tracing (dispatch.run_opaque), so a compiled
+    # model breaks its graph around them; "aot_eager" runs dynamo and AOTAutograd without
+    # inductor's C++ compiler.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = make_layer()
+    head = torch.nn.Linear(layer.hidden_size * (2 if layer.bidirectional else 1), 3)
+
+    def model(x):
+        return head(torch.tanh(layer(x * 2.0)[0])).sum()
+
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    parameters = [x, *layer.parameters(), *head.parameters()]
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected, parameters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="aot_eager")
+        actual = compiled(x)
+        actual_grads = torch.autograd.grad(actual, parameters)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    dynamo_warnings = [str(w.message) for w in caught if "ynamo" in str(w.message)]
+    assert dynamo_warnings == []

@@ -120,8 +120,19 @@ def run_layer(
     lengths: Tensor | None,
 ) -> tuple[Tensor, list[State]]:
     """Run one layer (all directions) on the backend that `resolve` picks."""
-    _, backend, _ = _select(requested, spec, x, lengths, explain=False)
-    return backend.run_layer(spec, x, hx, weights, lengths)
+    name, backend, _ = _select(requested, spec, x, lengths, explain=False)
+    if name == "reference":
+        return backend.run_layer(spec, x, hx, weights, lengths)
+    return run_opaque(backend.run_layer, spec, x, hx, weights, lengths)
+
+
+@torch.compiler.disable
+def run_opaque(function, *arguments):
+    """function(*arguments), a fused kernel's call, kept out of torch.compile's tracing: the
+    kernels are numba and Triton calls that dynamo cannot trace, so the compiled graph breaks
+    around the call instead of tracing the numpy and ctypes glue up to them (which only slowed
+    compiling and warned). The reference loop is plain torch, and stays traceable."""
+    return function(*arguments)
 
 
 def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str]:

@@ -6,7 +6,6 @@ layers runs through `rnnkit.dispatch`, which picks the reference loop or a fused
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -34,11 +33,19 @@ def _regularization():
     return regularization
 
 
-@functools.cache
+# Memoised in a plain dict, not functools.cache: torch.compile traces a dict lookup quietly but
+# warns at every cache-wrapped call.
+_SUFFIXED: dict[tuple[tuple[str, ...], int, int], tuple[str, ...]] = {}
+
+
 def _suffixed(bases: tuple[str, ...], layer: int, direction: int) -> tuple[str, ...]:
     """Parameter names of one layer and direction: "weight_ih" -> "weight_ih_l1_reverse"."""
-    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-    return tuple(base + suffix for base in bases)
+    key = (bases, layer, direction)
+    names = _SUFFIXED.get(key)
+    if names is None:
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        names = _SUFFIXED[key] = tuple(base + suffix for base in bases)
+    return names
 
 
 @dataclass(slots=True)

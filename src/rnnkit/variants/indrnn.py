@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit import dispatch
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     StreamsStackedState,
@@ -164,11 +165,15 @@ class IndRNN(StreamsStackedState):
             if backend == "cpu":
                 from rnnkit.kernels.cpu import indrnn
 
-                return indrnn.recurrence(pre, state, u, lengths, self.nonlinearity)
+                return dispatch.run_opaque(
+                    indrnn.recurrence, pre, state, u, lengths, self.nonlinearity
+                )
             if backend == "gpu":
                 from rnnkit.kernels.gpu import minimal as gpu_walks
 
-                return gpu_walks.indrnn_recurrence(pre, state, u, lengths, self.nonlinearity)
+                return dispatch.run_opaque(
+                    gpu_walks.indrnn_recurrence, pre, state, u, lengths, self.nonlinearity
+                )
             return step_loop(
                 lambda pre_t, h: indrnn_step(pre_t, h, u, self.nonlinearity), pre, state, lengths
             )

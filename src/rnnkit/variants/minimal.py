@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit import dispatch
 from rnnkit.cells.base import check_tensor
 from rnnkit.variants.sequence_input import (
     BACKENDS,
@@ -264,14 +265,23 @@ class _MinimalRNN(StreamsStackedState):
                 from rnnkit.kernels.cpu import minimal
 
                 # The projection runs inside the kernel when no gradient is recorded.
-                return minimal.project_and_scan(
-                    self.cell, source, weight, bias, state, lengths, parallel=mode == "parallel"
+                return dispatch.run_opaque(
+                    minimal.project_and_scan,
+                    self.cell,
+                    source,
+                    weight,
+                    bias,
+                    state,
+                    lengths,
+                    mode == "parallel",
                 )
             gates = F.linear(source, weight, bias)
             if backend == "gpu":
                 from rnnkit.kernels.gpu import minimal as gpu_minimal
 
-                return gpu_minimal.scan_direction(self.cell, gates, state, lengths)
+                return dispatch.run_opaque(
+                    gpu_minimal.scan_direction, self.cell, gates, state, lengths
+                )
             if mode == "parallel":
                 return parallel_scan(self.cell, gates, state, lengths)
             return sequential_scan(self.cell, gates, state, lengths)
