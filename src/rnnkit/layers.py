@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit import dispatch
+from rnnkit.autocast import autocast_dtype, in_weights_dtype, run_under_autocast
 from rnnkit.cells.base import check_tensor
 from rnnkit.spec import LayerSpec
 
@@ -246,11 +247,19 @@ class RNNBase(nn.Module):
 
     def layer_inputs(self, input, lengths=None) -> tuple[LayerSpec, Tensor, Tensor | None]:
         """Validated (spec, (T, B, I) input, lengths) as the dispatch sees them."""
+        if autocast_dtype(self._first_weight()) is not None:
+            input = in_weights_dtype(input, self._first_weight())
         prepared = self._prepare(input, lengths)
         return self.spec, prepared.x, prepared.lengths
 
     def forward(self, input, hx=None, lengths=None):
         """(T, B, I) / (B, T, I) / (T, I) / PackedSequence -> (output, h_n) or (output, (h_n, c_n))."""
+        weight = self._first_weight()
+        if autocast_dtype(weight) is not None:
+            return run_under_autocast(self._forward, weight, input, hx, lengths)
+        return self._forward(input, hx, lengths)
+
+    def _forward(self, input, hx, lengths):
         prepared = self._prepare(input, lengths)
         states = self._initial_states(hx, prepared)
         x = prepared.x

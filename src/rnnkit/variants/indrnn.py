@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import dispatch
+from rnnkit.autocast import autocast_dtype, run_under_autocast
 from rnnkit.variants.sequence_input import (
     BACKENDS,
     StreamsStackedState,
@@ -150,6 +151,11 @@ class IndRNN(StreamsStackedState):
         self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths=None
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         """(T, B, I) / (B, T, I) / (T, I) / PackedSequence -> (output, h_n (L*D, B, H))."""
+        if autocast_dtype(self.weight_ih_l0) is not None:
+            return run_under_autocast(self._forward, self.weight_ih_l0, input, hx, lengths)
+        return self._forward(input, hx, lengths)
+
+    def _forward(self, input, hx, lengths) -> tuple[Tensor | PackedSequence, Tensor]:
         name = type(self).__name__
         weight = self.weight_ih_l0
         prepared = prepare_input(name, input, lengths, self.input_size, self.batch_first, weight)

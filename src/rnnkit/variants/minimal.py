@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import dispatch
+from rnnkit.autocast import autocast_dtype, run_under_autocast
 from rnnkit.cells.base import check_tensor
 from rnnkit.variants.sequence_input import (
     BACKENDS,
@@ -249,6 +250,11 @@ class _MinimalRNN(StreamsStackedState):
         mode: str = "parallel",
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         """(T, B, I) / (B, T, I) / (T, I) / PackedSequence -> (output, h_n (L*D, B, H))."""
+        if autocast_dtype(self.weight_ih_l0) is not None:
+            return run_under_autocast(self._forward, self.weight_ih_l0, input, hx, lengths, mode)
+        return self._forward(input, hx, lengths, mode)
+
+    def _forward(self, input, hx, lengths, mode: str) -> tuple[Tensor | PackedSequence, Tensor]:
         name = type(self).__name__
         check_choice(name, "mode", mode, MODES)
         weight = self.weight_ih_l0

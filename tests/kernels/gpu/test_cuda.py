@@ -154,6 +154,30 @@ def test_autocast_runs_in_low_precision_close_to_float32(cell, dtype):
         assert torch.isfinite(parameter.grad).all()
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_autocast_takes_an_input_already_in_low_precision(cell):
+    # An autocast op upstream gives the layer a bfloat16 input beside float32 weights, and a
+    # float32 initial state: the layer takes them as torch.nn's does.
+    layer_class, cell_options = ALL_CELLS[cell]
+    torch.manual_seed(0)
+    layer = layer_class(8, 64, **cell_options, backend="gpu", device=CUDA)
+    projection = torch.nn.Linear(8, 8, device=CUDA)
+    x = torch.randn(10, 4, 8, device=CUDA)
+    h0 = torch.randn(1, 4, 64, device=CUDA)
+    hx = (h0, torch.randn(1, 4, 64, device=CUDA)) if cell == "lstm" else h0
+    expected, _ = layer(projection(x), hx)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        source = projection(x)
+        output, _ = layer(source, hx)
+    assert source.dtype == torch.bfloat16
+    assert output.dtype == torch.bfloat16
+    assert torch.allclose(output.float(), expected, atol=5e-2)
+    output.float().sum().backward()
+    assert all(
+        torch.isfinite(p.grad).all() for p in [*layer.parameters(), *projection.parameters()]
+    )
+
+
 def test_auto_picks_the_gpu_kernel_for_cuda_tensors():
     for layer_class in (rnnkit.LSTM, rnnkit.LayerNormLSTM, rnnkit.LayerNormGRU):
         layer = layer_class(3, 4, device=CUDA)
