@@ -511,3 +511,19 @@ def test_train_and_eval_switch_the_kernel_of_a_training_only_regulariser(monkeyp
     layer.train()
     layer(x)
     assert calls == ["regularized", "lstm", "regularized"]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_double_backward_says_it_needs_the_reference_loop(kind):
+    # The fused kernels' backward is by hand, once; a gradient of a gradient (create_graph) is
+    # refused with torch's message, and the reference loop gives it.
+    torch.manual_seed(3)
+    mine, _ = make_pair(kind, torch.float64, backend="cpu", input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(mine(x)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
+    mine.backend = "reference"
+    (grad,) = torch.autograd.grad(mine(x)[0].square().sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    assert all(parameter.grad is not None for parameter in mine.parameters())

@@ -35,6 +35,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
 from rnnkit.kernels.cpu.projection import input_plan, step_projection
@@ -654,6 +655,7 @@ class GRUFunction(torch.autograd.Function):
         return output, h_last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_output, dh_last):
         x, h0, w_ih, w_hh, output = ctx.saved_tensors
         steps, batch, hidden = output.shape
