@@ -126,12 +126,15 @@ def run_layer(
     return run_opaque(backend.run_layer, spec, x, hx, weights, lengths)
 
 
-@torch.compiler.disable
 def run_opaque(function, *arguments):
     """function(*arguments), a fused kernel's call, kept out of torch.compile's tracing: the
     kernels are numba and Triton calls that dynamo cannot trace, so the compiled graph breaks
     around the call instead of tracing the numpy and ctypes glue up to them (which only slowed
     compiling and warned). The reference loop is plain torch, and stays traceable."""
+    if torch.compiler.is_compiling():
+        # Decorated here, not where defined: torch.compiler.disable imports dynamo (and with it
+        # Triton), which importing rnnkit must not; while compiling, dynamo is loaded already.
+        return torch.compiler.disable(function)(*arguments)
     return function(*arguments)
 
 
