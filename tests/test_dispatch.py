@@ -91,3 +91,13 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients_without_warnings(ma
         torch.testing.assert_close(got, want)
     dynamo_warnings = [str(w.message) for w in caught if "ynamo" in str(w.message)]
     assert dynamo_warnings == []
+
+
+def test_jit_trace_of_a_fused_layer_says_what_to_use_instead():
+    layer = rnnkit.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match="rnnkit.export_onnx, or trace a layer with backend"):
+        torch.jit.trace(layer, x)
+    layer.backend = "reference"
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    torch.testing.assert_close(traced(x)[0], layer(x)[0])

@@ -131,6 +131,14 @@ def run_opaque(function, *arguments):
     kernels are numba and Triton calls that dynamo cannot trace, so the compiled graph breaks
     around the call instead of tracing the numpy and ctypes glue up to them (which only slowed
     compiling and warned). The reference loop is plain torch, and stays traceable."""
+    if torch.jit.is_tracing():
+        # The tracer hands sizes over as tensors and cannot record the kernels; without this
+        # message numba failed on an argument's type.
+        raise RuntimeError(
+            "torch.jit.trace cannot record rnnkit's fused kernels (numba and Triton calls); "
+            "export RNN/LSTM/GRU layers with rnnkit.export_onnx, or trace a layer with "
+            "backend='reference' (the trace then holds its loop unrolled over the traced steps)"
+        )
     if torch.compiler.is_compiling():
         # Decorated here, not where defined: torch.compiler.disable imports dynamo (and with it
         # Triton), which importing rnnkit must not; while compiling, dynamo is loaded already.
