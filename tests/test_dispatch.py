@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -101,3 +103,32 @@ def test_jit_trace_of_a_fused_layer_says_what_to_use_instead():
     layer.backend = "reference"
     traced = torch.jit.trace(layer, x, check_trace=False)
     torch.testing.assert_close(traced(x)[0], layer(x)[0])
+
+
+def test_torch_export_as_a_process_first_call_exports_the_loop_and_leaves_the_kernels_loadable():
+    # torch.export swaps builtins that numba's import checks, so a first import of the kernels
+    # under it failed and was remembered as "not implemented": every later call in the process
+    # fell back to the reference loop. A fresh process makes this the first call.
+    script = """
+import torch, rnnkit
+x = torch.randn(2, 5, 4)
+for layer in (rnnkit.LSTM(4, 6, batch_first=True), rnnkit.MinGRU(4, 6, batch_first=True)):
+    for strict in (False, True):
+        program = torch.export.export(layer, (x,), strict=strict)
+        assert torch.allclose(program.module()(x)[0], layer(x)[0], atol=1e-6)
+layer = rnnkit.LSTM(4, 6, batch_first=True)
+assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+layer.backend = "cpu"
+try:
+    torch.export.export(layer, (x,))
+except RuntimeError as error:
+    assert "backend='cpu' cannot be exported" in str(error), error
+else:
+    raise AssertionError("backend='cpu' was exported")
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

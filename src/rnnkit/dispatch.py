@@ -69,12 +69,24 @@ def _load(name: str) -> Backend | str:
     if name not in _loaded:
         try:
             module = importlib.import_module(_KERNEL_MODULES[name])
-            _loaded[name] = module.backend
         except ImportError as error:
             _loaded[name] = f"the {name} kernels could not be imported ({error})"
-        except AttributeError:
-            _loaded[name] = f"the {name} kernels are not implemented in this version"
+        else:
+            backend = getattr(module, "backend", None)
+            if backend is None:
+                backend = f"the {name} kernels are not implemented in this version"
+            _loaded[name] = backend
     return _loaded[name]
+
+
+# What torch.export captures must be torch operations: the fused kernels (numba, Triton) are not.
+_EXPORT_REASON = "torch.export captures the reference loop, not the fused kernels"
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing (torch.compiler.is_exporting, torch >= 2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
 
 
 def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
@@ -91,6 +103,15 @@ def _select(
     reference = _loaded["reference"]
     if requested == "reference":
         return "reference", reference, "backend='reference' was requested"
+    if _exporting():
+        # Checked before any kernel is imported: torch.export swaps builtins (math.pow) that
+        # numba's typing registry checks on import, and the import would fail.
+        if requested == "auto":
+            return "reference", reference, f"auto: {_EXPORT_REASON}"
+        raise RuntimeError(
+            f"backend={requested!r} cannot be exported: {_EXPORT_REASON}; use "
+            "backend='auto' or 'reference'"
+        )
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
         backend = _load(candidate)
@@ -153,6 +174,13 @@ def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str
     supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if requested == "reference":
         return "reference", "backend='reference' was requested"
+    if _exporting():
+        if requested == "auto":
+            return "reference", f"auto: {_EXPORT_REASON}"
+        raise RuntimeError(
+            f"{owner}: backend={requested!r} cannot be exported: {_EXPORT_REASON}; use "
+            "backend='auto' or 'reference'"
+        )
     if requested == "auto":
         if x.is_cuda:
             unsupported = _gpu_elementwise_reason(x)
