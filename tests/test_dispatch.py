@@ -132,3 +132,27 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_torch_compile_as_a_process_first_call_loads_the_kernels_outside_the_trace():
+    # The kernels' first import ran inside dynamo's trace, which followed the import machinery
+    # (warning at posix.stat and posix.listdir) and recompiled over and over.
+    script = """
+import warnings, torch, rnnkit
+layer = rnnkit.LSTM(4, 6, batch_first=True)
+x = torch.randn(2, 5, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    compiled = torch.compile(lambda x: layer(x)[0], backend="aot_eager")
+    assert torch.allclose(compiled(x), layer(x)[0])
+messages = [str(w.message) for w in caught if "ynamo" in str(w.message)]
+assert messages == [], messages
+assert rnnkit.explain_backend(layer, x) == "auto: fused cpu kernel for cpu tensors"
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "recompil" not in done.stderr
+    assert done.stdout.strip().endswith("ok")

@@ -66,6 +66,15 @@ def check_backend_name(owner: str, backend: str) -> str:
 
 def _load(name: str) -> Backend | str:
     """The backend object, or a string saying why it cannot be used here."""
+    if name not in _loaded and torch.compiler.is_compiling():
+        # A first import under torch.compile: outside dynamo's trace, which would otherwise
+        # follow the import machinery (and numba's cache lookups) and warn at each builtin.
+        return torch.compiler.disable(_import_backend)(name)
+    return _import_backend(name)
+
+
+def _import_backend(name: str) -> Backend | str:
+    """_load's import, remembered in _loaded."""
     if name not in _loaded:
         try:
             module = importlib.import_module(_KERNEL_MODULES[name])
