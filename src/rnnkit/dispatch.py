@@ -88,14 +88,17 @@ def _import_backend(name: str) -> Backend | str:
     return _loaded[name]
 
 
-# What torch.export captures must be torch operations: the fused kernels (numba, Triton) are not.
-_EXPORT_REASON = "torch.export captures the reference loop, not the fused kernels"
-
-
-def _exporting() -> bool:
-    """Whether torch.export is tracing (torch.compiler.is_exporting, torch >= 2.5)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
+def _traced_reason() -> str | None:
+    """Why the fused kernels cannot run here, or None: torch.export captures only torch
+    operations, and torch.func's transforms (grad, vmap, ...) need autograd Functions written
+    for them, while the kernels are numba and Triton calls behind hand-written backwards."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    if is_exporting is not None and is_exporting():
+        return "torch.export captures the reference loop, not the fused kernels"
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        return "torch.func's transforms run the reference loop, not the fused kernels"
+    return None
 
 
 def resolve(requested: str, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> tuple[str, str]:
@@ -112,14 +115,14 @@ def _select(
     reference = _loaded["reference"]
     if requested == "reference":
         return "reference", reference, "backend='reference' was requested"
-    if _exporting():
-        # Checked before any kernel is imported: torch.export swaps builtins (math.pow) that
-        # numba's typing registry checks on import, and the import would fail.
+    # Checked before any kernel is imported: torch.export swaps builtins (math.pow) that
+    # numba's typing registry checks on import, and the import would fail.
+    traced = _traced_reason()
+    if traced is not None:
         if requested == "auto":
-            return "reference", reference, f"auto: {_EXPORT_REASON}"
+            return "reference", reference, f"auto: {traced}"
         raise RuntimeError(
-            f"backend={requested!r} cannot be exported: {_EXPORT_REASON}; use "
-            "backend='auto' or 'reference'"
+            f"backend={requested!r} cannot run here: {traced}; use backend='auto' or 'reference'"
         )
     if requested == "auto":
         candidate = "gpu" if x.is_cuda else "cpu"
@@ -183,12 +186,13 @@ def resolve_elementwise(owner: str, requested: str, x: Tensor) -> tuple[str, str
     supported = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if requested == "reference":
         return "reference", "backend='reference' was requested"
-    if _exporting():
+    traced = _traced_reason()
+    if traced is not None:
         if requested == "auto":
-            return "reference", f"auto: {_EXPORT_REASON}"
+            return "reference", f"auto: {traced}"
         raise RuntimeError(
-            f"{owner}: backend={requested!r} cannot be exported: {_EXPORT_REASON}; use "
-            "backend='auto' or 'reference'"
+            f"{owner}: backend={requested!r} cannot run here: {traced}; use backend='auto' or "
+            "'reference'"
         )
     if requested == "auto":
         if x.is_cuda:
