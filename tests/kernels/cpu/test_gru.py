@@ -360,5 +360,15 @@ def test_frozen_parameters_are_skipped_and_the_other_gradients_match(
         hx = torch.randn(2, 8, 10, dtype=torch.float64, requires_grad=True)
         lengths = torch.tensor([12, 1, 5, 12, 3, 7, 2, 9])
         assert_matches_reference(mine, reference, x, hx, lengths)
+        if reset_after:  # torch's form: torch.nn.GRU, packed, with the same parameters frozen
+            theirs = nn.GRU(6, 10, bidirectional=True, dtype=torch.float64)
+            theirs.load_state_dict(mine.state_dict())
+            for name, parameter in theirs.named_parameters():
+                parameter.requires_grad_(not name.startswith(frozen))
+            assert_all_close(
+                forward_backward(mine, x, hx, lengths, packed=True),
+                forward_backward(theirs, x, hx, lengths, packed=True),
+                torch.float64,
+            )
     finally:
         torch.set_num_threads(threads)
