@@ -247,8 +247,9 @@ class RNNBase(nn.Module):
 
     def layer_inputs(self, input, lengths=None) -> tuple[LayerSpec, Tensor, Tensor | None]:
         """Validated (spec, (T, B, I) input, lengths) as the dispatch sees them."""
-        if autocast_dtype(self._first_weight()) is not None:
-            input = in_weights_dtype(input, self._first_weight())
+        weight = self._first_weight()
+        if autocast_dtype(weight) is not None:
+            input = in_weights_dtype(input, weight)
         prepared = self._prepare(input, lengths)
         return self.spec, prepared.x, prepared.lengths
 
