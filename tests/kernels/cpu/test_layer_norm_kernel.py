@@ -93,7 +93,8 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
         monkeypatch.setattr(kernel, "_INPUT_SPLIT_ROWS", 1)
         w_hh = torch.empty(4 * 5, 5)
         split = 1 if kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
-        assert len(kernel._batch_parts(10, w_hh)) == split
+        assert len(kernel._batch_parts(10, w_hh, 8)) == split
+        assert len(kernel._batch_parts(10, w_hh, 7)) == 1  # too few steps to split
         calls = []
         original = kernel.threads.run_concurrently
         monkeypatch.setattr(
@@ -104,9 +105,9 @@ def test_batch_split_over_threads_matches_reference(cls, monkeypatch):
             ),
         )
         reference, fused = twins(cls, torch.float64, num_layers=2, bidirectional=True)
-        x = torch.randn(6, 10, 4, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(8, 10, 4, dtype=torch.float64, requires_grad=True)
         hx = initial_state(cls, 4, 10, torch.float64)
-        lengths = torch.tensor([6, 1, 4, 6, 3, 5, 2, 6, 5, 4])
+        lengths = torch.tensor([8, 1, 4, 8, 3, 5, 2, 7, 5, 4])
         assert_all_close(
             forward_backward(fused, x, hx, lengths),
             forward_backward(reference, x, hx, lengths),

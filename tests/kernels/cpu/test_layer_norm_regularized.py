@@ -111,11 +111,11 @@ def test_batch_split_over_threads_matches_the_reference_loop(
         monkeypatch.setattr(kernel, "_MIN_PART_STEP_WORK", 1)
         monkeypatch.setattr(kernel, "_MIN_PART", 1)
         split = 1 if kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
-        assert len(kernel._batch_parts(10, torch.empty(20, 5))) == split
+        assert len(kernel._batch_parts(10, torch.empty(20, 5), 8)) == split
         fused, reference = make_pair(cell, RATES["both"], torch.float64, bidirectional=True)
-        x = torch.randn(6, 10, 3, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(8, 10, 3, dtype=torch.float64, requires_grad=True)
         hx = initial_state(cell, 2, 10, 5, torch.float64)
-        lengths = torch.tensor([6, 1, 4, 6, 3, 5, 2, 6, 5, 4])
+        lengths = torch.tensor([8, 1, 4, 8, 3, 5, 2, 7, 5, 4])
         got = outputs_and_gradients(fused, x, hx, lengths, seed=2)
         expected = outputs_and_gradients(reference, x, hx, lengths, seed=2)
         for index, (a, b) in enumerate(zip(got, expected)):

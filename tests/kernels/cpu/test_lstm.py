@@ -161,8 +161,9 @@ def test_batch_split_over_threads_matches_reference(monkeypatch):
     torch.set_num_threads(2)
     split = 2 if lstm.BLAS_LIBRARY.startswith("MKL") else 1
     try:
-        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK)) == split
-        assert len(lstm._batch_parts(10, lstm._MIN_PART_STEP_WORK)) == 1
+        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 8)) == split
+        assert len(lstm._batch_parts(10, lstm._MIN_PART_STEP_WORK, 8)) == 1
+        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 7)) == 1  # few steps
         monkeypatch.setattr(lstm, "_MIN_PART_STEP_WORK", 1)
         torch.manual_seed(5)
         reference = rnnkit.LSTM(6, 48, bidirectional=True, proj_size=12, dtype=torch.float64)

@@ -170,7 +170,7 @@ def test_batch_parts_match_the_reference_loop(cell, monkeypatch, outputs_and_gra
     """Uneven parts of the batch (as run concurrently with several torch threads) give the
     reference loop's numbers: each part walks its own rows of the shared arrays."""
     parts = [slice(0, 1), slice(1, 4), slice(4, 7)]
-    monkeypatch.setattr(regularized, "_batch_parts", lambda batch, step_work: parts)
+    monkeypatch.setattr(regularized, "_batch_parts", lambda batch, step_work, steps: parts)
     fused, reference = make_pair(cell, (0.3, (0.2, 0.4)), torch.float64)
     x = torch.randn(9, 7, 3, dtype=torch.float64, requires_grad=True)
     hx = initial_state(cell, 7)
@@ -190,7 +190,7 @@ def test_input_projected_in_chunks_of_steps_matches_the_reference_loop(
     step read at its time position when walking backwards: 70 steps span several chunks, with
     a partial last one, in both directions with lengths."""
     monkeypatch.setattr(
-        regularized, "_batch_parts", lambda batch, step_work: [slice(0, 2), slice(2, 7)]
+        regularized, "_batch_parts", lambda batch, step_work, steps: [slice(0, 2), slice(2, 7)]
     )
     layer_class, options = CELLS[cell]
     options = options | {

@@ -68,6 +68,10 @@ def test_batch_parts_cover_the_batch_and_respect_the_minimums(two_threads):
     assert [i for part in parts for i in range(part.start, part.stop)] == list(range(9))
     assert len(threads.batch_parts(9, 9 * 100, min_rows=5, min_step_work=100)) == 1
     assert len(threads.batch_parts(9, 150, min_rows=1, min_step_work=100)) == 1
+    # A recurrent kernel's batch of few steps stays whole; from MIN_STEPS steps on it splits.
+    few, enough = threads.MIN_STEPS - 1, threads.MIN_STEPS
+    assert len(threads.batch_parts(9, 9 * 100, 2, 100, steps=few)) == 1
+    assert len(threads.batch_parts(9, 9 * 100, 2, 100, steps=enough)) == split
     torch.set_num_threads(1)
     assert len(threads.batch_parts(9, 9 * 100, min_rows=1, min_step_work=1)) == 1
 

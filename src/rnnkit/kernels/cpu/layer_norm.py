@@ -646,11 +646,11 @@ _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 18
 
 
-def _batch_parts(batch: int, w_hh: Tensor) -> list[slice]:
+def _batch_parts(batch: int, w_hh: Tensor, steps: int) -> list[slice]:
     if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
     step_work = batch * w_hh.shape[0] * w_hh.shape[1]
-    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps)
 
 
 def _run_parts(kernel, arguments: tuple, parts: list[slice], per_part=lambda: ()) -> list:
@@ -690,7 +690,7 @@ def _lstm_run(
         reverse, *masks, save, output.numpy(), h_n.numpy(), c_n.numpy(),
         *(tensor.numpy() for tensor in loop_saved), _use_packing(steps),
     )  # fmt: skip
-    _run_parts(_lstm_forward, arguments, _batch_parts(batch, w_hh))
+    _run_parts(_lstm_forward, arguments, _batch_parts(batch, w_hh, steps))
     return output, h_n, c_n, input_saved, loop_saved
 
 
@@ -742,7 +742,7 @@ class LayerNormLSTMDirection(torch.autograd.Function):
         def tail(*sums):
             return (*sums, d_h0.numpy(), d_c0.numpy(), _use_packing(steps))
 
-        parts = _batch_parts(batch, w_hh)
+        parts = _batch_parts(batch, w_hh, steps)
         sums = _run_parts(_lstm_backward, arguments, parts, lambda: tail(*accumulators()))
         d_g_hh, d_b_hh, d_g_c, d_b_c = (
             torch.from_numpy(sum(extra[index] for extra in sums)) for index in range(4)
@@ -786,7 +786,7 @@ def _gru_run(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, lengths, reverse, masks,
         _lengths_array(lengths, steps, batch), reverse, *masks, save, output.numpy(), h_n.numpy(),
         *(tensor.numpy() for tensor in loop_saved), _use_packing(steps),
     )  # fmt: skip
-    _run_parts(_gru_forward, arguments, _batch_parts(batch, w_hh))
+    _run_parts(_gru_forward, arguments, _batch_parts(batch, w_hh, steps))
     return output, h_n, input_saved, loop_saved
 
 
@@ -831,7 +831,7 @@ class LayerNormGRUDirection(torch.autograd.Function):
             sums = (np.zeros(3 * hidden, np.float64), np.zeros(3 * hidden, np.float64))
             return (*sums, d_h0.numpy(), _use_packing(steps))
 
-        sums = _run_parts(_gru_backward, arguments, _batch_parts(batch, w_hh), per_part)
+        sums = _run_parts(_gru_backward, arguments, _batch_parts(batch, w_hh, steps), per_part)
         d_g_hh, d_b_hh = (
             torch.from_numpy(sum(extra[index] for extra in sums)) for index in range(2)
         )

@@ -445,10 +445,10 @@ _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 18
 
 
-def _batch_parts(batch: int, step_work: int) -> list[slice]:
+def _batch_parts(batch: int, step_work: int, steps: int) -> list[slice]:
     if BLAS_LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
-    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps)
 
 
 def _run_parts(function, argument_lists: list[tuple]) -> None:
@@ -475,7 +475,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         reverse,
         _numpy(output),
     )
-    parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1])
+    parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1], steps)
     activations, cells, argument_lists = [], [], []
     for part in parts:
         size = part.stop - part.start

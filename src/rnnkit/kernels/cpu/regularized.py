@@ -466,11 +466,11 @@ def _rows(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1, tensor.size(-1))
 
 
-def _batch_parts(batch: int, step_work: int) -> list[slice]:
+def _batch_parts(batch: int, step_work: int, steps: int) -> list[slice]:
     """Slices of the batch whose time loops run concurrently (see threads.batch_parts)."""
     if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
-    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK)
+    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps)
 
 
 def _run(kernel, arguments: tuple, parts: list[slice], out: tuple) -> None:
@@ -500,7 +500,7 @@ class RegularizedFunction(torch.autograd.Function):
         out = torch.empty(steps, batch, hidden, dtype=dtype)
         hm = torch.empty(steps, batch, hidden, dtype=dtype)
         w = _array(w_hh)
-        parts = _batch_parts(batch, batch * w.shape[0] * hidden)
+        parts = _batch_parts(batch, batch * w.shape[0] * hidden, steps)
         use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
         lengths_array = lengths.numpy()
         masks = (_array(mask), _array(keep_h))
