@@ -25,6 +25,80 @@ def test_auto_names_the_backend_it_chose():
     assert text == "auto: fused cpu kernel for cpu tensors"
 
 
+SINGLE_STEP_LAYERS = {
+    "RNN tanh": (rnnkit.RNN, torch.nn.RNN, {}),
+    "RNN relu": (rnnkit.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+    "GRU": (rnnkit.GRU, torch.nn.GRU, {}),
+    "LSTM": (rnnkit.LSTM, torch.nn.LSTM, {}),
+}
+SINGLE_STEP_OPTIONS = [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}]
+
+
+@pytest.mark.parametrize("options", SINGLE_STEP_OPTIONS + [{"bias": False}])
+@pytest.mark.parametrize("layer", SINGLE_STEP_LAYERS.values(), ids=SINGLE_STEP_LAYERS.keys())
+def test_one_time_step_runs_torch_cell_ops_and_matches_torch_nn(layer, options, monkeypatch):
+    # A decoder calls its layer once per step, carrying the state: three such calls, then the
+    # gradients of everything, against torch.nn.
+    ran = []
+    original = dispatch.run_layer_single_step
+    monkeypatch.setattr(
+        dispatch, "run_layer_single_step", lambda *args: ran.append(1) or original(*args)
+    )
+    mine_class, theirs_class, extra = layer
+    torch.manual_seed(0)
+    theirs = theirs_class(5, 7, **extra, **options, dtype=torch.float64)
+    mine = mine_class(5, 7, **extra, **options, dtype=torch.float64)
+    mine.load_state_dict(theirs.state_dict())
+    steps = torch.randn(3, 4, 1, 5, dtype=torch.float64, requires_grad=True)
+    if not options.get("batch_first"):
+        steps = steps.transpose(1, 2)  # (3, 1, 4, 5): time-major chunks
+    assert "one time step" in rnnkit.explain_backend(mine, steps[0])
+    results = []
+    for module in (mine, theirs):
+        state, outputs = None, []
+        for chunk in steps.unbind(0):
+            output, state = module(chunk, state)
+            outputs.append(output)
+        finals = state if isinstance(state, tuple) else (state,)
+        loss = sum((o * o.new_tensor(range(o.numel())).view(o.shape)).sum() for o in outputs)
+        loss = loss + sum((f * f).sum() for f in finals)
+        grads = torch.autograd.grad(loss, [steps, *module.parameters()])
+        results.append([*outputs, *finals, *grads])
+    assert len(ran) == 3 * (options.get("num_layers", 1))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    unbatched = torch.randn(1, 5, dtype=torch.float64)
+    torch.testing.assert_close(mine(unbatched)[0], theirs(unbatched)[0], atol=1e-12, rtol=1e-12)
+
+
+NOT_SINGLE_STEP = {
+    "LSTM with proj_size": lambda: rnnkit.LSTM(3, 4, proj_size=2),
+    "GRU, reset before": lambda: rnnkit.GRU(3, 4, reset_after=False),
+    "GRU with zoneout": lambda: rnnkit.GRU(3, 4, zoneout=0.1).eval(),
+    "RNN with recurrent dropout": lambda: rnnkit.RNN(3, 4, recurrent_dropout=0.2).train(),
+    "LayerNormLSTM": lambda: rnnkit.LayerNormLSTM(3, 4),
+}
+
+
+@pytest.mark.parametrize("make", NOT_SINGLE_STEP.values(), ids=NOT_SINGLE_STEP.keys())
+def test_one_step_that_torch_has_no_cell_op_for_runs_the_fused_kernel(make):
+    assert rnnkit.explain_backend(make(), torch.randn(1, 2, 3)) == (
+        "auto: fused cpu kernel for cpu tensors"
+    )
+
+
+def test_one_step_runs_the_requested_kernel_and_several_steps_the_fused_kernel(monkeypatch):
+    monkeypatch.setattr(dispatch, "run_layer_single_step", None)  # would fail if called
+    torch.manual_seed(1)
+    for layer in (rnnkit.GRU(3, 4, backend="cpu"), rnnkit.GRU(3, 4)):
+        x = torch.randn(2 if layer.backend == "auto" else 1, 5, 3, requires_grad=True)
+        expected = layer.to_torch()(x)[0]
+        output = layer(x)[0]
+        output.sum().backward()
+        torch.testing.assert_close(output, expected)
+    assert rnnkit.explain_backend(layer, torch.randn(2, 5, 3)).startswith("auto: fused cpu")
+
+
 def test_explain_validates_input():
     with pytest.raises(ValueError, match="input_size=3"):
         rnnkit.explain_backend(rnnkit.GRU(3, 4), torch.randn(2, 1, 5))

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rnnkit.scan import State, run_layer_reference
+from rnnkit.scan import State, run_layer_reference, run_layer_single_step, single_step_covers
 from rnnkit.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "cpu", "gpu")
@@ -54,7 +54,23 @@ class ReferenceBackend:
         return run_layer_reference(spec, x, hx, weights, lengths)
 
 
+class SingleStepBackend:
+    """One time step: torch's own fused cell ops (those of torch.nn's cells). There is no loop
+    over time to fuse, and a fused kernel's set-up (its arguments, buffers and batch parts) cost
+    more than the step: a decoder that calls a layer once per step ran slower through the kernels
+    than through torch.nn."""
+
+    def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
+        if x.size(0) != 1 or not x.is_cpu or not single_step_covers(spec):
+            return "not one time step of a plain layer on the CPU"
+        return None
+
+    def run_layer(self, spec, x, hx, weights, lengths):
+        return run_layer_single_step(spec, x, hx, weights)
+
+
 _loaded: dict[str, Backend | str] = {"reference": ReferenceBackend()}
+_SINGLE_STEP = SingleStepBackend()
 
 
 def check_backend_name(owner: str, backend: str) -> str:
@@ -125,6 +141,10 @@ def _select(
             f"backend={requested!r} cannot run here: {traced}; use backend='auto' or 'reference'"
         )
     if requested == "auto":
+        # On CUDA the Triton path stays: not measured against torch's cell ops on a GPU.
+        if x.size(0) == 1 and x.is_cpu and single_step_covers(spec):
+            reason = "auto: one time step: torch's fused cell op (no loop over time to fuse)"
+            return "step", _SINGLE_STEP, reason if explain else ""
         candidate = "gpu" if x.is_cuda else "cpu"
         backend = _load(candidate)
         if isinstance(backend, str):
@@ -154,7 +174,7 @@ def run_layer(
 ) -> tuple[Tensor, list[State]]:
     """Run one layer (all directions) on the backend that `resolve` picks."""
     name, backend, _ = _select(requested, spec, x, lengths, explain=False)
-    if name == "reference":
+    if name in ("reference", "step"):  # torch operations: traceable as they are
         return backend.run_layer(spec, x, hx, weights, lengths)
     return run_opaque(backend.run_layer, spec, x, hx, weights, lengths)
 

@@ -98,3 +98,47 @@ def run_layer_reference(
         outputs.append(output)
         finals.append(final)
     return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], finals
+
+
+# torch's own fused cell ops, what torch.nn.RNNCell, GRUCell and LSTMCell run, by spec mode.
+_TORCH_CELL_OPS = {
+    "RNN_TANH": torch.rnn_tanh_cell,
+    "RNN_RELU": torch.rnn_relu_cell,
+    "GRU": torch.gru_cell,
+    "LSTM": torch.lstm_cell,
+}
+
+
+def single_step_covers(spec: LayerSpec) -> bool:
+    """Whether torch's fused cell op computes this layer's step: a plain RNN, torch's form of the
+    GRU, an LSTM without projection, with no regulariser inside the recurrence."""
+    # Imported here: rnnkit.variants imports the layers, which import this module.
+    from rnnkit.variants.regularization import in_loop_regularizers
+
+    if spec.mode not in _TORCH_CELL_OPS or spec.proj_size > 0:
+        return False
+    if spec.mode == "GRU" and not spec.reset_after:
+        return False
+    return in_loop_regularizers(spec) is None
+
+
+def run_layer_single_step(
+    spec: LayerSpec,
+    x: Tensor,
+    hx: Sequence[State],
+    weights: Sequence[Sequence[Tensor | None]],
+) -> tuple[Tensor, list[State]]:
+    """(1, B, I) -> (1, B, D * H_out) and one final state per direction: one time step of each
+    direction by torch's fused cell op (single_step_covers(spec) must hold)."""
+    cell = _TORCH_CELL_OPS[spec.mode]
+    x_t = x[0]
+    outputs, finals = [], []
+    for state, (w_ih, w_hh, b_ih, b_hh, *_) in zip(hx, weights):
+        if spec.mode == "LSTM":
+            final = tuple(cell(x_t, state, w_ih, w_hh, b_ih, b_hh))
+        else:
+            final = (cell(x_t, state[0], w_ih, w_hh, b_ih, b_hh),)
+        outputs.append(final[0])
+        finals.append(final)
+    output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+    return output.unsqueeze(0), finals

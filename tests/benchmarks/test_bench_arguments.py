@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,33 @@ def test_barrier_benchmark_refuses_no_repeats_and_skips_without_cuda(capsys, mon
     assert bench_gpu_barrier.main(["--json", str(tmp_path / "barrier.json")]) == 0
     assert "no CUDA device" in capsys.readouterr().out
     assert not (tmp_path / "barrier.json").exists()
+
+
+def test_decoder_benchmark_refuses_unknown_cells_and_no_steps(capsys):
+    import bench_decoder
+
+    assert bench_decoder.parse_args(["--cells", "gru, lstm"]).cell_list == ["gru", "lstm"]
+    with pytest.raises(SystemExit):
+        bench_decoder.parse_args(["--cells", "gru,transformer"])
+    assert "--cells: each must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_decoder.parse_args(["--steps", "0"])
+    assert "--steps and --repeats must be >= 1, got 0 and 15" in capsys.readouterr().err
+
+
+def test_decoder_benchmark_checks_its_implementations_agree_and_writes_json(
+    tmp_path, capsys, monkeypatch
+):
+    import bench_decoder
+
+    monkeypatch.setattr(bench_decoder, "CONFIGS", [(2, 8)])
+    path = tmp_path / "decoder.json"
+    arguments = ["--cells", "gru", "--steps", "3", "--repeats", "1", "--json", str(path)]
+    assert bench_decoder.main(arguments) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["cell"], row["mode"]) for row in rows] == [
+        ("gru", "inference"),
+        ("gru", "training"),
+    ]
+    assert set(rows[0]["ms"]) == set(bench_decoder.IMPLEMENTATIONS)
+    assert "torch/auto" in capsys.readouterr().out
