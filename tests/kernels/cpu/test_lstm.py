@@ -163,7 +163,8 @@ def test_batch_split_over_threads_matches_reference(monkeypatch):
     try:
         assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 8)) == split
         assert len(lstm._batch_parts(10, lstm._MIN_PART_STEP_WORK, 8)) == 1
-        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 7)) == 1  # few steps
+        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 3)) == split
+        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 2)) == 1  # few steps
         monkeypatch.setattr(lstm, "_MIN_PART_STEP_WORK", 1)
         torch.manual_seed(5)
         reference = rnnkit.LSTM(6, 48, bidirectional=True, proj_size=12, dtype=torch.float64)

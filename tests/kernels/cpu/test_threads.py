@@ -72,6 +72,7 @@ def test_batch_parts_cover_the_batch_and_respect_the_minimums(two_threads):
     few, enough = threads.MIN_STEPS - 1, threads.MIN_STEPS
     assert len(threads.batch_parts(9, 9 * 100, 2, 100, steps=few)) == 1
     assert len(threads.batch_parts(9, 9 * 100, 2, 100, steps=enough)) == split
+    assert len(threads.batch_parts(9, 9 * 100, 2, 100, steps=3, min_steps=3)) == split
     torch.set_num_threads(1)
     assert len(threads.batch_parts(9, 9 * 100, min_rows=1, min_step_work=1)) == 1
 

@@ -96,22 +96,27 @@ def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> Non
         raise errors[0]
 
 
-# A recurrent kernel's batch of fewer steps than this runs as one part. Its per-step products are
-# then MKL's on all of torch's threads (the kernels pack weights for rnnkit's single-threaded
-# panels from 8 steps on), and each part's own weight-gradient buffers and their sum cost more
-# than the split saves: a training step of one part against two at B = 32, H = 128-512 took
-# 1.1-2.3x less time at T = 1, about the same at T = 3-6, and more from T = 8 on.
+# By default a recurrent kernel's batch of fewer steps than this runs as one part. Its per-step
+# products are then MKL's on all of torch's threads (the kernels pack weights for rnnkit's
+# single-threaded panels from 8 steps on), and each part's own weight-gradient buffers and their
+# sum cost more than the split saves: a GRU's or RNN's training step of one part against two at
+# B = 32-64, H = 128-512 took 1.2-2.3x less time at T = 1, 1.0-1.4x at T = 2-6, more from T = 8.
 MIN_STEPS = 8
 
 
 def batch_parts(
-    batch: int, step_work: int, min_rows: int, min_step_work: int, steps: int | None = None
+    batch: int,
+    step_work: int,
+    min_rows: int,
+    min_step_work: int,
+    steps: int | None = None,
+    min_steps: int = MIN_STEPS,
 ) -> list[slice]:
     """Slices of the batch whose time loops run concurrently: one per thread, each with at least
     min_rows rows and min_step_work multiply-adds of the per-step product (step_work in all);
-    a recurrent kernel's batch of fewer than MIN_STEPS steps is not split."""
+    a recurrent kernel's batch of fewer than min_steps steps is not split."""
     min_rows, min_step_work = max(1, min_rows), max(1, min_step_work)
-    if steps is not None and steps < MIN_STEPS:
+    if steps is not None and steps < min_steps:
         return [slice(0, batch)]
     if batch < 2 * min_rows or step_work < 2 * min_step_work:
         return [slice(0, batch)]  # too small to split at any thread count (the usual batch 1)
