@@ -1,10 +1,12 @@
 """A decoder's loop: a layer called once per time step, its state carried from call to call.
 
-    python benchmarks/bench_decoder.py [--cells rnn,gru,lstm] [--steps 20] [--repeats 15]
+    python benchmarks/bench_decoder.py [--cells rnn,gru,lstm] [--steps 20] [--chunk 1]
+                                       [--repeats 15]
 
-Each sample runs `steps` calls of one time step (batch_first (B, 1, H) chunks, the state of one
-call fed to the next), then for training the backward of the sum of all outputs (gradients for
-the parameters and the input). Implementations, all with the same weights and in one process,
+Each sample runs a sequence of `steps` time steps through calls of `chunk` steps each
+(batch_first (B, chunk, H), the state of one call fed to the next: a decoder's loop at chunk 1,
+short chunks of a stream above it), then for training the backward of the sum of all outputs
+(gradients for the parameters and the input). Implementations, all with the same weights and in one process,
 taking turns sample by sample: rnnkit with backend="auto" (which runs one time step through
 torch's fused cell op), rnnkit with backend="cpu" (its fused kernel forced: what "auto" ran
 before), and torch.nn. The outputs are compared before timing. Prints a table of medians and
@@ -47,13 +49,15 @@ def build(cell: str, hidden: int) -> dict[str, torch.nn.Module]:
     return dict(zip(IMPLEMENTATIONS, (auto, kernel, reference)))
 
 
-def decoder_loop(layer: torch.nn.Module, steps: torch.Tensor, train: bool) -> Callable[[], list]:
-    """A sample: one call per time step of (B, T, I) steps, then the backward if training."""
+def decoder_loop(
+    layer: torch.nn.Module, steps: torch.Tensor, chunk: int, train: bool
+) -> Callable[[], list]:
+    """A sample: one call per chunk of (B, T, I) steps, then the backward if training."""
 
     def run() -> list:
         state, outputs = None, []
-        for t in range(steps.size(1)):
-            output, state = layer(steps[:, t : t + 1], state)
+        for t in range(0, steps.size(1), chunk):
+            output, state = layer(steps[:, t : t + chunk], state)
             outputs.append(output)
         if train:
             torch.cat(outputs, dim=1).sum().backward()
@@ -71,7 +75,8 @@ def time_config(cell: str, batch: int, hidden: int, args) -> list[dict]:
     rows = []
     for mode in ("inference", "training"):
         loops = {
-            name: decoder_loop(layer, steps, mode == "training") for name, layer in layers.items()
+            name: decoder_loop(layer, steps, args.chunk, mode == "training")
+            for name, layer in layers.items()
         }
         expected = torch.cat(loops["torch.nn"](), dim=1)
         for name in IMPLEMENTATIONS[:2]:
@@ -85,7 +90,8 @@ def time_config(cell: str, batch: int, hidden: int, args) -> list[dict]:
                 samples[name].append((time.perf_counter() - start) * 1e3)
         times = {name: statistics.median(values[2:]) for name, values in samples.items()}
         rows.append({
-            "cell": cell, "batch": batch, "hidden": hidden, "steps": args.steps, "mode": mode,
+            "cell": cell, "batch": batch, "hidden": hidden, "steps": args.steps,
+            "chunk": args.chunk, "mode": mode,
             "ms": times,
             "torch_over_auto": times["torch.nn"] / times["rnnkit auto"],
             "torch_over_kernel": times["torch.nn"] / times["rnnkit cpu kernel"],
@@ -96,7 +102,8 @@ def time_config(cell: str, batch: int, hidden: int, args) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="rnn,gru,lstm", help="comma-separated: rnn,gru,lstm")
-    parser.add_argument("--steps", type=int, default=20, help="calls per sample (default 20)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per sample (default 20)")
+    parser.add_argument("--chunk", type=int, default=1, help="steps per call (default 1)")
     parser.add_argument("--repeats", type=int, default=15, help="timed samples (default 15)")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
@@ -104,8 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.cell_list if c not in CELLS]
     if unknown or not args.cell_list:
         parser.error(f"--cells: each must be one of {sorted(CELLS)}, got {args.cells!r}")
-    if args.steps < 1 or args.repeats < 1:
-        parser.error(f"--steps and --repeats must be >= 1, got {args.steps} and {args.repeats}")
+    if min(args.steps, args.chunk, args.repeats) < 1:
+        parser.error(
+            f"--steps, --chunk and --repeats must be >= 1, got {args.steps}, {args.chunk} and "
+            f"{args.repeats}"
+        )
     return args
 
 
@@ -116,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     for cell, batch, hidden in tqdm(work, desc="decoder", unit="config"):
         rows.extend(time_config(cell, batch, hidden, args))
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; {args.steps} one-step calls per sample, median "
-          f"of {args.repeats}, ms")  # fmt: skip
+          f"{torch.get_num_threads()} threads; {args.steps} steps per sample in calls of "
+          f"{args.chunk}, median of {args.repeats}, ms")  # fmt: skip
     header = f"{'cell':5} {'B':>3} {'H':>4} {'mode':10} " + " ".join(
         f"{name:>17}" for name in IMPLEMENTATIONS
     )
@@ -129,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['torch_over_auto']:10.2f}x {row['torch_over_kernel']:12.2f}x"
         )
     payload = {"machine": platform.platform(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "steps": args.steps, "repeats": args.repeats,
-               "rows": rows}  # fmt: skip
+               "torch": torch.__version__, "steps": args.steps, "chunk": args.chunk,
+               "repeats": args.repeats, "rows": rows}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False) as handle:
         json.dump(payload, handle, indent=1)

@@ -57,7 +57,7 @@ def test_decoder_benchmark_refuses_unknown_cells_and_no_steps(capsys):
     assert "--cells: each must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_decoder.parse_args(["--steps", "0"])
-    assert "--steps and --repeats must be >= 1, got 0 and 15" in capsys.readouterr().err
+    assert "--steps, --chunk and --repeats must be >= 1, got 0, 1 and 15" in capsys.readouterr().err
 
 
 def test_decoder_benchmark_checks_its_implementations_agree_and_writes_json(
@@ -67,7 +67,8 @@ def test_decoder_benchmark_checks_its_implementations_agree_and_writes_json(
 
     monkeypatch.setattr(bench_decoder, "CONFIGS", [(2, 8)])
     path = tmp_path / "decoder.json"
-    arguments = ["--cells", "gru", "--steps", "3", "--repeats", "1", "--json", str(path)]
+    arguments = ["--cells", "gru", "--steps", "5", "--chunk", "2", "--repeats", "1"]
+    arguments += ["--json", str(path)]
     assert bench_decoder.main(arguments) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(row["cell"], row["mode"]) for row in rows] == [
