@@ -7,7 +7,7 @@ time, every direction, variable lengths and initial states; the layer does stack
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import Tensor
@@ -109,6 +109,7 @@ _TORCH_CELL_OPS = {
 }
 
 
+@lru_cache(maxsize=256)
 def single_step_covers(spec: LayerSpec) -> bool:
     """Whether torch's fused cell op computes this layer's step: a plain RNN, torch's form of the
     GRU, an LSTM without projection, with no regulariser inside the recurrence."""
