@@ -71,6 +71,17 @@ def test_one_time_step_runs_torch_cell_ops_and_matches_torch_nn(layer, options, 
     torch.testing.assert_close(mine(unbatched)[0], theirs(unbatched)[0], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("layer", SINGLE_STEP_LAYERS.values(), ids=SINGLE_STEP_LAYERS.keys())
+def test_one_time_step_output_and_final_state_are_separate_tensors(layer):
+    # As torch.nn's: an in-place change to one must not change the other.
+    mine_class, _, extra = layer
+    output, state = mine_class(3, 4, **extra)(torch.randn(1, 2, 3))
+    h_n = state[0] if isinstance(state, tuple) else state
+    before = h_n.clone()
+    output.data.add_(1.0)
+    torch.testing.assert_close(h_n, before)
+
+
 NOT_SINGLE_STEP = {
     "LSTM with proj_size": lambda: rnnkit.LSTM(3, 4, proj_size=2),
     "GRU, reset before": lambda: rnnkit.GRU(3, 4, reset_after=False),
