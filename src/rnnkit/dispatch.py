@@ -61,6 +61,7 @@ class SingleStepBackend:
     than through torch.nn."""
 
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
+        # CUDA tensors keep the Triton path: not measured against torch's cell ops on a GPU.
         if x.size(0) != 1 or not x.is_cpu or not single_step_covers(spec):
             return "not one time step of a plain layer on the CPU"
         return None
@@ -141,8 +142,7 @@ def _select(
             f"backend={requested!r} cannot run here: {traced}; use backend='auto' or 'reference'"
         )
     if requested == "auto":
-        # On CUDA the Triton path stays: not measured against torch's cell ops on a GPU.
-        if x.size(0) == 1 and x.is_cpu and single_step_covers(spec):
+        if _SINGLE_STEP.unsupported_reason(spec, x, lengths) is None:
             reason = "auto: one time step: torch's fused cell op (no loop over time to fuse)"
             return "step", _SINGLE_STEP, reason if explain else ""
         candidate = "gpu" if x.is_cuda else "cpu"

@@ -100,7 +100,7 @@ def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> Non
 # products are then MKL's on all of torch's threads (the kernels pack weights for rnnkit's
 # single-threaded panels from 8 steps on), and each part's own weight-gradient buffers and their
 # sum cost more than the split saves: a GRU's or RNN's training step of one part against two at
-# B = 32-64, H = 128-512 took 1.2-2.3x less time at T = 1, 1.0-1.4x at T = 2-6, more from T = 8.
+# B = 32-64, H = 128-512 took 1.2-2.3x less time at T = 1, 0.9-1.55x at T = 2-6, more from T = 8.
 MIN_STEPS = 8
 
 
