@@ -110,6 +110,11 @@ def no_automatic_collection():
 def test_the_arguments_are_released_when_the_call_returns(two_threads, no_automatic_collection):
     # A ctypes callback made per call sits in a reference cycle, and held every part's arrays
     # until the collector's next pass (hundreds of MiB over a training loop).
+    warm = np.zeros(1000)
+    threads.run_concurrently(_fill, [(warm[:500], 1.0), (warm[500:], 2.0)])
+    # Garbage that the first team call turns loose (left by an earlier test's torch.compile when
+    # tests run in another order) is not this call's.
+    gc.collect()
     target = np.zeros(1000)
     released = weakref.ref(target)
     threads.run_concurrently(_fill, [(target[:500], 1.0), (target[500:], 2.0)])
