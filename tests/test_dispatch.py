@@ -180,6 +180,17 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients_without_warnings(ma
     assert dynamo_warnings == []
 
 
+def test_torch_compile_of_a_one_step_call_traces_the_cell_op_without_warnings():
+    torch._dynamo.reset()
+    layer = rnnkit.GRU(6, 8, batch_first=True)
+    x = torch.randn(3, 1, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(lambda x: layer(x)[0], backend="aot_eager")
+        torch.testing.assert_close(compiled(x), layer(x)[0])
+    assert [str(w.message) for w in caught] == []
+
+
 def test_jit_trace_of_a_fused_layer_says_what_to_use_instead():
     layer = rnnkit.LSTM(3, 4)
     x = torch.randn(5, 2, 3)

@@ -7,7 +7,7 @@ time, every direction, variable lengths and initial states; the layer does stack
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -109,18 +109,27 @@ _TORCH_CELL_OPS = {
 }
 
 
-@lru_cache(maxsize=256)
+# Memoised in a plain dict, not functools.cache: torch.compile traces a dict lookup quietly but
+# warns at every cache-wrapped call (as layers._suffixed).
+_SINGLE_STEP_COVERS: dict[LayerSpec, bool] = {}
+
+
 def single_step_covers(spec: LayerSpec) -> bool:
     """Whether torch's fused cell op computes this layer's step: a plain RNN, torch's form of the
     GRU, an LSTM without projection, with no regulariser inside the recurrence."""
-    # Imported here: rnnkit.variants imports the layers, which import this module.
-    from rnnkit.variants.regularization import in_loop_regularizers
+    covers = _SINGLE_STEP_COVERS.get(spec)
+    if covers is None:
+        # Imported here: rnnkit.variants imports the layers, which import this module.
+        from rnnkit.variants.regularization import in_loop_regularizers
 
-    if spec.mode not in _TORCH_CELL_OPS or spec.proj_size > 0:
-        return False
-    if spec.mode == "GRU" and not spec.reset_after:
-        return False
-    return in_loop_regularizers(spec) is None
+        covers = (
+            spec.mode in _TORCH_CELL_OPS
+            and spec.proj_size == 0
+            and (spec.mode != "GRU" or spec.reset_after)
+            and in_loop_regularizers(spec) is None
+        )
+        _SINGLE_STEP_COVERS[spec] = covers
+    return covers
 
 
 def run_layer_single_step(
