@@ -17,16 +17,13 @@ asserts no times.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_layers import machine_info, write_json
 from tqdm import tqdm
 
 import rnnkit
@@ -125,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for cell, batch, hidden in tqdm(work, desc="decoder", unit="config"):
         rows.extend(time_config(cell, batch, hidden, args))
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; {args.steps} steps per sample in calls of "
-          f"{args.chunk}, median of {args.repeats}, ms")  # fmt: skip
+    machine = machine_info("cpu")
+    print(f"\n{machine['cpu']}, torch {machine['torch']} with {machine['torch_threads']} threads; "
+          f"{args.steps} steps per sample in calls of {args.chunk}, median of {args.repeats}, "
+          "ms")  # fmt: skip
     header = f"{'cell':5} {'B':>3} {'H':>4} {'mode':10} " + " ".join(
         f"{name:>17}" for name in IMPLEMENTATIONS
     )
@@ -138,13 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['cell']:5} {row['batch']:>3} {row['hidden']:>4} {row['mode']:10} {times} "
             f"{row['torch_over_auto']:10.2f}x {row['torch_over_kernel']:12.2f}x"
         )
-    payload = {"machine": platform.platform(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "steps": args.steps, "chunk": args.chunk,
+    payload = {"machine": machine, "steps": args.steps, "chunk": args.chunk,
                "repeats": args.repeats, "rows": rows}  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False) as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(handle.name, args.json)
+    write_json(args.json, payload)
     print(f"wrote {args.json}")
     return 0
 
