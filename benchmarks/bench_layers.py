@@ -16,8 +16,8 @@ matmuls only (forward 2*T*B*G*H*(I+H), training three times that) next to the ma
 measured matmul GFLOP/s. Peak memory: the growth of peak resident memory (CUDA: peak allocated)
 over one training step at T=1000, and over a loop of LOOP_STEPS such steps (what a training loop
 holds: memory a step leaves behind shows here, not in one step), each implementation in a fresh
-subprocess. A row that fails
-shows its error instead of a time. Prints a table, writes JSON; asserts no times.
+subprocess. A row that fails shows its error instead of a time. Prints a table, writes JSON;
+asserts no times.
 """
 
 from __future__ import annotations
@@ -352,13 +352,12 @@ def memory_child(cell: str, implementation: str, device: str, dtype_name: str) -
         before = resident_bytes("VmRSS")
 
         def peak_growth(calls: int) -> int:
-            if reset_peak_resident():
-                for _ in range(calls):
-                    training()
-                return resident_bytes("VmHWM") - before
-            # No /proc/self/clear_refs: the lifetime peak, which may hide a smaller step.
+            reset = reset_peak_resident()
             for _ in range(calls):
                 training()
+            if reset:
+                return resident_bytes("VmHWM") - before
+            # No /proc/self/clear_refs: the lifetime peak, which may hide a smaller step.
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
     growth = peak_growth(1)
