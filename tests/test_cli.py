@@ -182,12 +182,17 @@ def test_binary_file_is_rejected_for_lm(tmp_path):
 def test_train_uses_torchs_threads_unless_told(tmp_path, text_file, threads):
     # The fused kernels run parts of a batch on torch's threads, so training leaves torch's
     # default (OMP_NUM_THREADS, or a thread per core) alone unless --threads is given.
+    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    told = [] if threads is None else ["--threads", threads]
-    out = tmp_path / "lm"
-    result = run("train", "lm", "--data", text_file, "--out", out, "--seq-len", "8", *TINY, *told)
-    assert result.exit_code == 0, result.output
-    assert torch.get_num_threads() == (2 if threads is None else threads)
+    try:
+        told = [] if threads is None else ["--threads", threads]
+        out = tmp_path / "lm"
+        options = ["--data", text_file, "--out", out, "--seq-len", "8", *TINY, *told]
+        result = run("train", "lm", *options)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == (2 if threads is None else threads)
+    finally:
+        torch.set_num_threads(previous)  # the tests after this one keep their threads
 
 
 def test_generate_and_eval_lm(lm_run):
