@@ -15,8 +15,25 @@ import torch
 from numba.core.errors import NumbaIRAssumptionWarning
 from torch import Tensor
 
-from rnnkit.kernels.cpu import gru, layer_norm, lstm, regularized, rnn
+from rnnkit.kernels.cpu.cache import keyed_numba_cache
 from rnnkit.spec import LayerSpec
+
+# Every module that compiles with cache=True, imported here: numba picks a function's cache
+# directory when it is decorated (cache.py). Importing any of them runs this package first.
+with keyed_numba_cache():
+    from rnnkit.kernels.cpu import (  # noqa: F401
+        blas,
+        gru,
+        indrnn,
+        layer_norm,
+        lstm,
+        minimal,
+        panels,
+        projection,
+        random_masks,
+        regularized,
+        rnn,
+    )
 
 # Compiling the layer-norm kernels, which inline the GRU file's tanh overload, trips one of
 # numba's internal "pedantic" SSA checks (numba 0.68): a note for numba's developers, printed to
