@@ -61,6 +61,54 @@ def test_prepared_weight_products_match_numpy(rows, trans_b, dtype):
         assert (packed.size > 0) == blas.PACKED_GEMM
 
 
+@pytest.mark.skipif(not blas.LIBRARY.startswith("MKL"), reason="MKL's packed form needs MKL")
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_mkl_packed_form_serves_fewer_rows_than_packed_for(trans_b):
+    # A weight packed for a chunk of rows also serves a last, shorter chunk and a batch part.
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((256, 48) if trans_b else (48, 256)).astype(np.float32)
+    work = blas.workspace(weight)
+    packed = blas._mkl_pack(32, weight, trans_b, work)
+    assert packed.size % blas.panels.PANEL == 1  # how gemm_weight tells it from the panels
+    for rows in (32, 13, 8, 1):
+        a = rng.standard_normal((rows, 48)).astype(np.float32)
+        c = np.ones((rows, 256), np.float32)
+        blas.gemm_weight(a, weight, trans_b, packed, c, True, work)
+        expected = a @ (weight.T if trans_b else weight) + 1
+        np.testing.assert_allclose(c, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not blas.PANELS, reason="the panels need AVX-512")
+def test_prepare_weight_takes_the_packed_form_chosen_for_the_rows():
+    rng = np.random.default_rng(4)
+    large = rng.standard_normal((blas.MKL_PACK_MIN_WEIGHT // 128, 128)).astype(np.float32)
+    small = large[:-1]
+    work = blas.workspace(large)
+    for weight in (large, small):
+        for rows in (1, blas.MKL_PACK_MIN_ROWS - 1, blas.MKL_PACK_MIN_ROWS, 64):
+            packed = blas.prepare_weight(rows, weight, True, True, work)[2]
+            wide = rows >= blas.MKL_PACK_MIN_ROWS and weight.size >= blas.MKL_PACK_MIN_WEIGHT
+            mkl_form = blas.MKL_PACKS_WIDE and wide
+            assert packed.size % blas.panels.PANEL == (1 if mkl_form else 0), (rows, weight.shape)
+
+
+def test_packed_form_choice_follows_the_environment_and_the_cpu(monkeypatch):
+    monkeypatch.setattr(blas, "PANELS", True)
+    monkeypatch.setattr(blas, "LIBRARY", "MKL (torch)")
+    assert blas._choose_mkl_packs_wide("mkl") and not blas._choose_mkl_packs_wide("panels")
+    for vendor, expected in (("GenuineIntel", True), ("AuthenticAMD", False), ("", False)):
+        monkeypatch.setattr(blas, "_cpu_vendor", lambda vendor=vendor: vendor)
+        assert blas._choose_mkl_packs_wide("auto") == expected, vendor
+    monkeypatch.setattr(blas, "PANELS", False)  # no AVX-512: MKL's form is the only one anyway
+    assert not blas._choose_mkl_packs_wide("mkl")
+    with pytest.raises(ValueError, match="RNNKIT_CPU_PACKED_FORM must be one of"):
+        blas._choose_mkl_packs_wide("blocks")
+    monkeypatch.setattr(blas, "LIBRARY", "OpenBLAS (numpy)")
+    with pytest.raises(ValueError, match="RNNKIT_CPU_PACKED_FORM=mkl needs MKL"):
+        blas._choose_mkl_packs_wide("mkl")
+    assert not blas._choose_mkl_packs_wide("auto")
+
+
 _FALLBACK_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -107,6 +155,59 @@ def test_kernels_match_reference_without_mkl(choice, library):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [*library.split(), "agree"]
+
+
+_PACKED_FORM_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import rnnkit
+    from rnnkit.kernels.cpu import blas
+
+    print(blas.MKL_PACKS_WIDE)
+    torch.manual_seed(0)
+    regularised = {"recurrent_dropout": 0.2, "zoneout": 0.1}
+    layers = (
+        (rnnkit.LSTM, {"proj_size": 176}), (rnnkit.LSTM, regularised), (rnnkit.GRU, {}),
+        (rnnkit.GRU, regularised), (rnnkit.RNN, {}), (rnnkit.LayerNormLSTM, {}),
+        (rnnkit.LayerNormGRU, {}), (rnnkit.MinGRU, {}),
+    )
+    for cls, kwargs in layers:
+        reference = cls(192, 192, bidirectional=True, backend="reference", **kwargs)
+        fused = cls(192, 192, bidirectional=True, backend="cpu", **kwargs)
+        fused.load_state_dict(reference.state_dict())
+        # 10 steps and parts of 10 sequences: weights packed, products of 8 rows or more, every
+        # weight of MKL_PACK_MIN_WEIGHT elements or more.
+        x = torch.randn(10, 20, 192)
+        results = []
+        for layer in (reference, fused):
+            inputs = x.clone().requires_grad_()
+            torch.manual_seed(1)  # the same dropout and zoneout masks on both paths
+            output, _ = layer(inputs)
+            (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+            results.append([output, inputs.grad, *(p.grad for p in layer.parameters())])
+        for mine, theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    print("agree")
+    """
+)
+
+
+@pytest.mark.skipif(
+    not (blas.PANELS and blas.LIBRARY.startswith("MKL")), reason="a choice only with both forms"
+)
+@pytest.mark.parametrize("form", ["mkl", "panels"])
+def test_kernels_match_reference_with_either_packed_form(form):
+    # Whichever form the CPU picks by default, the kernels run and agree with the other too.
+    environment = dict(os.environ, RNNKIT_CPU_PACKED_FORM=form)
+    done = subprocess.run(
+        [sys.executable, "-c", _PACKED_FORM_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(form == "mkl"), "agree"]
 
 
 def test_unknown_blas_choice_is_rejected():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -108,6 +109,19 @@ def _find_blas(preferred: str) -> tuple[str, dict[str, int]]:
     return "compiled loops", loops
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...), or '' where unknown."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: "Intel64 Family 6 ..., GenuineIntel"
+    return processor.rsplit(",", 1)[-1].strip() if "," in processor else ""
+
+
 LIBRARY, _addresses = _find_blas(os.environ.get("RNNKIT_CPU_BLAS", "mkl").strip().lower())
 # Where the CPU has AVX-512, float32 weights are packed into panels for rnnkit's own product
 # (panels.py); elsewhere MKL packs a weight once for all of a sequence's products with it (10-30%
@@ -117,6 +131,51 @@ PACKED_GEMM = PANELS or "sgemm_pack" in _addresses
 for _name in _MKL_SYMBOLS:
     # Without MKL the packing symbols point at sgemm; PACKED_GEMM=False keeps them uncalled.
     llvm.add_symbol(f"rnnkit_{_name}64", _addresses.get(_name, _addresses["sgemm"]))
+
+# On Intel CPUs MKL takes its AVX-512 path, and its packed product beats the panels on products
+# of MKL_PACK_MIN_ROWS rows or more with a weight of MKL_PACK_MIN_WEIGHT elements or more (Xeon,
+# 2 cores, 2026-11-29, one thread: 8-32 rows, weights 256 x 256 to 512 x 2048: 0.70-0.97x the
+# panels' time, 0.74-0.79x at 8 rows from 512 x 512 on; weights of 128 x 128 and less: 0.85-1.24x,
+# the panels mostly faster; below 8 rows the panels are as fast or faster). On AMD CPUs MKL takes
+# its AVX2 path, and the panels win at every size. Whether MKL is the library is a fact of this
+# process, not of the CPU, so compiled code reads it through a symbol resolved per process (as
+# the BLAS entry points above), not a global frozen into numba's disk cache.
+# RNNKIT_CPU_PACKED_FORM=panels | mkl overrides the choice (the tests run the kernels with both).
+PACKED_FORMS = ("auto", "panels", "mkl")
+
+
+def _choose_mkl_packs_wide(requested: str) -> bool:
+    """Whether large enough products take MKL's packed form here, not the panels."""
+    if requested not in PACKED_FORMS:
+        raise ValueError(f"RNNKIT_CPU_PACKED_FORM must be one of {PACKED_FORMS}, got {requested!r}")
+    has_mkl = LIBRARY.startswith("MKL")
+    if requested == "mkl" and not has_mkl:
+        raise ValueError(f"RNNKIT_CPU_PACKED_FORM=mkl needs MKL; the BLAS found is {LIBRARY}")
+    if requested == "auto":
+        return PANELS and has_mkl and _cpu_vendor() == "GenuineIntel"
+    return PANELS and requested == "mkl"
+
+
+MKL_PACKS_WIDE = _choose_mkl_packs_wide(
+    os.environ.get("RNNKIT_CPU_PACKED_FORM", "auto").strip().lower()
+)
+MKL_PACK_MIN_ROWS = 8
+MKL_PACK_MIN_WEIGHT = 1 << 15
+
+
+def _one() -> int:
+    return 1
+
+
+def _zero() -> int:
+    return 0
+
+
+_FLAG_SIGNATURE = types.int64()
+_flag = cfunc(_FLAG_SIGNATURE, cache=True)(_one if MKL_PACKS_WIDE else _zero)
+llvm.add_symbol("rnnkit_mkl_packs_wide", _flag.address)
+_mkl_packs_wide_here = types.ExternalFunction("rnnkit_mkl_packs_wide", _FLAG_SIGNATURE)
+
 _P = types.voidptr
 _sgemm = types.ExternalFunction("rnnkit_sgemm64", types.void(*([_P] * 13)))
 _dgemm = types.ExternalFunction("rnnkit_dgemm64", types.void(*([_P] * 13)))
@@ -318,15 +377,20 @@ def prepare_weight(rows, b, trans_b, use_packing, work):
 def _prepare_weight(rows, b, trans_b, use_packing, work):
     """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
     (b', trans', packed) for gemm_weight. float32 ones, when use_packing, get rnnkit's panels
-    where the CPU has AVX-512 (panels.py); others small enough for plain loops get a transposed
-    copy (their loops vectorise over rows of b, not over dot products), larger ones MKL's packed
-    form (pass PACKED_GEMM and ...: a global read of the library here would be frozen into
-    the disk cache, and without MKL the packing symbols are plain sgemm)."""
+    where the CPU has AVX-512 (panels.py), or MKL's packed form for large enough products where
+    MKL runs its AVX-512 path (MKL_PACK_MIN_ROWS, MKL_PACK_MIN_WEIGHT); others small enough for
+    plain loops get a transposed copy (their loops vectorise over rows of b, not over dot
+    products), larger ones MKL's packed form (pass PACKED_GEMM and ...: a global read of the
+    library here would be frozen into the disk cache, and without MKL the packing symbols are
+    plain sgemm)."""
     k = b.shape[1] if trans_b else b.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
     none = np.empty(0, b.dtype)
-    # PANELS is a constant: numba drops the branches not taken, and with them MKL's packing.
+    # PANELS is a constant: numba drops the branches not taken.
     if PANELS and use_packing and b.itemsize == 4:
+        wide = rows >= MKL_PACK_MIN_ROWS and b.size >= MKL_PACK_MIN_WEIGHT
+        if wide and _mkl_packs_wide_here() != 0:
+            return np.ascontiguousarray(b), trans_b, _mkl_pack(rows, b, trans_b, work)
         # The register tiles beat plain loops at every size (a batch-1 step of an RNN with
         # H = 64: 0.22 us against 0.77).
         return np.ascontiguousarray(b), trans_b, panels.pack(b, trans_b)
@@ -354,7 +418,10 @@ def _mkl_pack(rows, b, trans_b, work):
     leading = np.empty(1, np.int64)
     leading[0] = _leading(b)
     size = _sgemm_pack_size(chars[2:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
-    packed = np.empty(size // b.itemsize + 16, b.dtype)
+    # One element more than a multiple of panels.PANEL, where panel packs are whole multiples:
+    # that is how _gemm_weight tells the two forms apart.
+    panel = panels.PANEL
+    packed = np.empty((size // b.itemsize + 16 + panel) // panel * panel + 1, b.dtype)
     flag_b = chars[1:] if trans_b else chars[0:]
     _sgemm_pack(
         chars[2:].ctypes, flag_b.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
@@ -372,11 +439,11 @@ def gemm_weight(a, b, trans_b, packed, c, accumulate, work):
 @_jit
 def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
-    for M rows (packed: empty, rnnkit's panels where PANELS, else MKL's packed form)."""
+    for M rows (packed: empty, rnnkit's panels, or MKL's packed form)."""
     if packed.size == 0:
         _gemm(a, b, c, _runtime(False), trans_b, accumulate)
         return
-    if PANELS:  # a constant: numba drops the branch not taken
+    if PANELS and packed.size % panels.PANEL == 0:  # panels', not MKL's form (see _mkl_pack)
         panels.product_float32(a, packed, c, accumulate)
     else:
         _mkl_packed_product(a, packed, c, accumulate, work)
