@@ -76,3 +76,16 @@ def test_a_fresh_process_writes_and_reads_the_keyed_cache(tmp_path):
     assert Path(directory).parent == tmp_path
     assert list(Path(directory).rglob("blas.copy_vector-*.nbi"))
     assert (int(first_hits), int(second_hits)) == (0, 1)  # compiled once, then read back
+
+
+def test_cache_base_prefers_numba_cache_dir_then_the_package_then_the_user(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    assert cache.cache_base() == (tmp_path / "numba", False)
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setattr(cache, "PACKAGE", tmp_path / "package")
+    (tmp_path / "package").mkdir()
+    assert cache.cache_base() == (tmp_path / "package" / "__pycache__", True)
+    # A package installed read-only: the user's cache, shared with other copies of rnnkit.
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_base() == (tmp_path / "xdg" / "rnnkit", False)
