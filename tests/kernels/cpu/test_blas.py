@@ -197,7 +197,7 @@ _PACKED_FORM_SCRIPT = textwrap.dedent(
 )
 @pytest.mark.parametrize("form", ["mkl", "panels"])
 def test_kernels_match_reference_with_either_packed_form(form):
-    # Whichever form the CPU picks by default, the kernels run and agree with the other too.
+    # Each form forced in turn: the one this CPU does not pick by default is tested here too.
     environment = dict(os.environ, RNNKIT_CPU_PACKED_FORM=form)
     done = subprocess.run(
         [sys.executable, "-c", _PACKED_FORM_SCRIPT],
