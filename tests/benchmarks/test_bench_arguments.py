@@ -77,3 +77,43 @@ def test_decoder_benchmark_checks_its_implementations_agree_and_writes_json(
     ]
     assert set(rows[0]["ms"]) == set(bench_decoder.IMPLEMENTATIONS)
     assert "torch/auto" in capsys.readouterr().out
+
+
+def test_peers_benchmark_checks_its_arguments(capsys):
+    import bench_peers
+
+    args = bench_peers.parse_args(["--cells", "rnn", "--configs", "0,3", "--repeats", "2"])
+    assert (args.cell_list, args.config_list) == (
+        ["rnn"],
+        [bench_layers.CONFIGS[0]] + [bench_layers.CONFIGS[3]],
+    )
+    for bad, message in (
+        (["--cells", "rnn,transformer"], "--cells: each must be one of"),
+        (["--configs", "4"], "--configs: indices 0-3 (PEERS.md's four sizes)"),
+        (["--configs", "a"], "--configs: comma-separated integers"),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_peers.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_peers_benchmark_says_what_to_install_without_flax(monkeypatch):
+    import bench_peers
+
+    monkeypatch.setitem(sys.modules, "flax", None)  # an import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "flax.linen", None)
+    with pytest.raises(SystemExit, match="needs JAX and Flax, which rnnkit does not: pip install"):
+        bench_peers.main(["--cells", "rnn", "--configs", "0", "--repeats", "1"])
+
+
+def test_peers_benchmark_runs_all_three_where_flax_is_installed(tmp_path, monkeypatch):
+    pytest.importorskip("flax.linen", reason="JAX and Flax are optional, for this script only")
+    import bench_peers
+
+    monkeypatch.setattr(bench_peers, "CONFIGS", [(2, 5, 3, 4)] * 4)
+    path = tmp_path / "peers.json"
+    assert bench_peers.main(["--cells", "gru", "--configs", "0", "--repeats", "1",
+                             "--json", str(path)]) == 0  # fmt: skip
+    rows = json.loads(path.read_text())["rows"]
+    assert [sorted(row["times"]) for row in rows] == [["flax", "rnnkit", "torch.nn"]] * 2
