@@ -109,6 +109,19 @@ def test_packed_form_choice_follows_the_environment_and_the_cpu(monkeypatch):
     assert not blas._choose_mkl_packs_wide("auto")
 
 
+def _run(script: str, **environment: str) -> list[str]:
+    """The words a fresh Python process running `script` printed, with `environment` set."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **environment),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
 _FALLBACK_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -145,16 +158,8 @@ _FALLBACK_SCRIPT = textwrap.dedent(
 )
 def test_kernels_match_reference_without_mkl(choice, library):
     # The fallbacks for machines whose torch has no MKL: numpy's OpenBLAS, or compiled loops.
-    environment = dict(os.environ, RNNKIT_CPU_BLAS=choice, OPENBLAS_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [*library.split(), "agree"]
+    printed = _run(_FALLBACK_SCRIPT, RNNKIT_CPU_BLAS=choice, OPENBLAS_NUM_THREADS="1")
+    assert printed == [*library.split(), "agree"]
 
 
 _PACKED_FORM_SCRIPT = textwrap.dedent(
@@ -198,16 +203,8 @@ _PACKED_FORM_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("form", ["mkl", "panels"])
 def test_kernels_match_reference_with_either_packed_form(form):
     # Each form forced in turn: the one this CPU does not pick by default is tested here too.
-    environment = dict(os.environ, RNNKIT_CPU_PACKED_FORM=form)
-    done = subprocess.run(
-        [sys.executable, "-c", _PACKED_FORM_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [str(form == "mkl"), "agree"]
+    printed = _run(_PACKED_FORM_SCRIPT, RNNKIT_CPU_PACKED_FORM=form)
+    assert printed == [str(form == "mkl"), "agree"]
 
 
 def test_unknown_blas_choice_is_rejected():
