@@ -72,9 +72,9 @@ def flax_functions(cell: str, config, jax, linen) -> dict[str, Callable[[], None
 
 def time_rounds(functions: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """name -> median seconds per call over `repeats` rounds; in each round every name runs
-    untimed warm-up calls, then one timed sample of calls. The warm-up matters here: the first
-    calls after another framework's ran measured up to 2x slower (each framework's thread pool
-    still spinning or parked), which timing alternate calls would charge to whoever runs next."""
+    untimed warm-up calls, then one timed sample of calls. The warm-up matters here: a call right
+    after another framework's measured up to 1.7x slower than back to back (rnnkit's batch-1 RNN
+    training step after a Flax call), which timing alternate calls would charge to each."""
     calls = {}
     for name, function in functions.items():
         start = time.perf_counter()
