@@ -47,9 +47,9 @@ def cache_base() -> tuple[Path, bool]:
     return user_cache / "rnnkit", False
 
 
-def cache_directory() -> Path:
-    """The directory numba caches this version of the kernels in."""
-    return cache_base()[0] / f"{PREFIX}{sources_digest()}"
+def cache_directory(base: Path | None = None) -> Path:
+    """The directory numba caches this version of the kernels in, under `base` (cache_base's)."""
+    return (cache_base()[0] if base is None else base) / f"{PREFIX}{sources_digest()}"
 
 
 @contextlib.contextmanager
@@ -57,7 +57,7 @@ def keyed_numba_cache() -> Iterator[Path]:
     """Within: functions decorated with cache=True are cached under cache_directory(). numba
     reads its CACHE_DIR when a function is decorated, so this wraps the kernels' imports."""
     base, own = cache_base()
-    directory = base / f"{PREFIX}{sources_digest()}"
+    directory = cache_directory(base)
     if own:  # nobody else's cache lives here: the directories of earlier sources are stale
         for stale in base.glob(f"{PREFIX}*"):
             if stale != directory:
