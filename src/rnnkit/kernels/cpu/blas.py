@@ -23,7 +23,7 @@ import llvmlite.binding as llvm
 import numpy as np
 import torch
 from numba import carray, cfunc, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from rnnkit.kernels.cpu import panels
 
@@ -223,7 +223,20 @@ def _runtime(typingctx, flag):
     return types.boolean(flag), codegen
 
 
-@_jit
+def one_like(array):
+    """1 in the array's dtype (numba-only, see the overload): a plain 1 would promote float32
+    arithmetic to float64, and np.ones(1, dtype)[0] allocates at each call."""
+    raise NotImplementedError("one_like is only callable from numba-compiled code")
+
+
+@overload(one_like, inline="always")
+def _one_like(array):
+    if array.dtype == types.float32:
+        return lambda array: np.float32(1.0)
+    return lambda array: np.float64(1.0)
+
+
+@_inline
 def copy_vector(source, target):
     """target (N,) = source (N,). Loops: numba's slice assignment from an array compiles a
     formatted shape-mismatch message, seconds of string code per process on a cold cache."""
@@ -231,7 +244,7 @@ def copy_vector(source, target):
         target[i] = source[i]
 
 
-@_jit
+@_inline
 def copy_matrix(source, target):
     """target (M, N) = source (M, N), by loops (see copy_vector)."""
     for i in range(target.shape[0]):
@@ -436,7 +449,7 @@ def gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     _gemm_weight(a, b, _runtime(trans_b), packed, c, _runtime(accumulate), work)
 
 
-@_jit
+@_inline  # per-step products: see panels._inline
 def _gemm_weight(a, b, trans_b, packed, c, accumulate, work):
     """c (M, N) = a (M, K) @ op(b), or c += it, with (b, trans_b, packed) from prepare_weight
     for M rows (packed: empty, rnnkit's panels, or MKL's packed form)."""

@@ -46,7 +46,7 @@ def input_plan(x, w_ih, steps, batch, use_packing, work):
     return chunk, (ih, ih_transposed, packed), inputs, projected
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def step_projection(x, plan, bias, lengths, reverse, step, first, work):
     """The (batch, G) projections x W_ih^T + bias of processing step `step` of sequences
     first.., each read at its time position; the step that starts a chunk projects the chunk."""

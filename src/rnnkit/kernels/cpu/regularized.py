@@ -68,10 +68,10 @@ def _keep_row(keep, step, sequence):
 @_inline
 def _one(array):
     """1 in the array's dtype: a plain 1 would promote float32 arithmetic to float64."""
-    return np.ones(1, array.dtype)[0]
+    return blas.one_like(array)
 
 
-@_jit
+@_inline
 def _drop_state(h, mask, first, hm):
     """hm (B', H) = h * m on rows first.. of (B, H) h and m."""
     for b in range(hm.shape[0]):
@@ -80,7 +80,7 @@ def _drop_state(h, mask, first, hm):
             hm_row[j] = h_row[j] * m_row[j]
 
 
-@_jit
+@_inline
 def _split_by_zoneout(d_out, dh, keep, d_new):
     """One row, backward: d_new = (1 - k) (d_out + dh) reaches the cell's new state, and dh
     becomes k (d_out + dh), what zoneout carries straight to the previous state."""
@@ -91,7 +91,7 @@ def _split_by_zoneout(d_out, dh, keep, d_new):
         dh[j] = kept
 
 
-@_jit
+@_inline
 def _zoneout_rows(d_out, dh, keep, lengths, step, first, d_new, step_d):
     """A step of a part's rows, backward through zoneout: d_new[b] = (1 - k) (dL/dout + dh)
     reaches the cell's new state and dh keeps k (dL/dout + dh); a row padded at this step gets
@@ -107,7 +107,7 @@ def _zoneout_rows(d_out, dh, keep, lengths, step, first, d_new, step_d):
         )
 
 
-@_jit
+@_inline
 def _add_dropped(dh, recurrent, mask, lengths, step, first):
     """dh[first + b] += recurrent[b] * m[first + b] on the rows valid at this step: the gradient
     through the recurrent products, which saw the dropped state h * m."""
@@ -119,7 +119,7 @@ def _add_dropped(dh, recurrent, mask, lengths, step, first):
                 dh_row[j] += r_row[j] * m_row[j]
 
 
-@_jit
+@_inline
 def _zone_out(state, keep, new):
     """state = k * state + (1 - k) * new, as new + k (state - new)."""
     for j in range(state.size):

@@ -111,7 +111,7 @@ def _tanh_for_type(x):
     return lambda x: _tanh_64(np.float64(x))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _activate_rows(pre, recurrent, relu):
     """pre <- act(pre + recurrent), both (B, H)."""
     rows, cols = pre.shape
