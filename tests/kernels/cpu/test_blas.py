@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from rnnkit.kernels.cpu import blas
 
@@ -107,6 +108,17 @@ def test_packed_form_choice_follows_the_environment_and_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match="RNNKIT_CPU_PACKED_FORM=mkl needs MKL"):
         blas._choose_mkl_packs_wide("mkl")
     assert not blas._choose_mkl_packs_wide("auto")
+
+
+def test_threaded_packed_product_needs_mkls_form_float32_and_the_sizes(monkeypatch):
+    rows, weight = blas.MKL_PACK_MIN_ROWS, blas.MKL_PACK_MIN_WEIGHT
+    monkeypatch.setattr(blas, "MKL_PACKS_WIDE", True)
+    assert blas.threaded_packed_product(rows, weight, torch.float32)
+    assert not blas.threaded_packed_product(rows - 1, weight, torch.float32)
+    assert not blas.threaded_packed_product(rows, weight - 1, torch.float32)
+    assert not blas.threaded_packed_product(rows, weight, torch.float64)
+    monkeypatch.setattr(blas, "MKL_PACKS_WIDE", False)
+    assert not blas.threaded_packed_product(rows, weight, torch.float32)
 
 
 def _run(script: str, **environment: str) -> list[str]:

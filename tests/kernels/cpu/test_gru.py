@@ -310,11 +310,13 @@ def test_batch_split_over_threads_matches_reference(reset_after, monkeypatch):
     torch.set_num_threads(2)
     split = 1 if gru_kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
     try:
-        assert len(gru_kernel._batch_parts(10, 2 * gru_kernel._MIN_PART_STEP_WORK, 8)) == split
-        assert len(gru_kernel._batch_parts(10, gru_kernel._MIN_PART_STEP_WORK, 8)) == 1
-        assert len(gru_kernel._batch_parts(10, 2 * gru_kernel._MIN_PART_STEP_WORK, 7)) == 1
+        parts, float64 = gru_kernel._batch_parts, torch.float64
+        work = 2 * gru_kernel._MIN_PART_STEP_WORK
+        assert len(parts(10, work, 8, float64)) == split
+        assert len(parts(10, work // 2, 8, float64)) == 1
+        assert len(parts(10, work, 7, float64)) == 1
         monkeypatch.setattr(gru_kernel, "_MIN_PART_STEP_WORK", 1)
-        assert len(gru_kernel._batch_parts(10, 10 * 3 * 24 * 24, 8)) == split
+        assert len(parts(10, 10 * 3 * 24 * 24, 8, float64)) == split
         torch.manual_seed(8)
         args = dict(bidirectional=True, dtype=torch.float64, reset_after=reset_after)
         mine, reference = fused_and_reference(6, 24, **args)

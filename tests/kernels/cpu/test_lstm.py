@@ -161,10 +161,14 @@ def test_batch_split_over_threads_matches_reference(monkeypatch):
     torch.set_num_threads(2)
     split = 2 if lstm.BLAS_LIBRARY.startswith("MKL") else 1
     try:
-        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 8)) == split
-        assert len(lstm._batch_parts(10, lstm._MIN_PART_STEP_WORK, 8)) == 1
-        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 3)) == split
-        assert len(lstm._batch_parts(10, 2 * lstm._MIN_PART_STEP_WORK, 2)) == 1  # few steps
+        work, float64 = 2 * lstm._MIN_PART_STEP_WORK, torch.float64
+        assert len(lstm._batch_parts(10, work, 8, float64)) == split
+        assert len(lstm._batch_parts(10, work // 2, 8, float64)) == 1
+        assert len(lstm._batch_parts(10, work, 3, float64)) == split
+        assert len(lstm._batch_parts(10, work, 2, float64)) == 1  # few steps
+        # Where MKL's threads run the whole batch's float32 product, short calls stay whole.
+        threaded = lstm.blas.threaded_packed_product(10, work // 10, torch.float32)
+        assert len(lstm._batch_parts(10, work, 3, torch.float32)) == (1 if threaded else split)
         monkeypatch.setattr(lstm, "_MIN_PART_STEP_WORK", 1)
         torch.manual_seed(5)
         reference = rnnkit.LSTM(6, 48, bidirectional=True, proj_size=12, dtype=torch.float64)

@@ -292,7 +292,9 @@ def test_warmup_compiles_what_batch_parts_call(monkeypatch):
     )
     compiled = [len(kernel.signatures) for kernel in kernels]
     monkeypatch.setattr(
-        rnn_kernel, "_batch_parts", lambda batch, step_work, steps: [slice(0, 1), slice(1, 3)]
+        rnn_kernel,
+        "_batch_parts",
+        lambda batch, step_work, steps, dtype: [slice(0, 1), slice(1, 3)],
     )
     for dtype in (torch.float32, torch.float64):
         for lengths in (None, torch.tensor([4, 2, 3])):
@@ -341,11 +343,13 @@ def test_batch_split_over_threads_matches_reference(nonlinearity, monkeypatch):
     torch.set_num_threads(2)
     split = 1 if rnn_kernel.blas.LIBRARY.startswith("OpenBLAS") else 2
     try:
-        assert len(rnn_kernel._batch_parts(10, 2 * rnn_kernel._MIN_PART_STEP_WORK, 8)) == split
-        assert len(rnn_kernel._batch_parts(10, rnn_kernel._MIN_PART_STEP_WORK, 8)) == 1
-        assert len(rnn_kernel._batch_parts(10, 2 * rnn_kernel._MIN_PART_STEP_WORK, 7)) == 1
+        parts, float64 = rnn_kernel._batch_parts, torch.float64
+        work = 2 * rnn_kernel._MIN_PART_STEP_WORK
+        assert len(parts(10, work, 8, float64)) == split
+        assert len(parts(10, work // 2, 8, float64)) == 1
+        assert len(parts(10, work, 7, float64)) == 1
         monkeypatch.setattr(rnn_kernel, "_MIN_PART_STEP_WORK", 1)
-        assert len(rnn_kernel._batch_parts(10, 10 * 24 * 24, 8)) == split
+        assert len(parts(10, 10 * 24 * 24, 8, float64)) == split
         torch.manual_seed(12)
         args = dict(nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
         fused = rnnkit.RNN(6, 24, **args, backend="cpu")
@@ -392,7 +396,7 @@ def test_uneven_batch_parts_share_the_arrays_and_match_reference(
     expanded output gradient is copied and dP written over the copy; a contiguous one is not
     written to."""
     parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
-    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps: parts)
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps, dtype: parts)
     x, h0, weights = direction_inputs(6, 8, 3, 5, seed=21)
     lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6]) if with_lengths else None
     if expanded_gradient:
@@ -410,7 +414,7 @@ def test_batch_parts_project_their_input_in_chunks_of_steps(monkeypatch):
     sequence's length. Weights scaled by 1/sqrt(fan-in): unscaled, 1024 units are chaotic, and
     any two summation orders part within a few steps."""
     parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
-    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps: parts)
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps, dtype: parts)
     x, h0, weights = direction_inputs(40, 8, 3, 1024, seed=22)
     weights = tuple((w.detach() / w.shape[-1] ** 0.5).requires_grad_() for w in weights)
     lengths = torch.tensor([40, 17, 33, 1, 40, 25, 39, 8])
@@ -422,7 +426,7 @@ def test_batch_parts_match_torch_nn(monkeypatch):
     """The parts path (uneven parts, each projecting 90 steps in chunks of 54 or 72 at 300
     units) against torch.nn.RNN: packed lengths, both directions, every gradient."""
     parts = [slice(0, 1), slice(1, 4), slice(4, 8)]
-    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps: parts)
+    monkeypatch.setattr(rnn_kernel, "_batch_parts", lambda batch, step_work, steps, dtype: parts)
     torch.manual_seed(24)
     theirs = nn.RNN(3, 300, bidirectional=True, dtype=torch.float64)
     mine = rnnkit.from_torch(theirs, backend="cpu")

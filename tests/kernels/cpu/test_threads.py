@@ -77,6 +77,26 @@ def test_batch_parts_cover_the_batch_and_respect_the_minimums(two_threads):
     assert len(threads.batch_parts(9, 9 * 100, min_rows=1, min_step_work=1)) == 1
 
 
+def test_batch_parts_keep_a_batch_whole_where_its_product_runs_on_mkl_threads(two_threads):
+    split = 2 if threads.AVAILABLE else 1
+    # Few steps stay whole whatever min_steps the kernel asks for.
+    few = threads.MIN_STEPS - 1
+    assert len(threads.batch_parts(16, 16 * 100, 2, 100, few, min_steps=3)) == split
+    assert len(threads.batch_parts(16, 16 * 100, 2, 100, few, 3, threaded_product=True)) == 1
+    # A weight larger than THREADED_LARGE_WEIGHT splits only into parts of
+    # THREADED_LARGE_MIN_ROWS rows or more.
+    rows = threads.THREADED_LARGE_MIN_ROWS
+    large, small = threads.THREADED_LARGE_WEIGHT + 1, threads.THREADED_LARGE_WEIGHT
+    for batch, weight, threaded, expected in (
+        (2 * rows - 1, large, True, 1),
+        (2 * rows, large, True, split),
+        (2 * rows - 1, large, False, split),
+        (16, small, True, split),
+    ):
+        parts = threads.batch_parts(batch, batch * weight, 4, 100, 50, threaded_product=threaded)
+        assert len(parts) == expected, (batch, weight, threaded)
+
+
 def test_several_python_threads_may_run_concurrent_calls_at_once(two_threads):
     # Each calling thread becomes the master of its own OpenMP team; none may block another.
     results = {}

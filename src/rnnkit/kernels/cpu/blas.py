@@ -163,6 +163,17 @@ MKL_PACK_MIN_ROWS = 8
 MKL_PACK_MIN_WEIGHT = 1 << 15
 
 
+def threaded_packed_product(rows: int, weight_elements: int, dtype: torch.dtype) -> bool:
+    """Whether per-step products of `rows` rows by a packed weight of that many elements take
+    MKL's packed form here, which runs on MKL's threads (rnnkit's panels run on one)."""
+    return (
+        MKL_PACKS_WIDE
+        and dtype == torch.float32
+        and rows >= MKL_PACK_MIN_ROWS
+        and weight_elements >= MKL_PACK_MIN_WEIGHT
+    )
+
+
 def _one() -> int:
     return 1
 

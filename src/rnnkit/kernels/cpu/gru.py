@@ -571,10 +571,13 @@ _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 17
 
 
-def _batch_parts(batch: int, step_work: int, steps: int) -> list[slice]:
+def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> list[slice]:
     if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
-    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps)
+    threaded = blas.threaded_packed_product(batch, step_work // max(batch, 1), dtype)
+    return threads.batch_parts(
+        batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps, threaded_product=threaded
+    )
 
 
 def _part_rows(x: Tensor, part: slice) -> np.ndarray:
@@ -600,7 +603,7 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
         recurrent = _row_blocks(w_hh, 2 * hidden)
     w_ih_array = _array(w_ih)
     length_array = _lengths_array(lengths, steps, batch)
-    parts = _batch_parts(batch, batch * 3 * hidden * hidden, steps)
+    parts = _batch_parts(batch, batch * 3 * hidden * hidden, steps, dtype)
     outputs, finals, saved, argument_lists = [], [], [], []
     for part in parts:
         size = part.stop - part.start

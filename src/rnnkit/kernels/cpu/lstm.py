@@ -444,15 +444,17 @@ def _input_bias(b_ih: Tensor | None, b_hh: Tensor | None, rows: int, like: Tenso
 _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 18
 # Fewer steps run as one part (threads.MIN_STEPS): the LSTM's parts paid from 3 steps on
-# (B = 32-64, H = 256-512: 1.0-1.4x faster inference than one part, training about even).
+# (B = 32-64, H = 256-512: 1.0-1.4x faster inference than one part, training about even; AMD
+# machine, where the panels run every product on one thread; see threads.batch_parts for Intel).
 _MIN_PART_STEPS = 3
 
 
-def _batch_parts(batch: int, step_work: int, steps: int) -> list[slice]:
+def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> list[slice]:
     if BLAS_LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
+    threaded = blas.threaded_packed_product(batch, step_work // max(batch, 1), dtype)
     return threads.batch_parts(
-        batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps, _MIN_PART_STEPS
+        batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps, _MIN_PART_STEPS, threaded
     )
 
 
@@ -480,7 +482,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         reverse,
         _numpy(output),
     )
-    parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1], steps)
+    parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1], steps, x.dtype)
     activations, cells, argument_lists = [], [], []
     for part in parts:
         size = part.stop - part.start

@@ -338,11 +338,14 @@ _MIN_PART = 4
 _MIN_PART_STEP_WORK = 1 << 17
 
 
-def _batch_parts(batch: int, step_work: int, steps: int) -> list[slice]:
+def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> list[slice]:
     """Parts of the batch whose time loops run concurrently."""
     if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
         return [slice(0, batch)]
-    return threads.batch_parts(batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps)
+    threaded = blas.threaded_packed_product(batch, step_work // max(batch, 1), dtype)
+    return threads.batch_parts(
+        batch, step_work, _MIN_PART, _MIN_PART_STEP_WORK, steps, threaded_product=threaded
+    )
 
 
 def _forward(
@@ -370,7 +373,7 @@ def _forward(
     output_array, final_array = output.numpy(), final.numpy()
     arguments = [x_array, h0_array, w_ih_array, w_hh_array, bias, lengths_array, reverse, relu]
     arguments += [output_array, final_array, use_packing]
-    parts = _batch_parts(batch, batch * hidden * hidden, steps)
+    parts = _batch_parts(batch, batch * hidden * hidden, steps, x.dtype)
     if len(parts) == 1:
         _forward_kernel(*arguments)
         return output, final
@@ -471,7 +474,7 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths
     use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
     outputs = (grad_x.numpy(), *(grad.numpy() for grad in weight_grads))
     need = (needs[0], needs[2], needs[3], needs[4] or needs[5])
-    parts = _batch_parts(batch, batch * hidden * hidden, steps)
+    parts = _batch_parts(batch, batch * hidden * hidden, steps, x.dtype)
     if len(parts) == 1:
         _backward_kernel(
             grad_output_array, grad_h.numpy(), output_array, x_array, h0_array, w_ih_array,

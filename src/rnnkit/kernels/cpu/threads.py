@@ -102,6 +102,16 @@ def run_concurrently(function: Callable, argument_lists: Sequence[tuple]) -> Non
 # sum cost more than the split saves: a GRU's or RNN's training step of one part against two at
 # B = 32-64, H = 128-512 took 1.2-2.3x less time at T = 1, 0.9-1.55x at T = 2-6, more from T = 8.
 MIN_STEPS = 8
+# Where the whole batch's per-step product already runs on MKL's threads (MKL's packed form on
+# Intel CPUs, blas.threaded_packed_product), one part beat the split on short calls and on
+# weights larger than a core's L2 cache: each part's product then reads the whole weight on its
+# thread, where MKL's threads each read their share of its columns. Measured on the Xeon (2 MiB
+# L2 a core; 2026-11-29), one part's time over two parts', float32, median of 9 in turns:
+# LSTM at T = 4, B = 8-16, H = 128-512: 0.68-0.99; LSTM and GRU with H = 512 (weights of 4 and
+# 3 MiB), B = 8: 0.50-0.76 for T >= 12, B = 16: 0.68-0.99, B = 32: 0.79-1.05, B = 64 (parts of
+# 32 rows): 0.88-1.29, so parts of fewer than THREADED_LARGE_MIN_ROWS rows are not made there.
+THREADED_LARGE_WEIGHT = 1 << 19  # elements: 2 MiB of float32
+THREADED_LARGE_MIN_ROWS = 32
 
 
 def batch_parts(
@@ -111,10 +121,16 @@ def batch_parts(
     min_step_work: int,
     steps: int | None = None,
     min_steps: int = MIN_STEPS,
+    threaded_product: bool = False,
 ) -> list[slice]:
     """Slices of the batch whose time loops run concurrently: one per thread, each with at least
     min_rows rows and min_step_work multiply-adds of the per-step product (step_work in all);
-    a recurrent kernel's batch of fewer than min_steps steps is not split."""
+    a recurrent kernel's batch of fewer than min_steps steps is not split. threaded_product:
+    the whole batch's product runs on MKL's threads (see THREADED_LARGE_WEIGHT)."""
+    if threaded_product:
+        min_steps = max(min_steps, MIN_STEPS)
+        if batch and step_work // batch > THREADED_LARGE_WEIGHT:
+            min_rows = max(min_rows, THREADED_LARGE_MIN_ROWS)
     min_rows, min_step_work = max(1, min_rows), max(1, min_step_work)
     if steps is not None and steps < min_steps:
         return [slice(0, batch)]
