@@ -168,8 +168,9 @@ _tile_row_1, _tile_row_2, _tile_row_3 = (
 
 _jit = njit(cache=True, nogil=True, error_model="numpy")
 # Inlined where called, with blas.gemm_weight: a per-step product called as separately compiled
-# functions cost more than the product itself at batch 1 (1 x 64 x 64, one row: 0.09 us inlined,
-# 0.14 us as one call, 0.56 us through gemm_weight's two calls; Xeon, 2026-11-29).
+# functions cost more than the product itself at batch 1 (1 x 64 x 64, one row, Xeon, 2026-11-29:
+# 0.09 us inlined against 0.14 as one call in one run, 0.20 as one call against 0.56 through
+# gemm_weight's two calls in another).
 _inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
