@@ -265,13 +265,13 @@ def copy_matrix(source, target):
 
 @_jit
 def workspace(like):
-    """Scratch for the Fortran by-reference arguments: (ints (3,), scalars (2,), chars (4,))."""
+    """Scratch for the Fortran by-reference arguments: (ints (5,), scalars (2,), chars (4,))."""
     chars = np.empty(4, np.uint8)
     chars[0] = 78  # 'N'
     chars[1] = 84  # 'T'
     chars[2] = 65  # 'A': pack the left operand of the column-major product
     chars[3] = 80  # 'P': that operand is packed
-    return np.empty(3, np.int64), np.empty(2, like.dtype), chars
+    return np.empty(5, np.int64), np.empty(2, like.dtype), chars
 
 
 @_jit
@@ -439,8 +439,7 @@ def _mkl_pack(rows, b, trans_b, work):
     ints[1] = rows
     ints[2] = k
     scalars[0] = 1
-    leading = np.empty(1, np.int64)
-    leading[0] = _leading(b)
+    ints[3] = _leading(b)
     size = _sgemm_pack_size(chars[2:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
     # One element more than a multiple of panels.PANEL, where panel packs are whole multiples:
     # that is how _gemm_weight tells the two forms apart.
@@ -449,7 +448,7 @@ def _mkl_pack(rows, b, trans_b, work):
     flag_b = chars[1:] if trans_b else chars[0:]
     _sgemm_pack(
         chars[2:].ctypes, flag_b.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-        scalars.ctypes, b.ctypes, leading.ctypes, packed.ctypes,
+        scalars.ctypes, b.ctypes, ints[3:].ctypes, packed.ctypes,
     )  # fmt: skip
     return packed
 
@@ -486,11 +485,10 @@ def _mkl_packed_product(a, packed, c, accumulate, work):
     ints[2] = k
     scalars[0] = 1
     scalars[1] = 1 if accumulate else 0
-    leading = np.empty(2, np.int64)
-    leading[0] = _leading(a)
-    leading[1] = _leading(c)
+    ints[3] = _leading(a)
+    ints[4] = _leading(c)
     _sgemm_compute(
         chars[3:].ctypes, chars.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
-        packed.ctypes, ints[0:].ctypes, a.ctypes, leading[0:].ctypes, scalars[1:].ctypes,
-        c.ctypes, leading[1:].ctypes,
+        packed.ctypes, ints[0:].ctypes, a.ctypes, ints[3:].ctypes, scalars[1:].ctypes,
+        c.ctypes, ints[4:].ctypes,
     )  # fmt: skip

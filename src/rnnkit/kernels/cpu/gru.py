@@ -384,7 +384,7 @@ def _backward_reset_after(
     dh0 (B, H); w_ih_rz and w_ih_n are W_ih's (2H, I) and (H, I) blocks.
     """
     steps, batch, hidden = d_output.shape
-    one = np.ones(1, dtype=dh0.dtype)[0]
+    one = blas.one_like(dh0)
     dh = dh_last.copy()
     d_rz = np.empty((steps, batch, 2 * hidden), dtype=dh0.dtype)
     d_n = np.empty((steps, batch, hidden), dtype=dh0.dtype)
@@ -446,7 +446,7 @@ def _backward_reset_before(
     dh0 (B, H).
     """
     steps, batch, hidden = d_output.shape
-    one = np.ones(1, dtype=dh0.dtype)[0]
+    one = blas.one_like(dh0)
     dh = dh_last.copy()
     d_rz = np.empty((steps, batch, 2 * hidden), dtype=dh0.dtype)
     d_n = np.empty((steps, batch, hidden), dtype=dh0.dtype)

@@ -66,12 +66,6 @@ def _keep_row(keep, step, sequence):
 
 
 @_inline
-def _one(array):
-    """1 in the array's dtype: a plain 1 would promote float32 arithmetic to float64."""
-    return blas.one_like(array)
-
-
-@_inline
 def _drop_state(h, mask, first, hm):
     """hm (B', H) = h * m on rows first.. of (B, H) h and m."""
     for b in range(hm.shape[0]):
@@ -170,7 +164,7 @@ def _rnn_backward(
     batch = last - first
     work = blas.workspace(d_out)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
-    one = _one(d_out)
+    one = blas.one_like(d_out)
     d_new = np.empty((batch, hidden), d_out.dtype)
     recurrent = np.empty((batch, hidden), d_out.dtype)
     for s in range(steps - 1, -1, -1):
@@ -263,7 +257,7 @@ def _lstm_backward(
     work = blas.workspace(d_out)
     hh, hh_transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
     hr, hr_transposed, hr_packed = blas.prepare_weight(batch, w_hr, False, use_packing, work)
-    one = _one(d_out)
+    one = blas.one_like(d_out)
     d_new_c = np.empty(hidden, d_out.dtype)
     # dL/d(the new h before zoneout), then (with a projection) through W_hr to o * tanh(c~).
     d_unprojected = np.empty((batch, hidden), d_out.dtype)
@@ -328,7 +322,7 @@ def _gru_forward(
     hn_weight, hn_transposed, hn_packed = blas.prepare_weight(
         batch, w_n[:0] if reset_after else w_n, True, use_packing, work
     )
-    one = _one(x)
+    one = blas.one_like(x)
     recurrent = np.empty((batch, 3 * hidden), x.dtype)
     for s in range(steps):
         step_xp = step_projection(x, plan, bias, lengths, reverse, s, first, work)
@@ -391,7 +385,7 @@ def _gru_backward(
     work = blas.workspace(d_out)
     rz, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, False, use_packing, work)
     wn, wn_transposed, wn_packed = blas.prepare_weight(batch, w_n, False, use_packing, work)
-    one = _one(d_out)
+    one = blas.one_like(d_out)
     d_new_rows = np.empty((batch, hidden), d_out.dtype)
     recurrent = np.empty((batch, hidden), d_out.dtype)
     d_rhm = np.empty((batch, hidden), d_out.dtype)
