@@ -22,6 +22,7 @@ from rnnkit.spec import LayerSpec
 # directory when it is decorated (cache.py). Importing any of them runs this package first.
 with keyed_numba_cache():
     from rnnkit.kernels.cpu import (  # noqa: F401
+        activations,
         blas,
         gru,
         indrnn,

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.activations import sigmoid_float32, tanh_float32
 from rnnkit.kernels.cpu.projection import input_plan, step_projection
 
 # Packing a weight costs about as much as a few products with it; below this many steps plain
@@ -50,9 +51,9 @@ _jit = njit(cache=True, nogil=True, error_model="numpy")
 
 # -- vectorizable exp / sigmoid / tanh ---------------------------------------------------------
 # numba's math.exp and math.tanh are scalar libm calls (this llvmlite has no SVML), so the gate
-# loops would not vectorize. These use range reduction (v = k ln2 + r) and a polynomial for
-# exp(r) in plain arithmetic, and build 2^k from its bits: float64 to about 1 ulp, float32 to
-# about 2 ulp, each in its own precision so float32 runs 16 lanes per AVX-512 register.
+# loops would not vectorize. float32 takes the rational tanh of activations.py; float64 uses
+# range reduction (v = k ln2 + r) and a polynomial for exp(r) in plain arithmetic, and builds
+# 2^k from its bits (to about 1 ulp).
 
 
 @intrinsic
@@ -63,16 +64,8 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 def _exp(v):
-    """exp(v) for a float32 or float64 scalar, in the same precision (numba only)."""
+    """exp(v) of a float64 scalar (numba only)."""
     raise NotImplementedError
 
 
@@ -92,29 +85,6 @@ def _is_float32(v) -> bool:
 
 @overload(_exp)
 def _exp_overload(v):
-    if _is_float32(v):
-
-        def exp32(v):
-            # Comparisons keep NaN as NaN; the bounds keep 2^k a normal float32.
-            if v < np.float32(-87.0):
-                v = np.float32(-87.0)
-            if v > np.float32(88.0):
-                v = np.float32(88.0)
-            k = np.floor(v * np.float32(1.44269504) + np.float32(0.5))
-            r = (v - k * np.float32(0.693359375)) + k * np.float32(2.12194440e-4)
-            # Taylor series on |r| <= ln(2)/2, degree 7: truncation < 1e-8 relative.
-            p = np.float32(1.0 / 5040.0)
-            p = p * r + np.float32(1.0 / 720.0)
-            p = p * r + np.float32(1.0 / 120.0)
-            p = p * r + np.float32(1.0 / 24.0)
-            p = p * r + np.float32(1.0 / 6.0)
-            p = p * r + np.float32(0.5)
-            p = p * r + np.float32(1.0)
-            p = p * r + np.float32(1.0)
-            return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
-
-        return exp32
-
     def exp64(v):
         v = float(v)
         if v < -708.0:
@@ -146,27 +116,14 @@ def _exp_overload(v):
 @overload(_sigmoid)
 def _sigmoid_overload(v):
     if _is_float32(v):
-        return lambda v: np.float32(1.0) / (np.float32(1.0) + _exp(-v))
+        return lambda v: sigmoid_float32(v)
     return lambda v: 1.0 / (1.0 + _exp(-float(v)))
 
 
 @overload(_tanh, inline="always")
 def _tanh_overload(v):
     if _is_float32(v):
-
-        def tanh32(v):
-            magnitude = abs(v)
-            decay = _exp(np.float32(-2.0) * magnitude)
-            large = (np.float32(1.0) - decay) / (np.float32(1.0) + decay)
-            # Near 0, 1 - decay cancels: use the odd Taylor series there.
-            square = v * v
-            series = np.float32(-17.0 / 315.0)
-            series = series * square + np.float32(2.0 / 15.0)
-            series = series * square - np.float32(1.0 / 3.0)
-            small = v + v * square * series
-            return small if magnitude < np.float32(0.0625) else np.float32(math.copysign(large, v))
-
-        return tanh32
+        return lambda v: tanh_float32(v)
 
     def tanh64(v):
         v = float(v)

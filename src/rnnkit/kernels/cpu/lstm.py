@@ -36,6 +36,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu.activations import sigmoid_float32, tanh_float32
 from rnnkit.kernels.cpu.projection import input_chunk_steps, time_position
 
 BLAS_LIBRARY = blas.LIBRARY
@@ -46,9 +47,8 @@ _PACK_MIN_STEPS = 8
 
 
 # ---------------------------------------------------------------------------------------------
-# Activations. float64 uses libm (bit-for-bit the equations); float32 uses the 13/6 rational
-# tanh of Eigen's generic_fast_tanh_float (a few ulp, at most 3.5e-7 absolute, measured), which
-# LLVM can vectorise where a libm call cannot, and sigmoid(x) = (1 + tanh(x / 2)) / 2.
+# Activations. float64 uses libm (bit-for-bit the equations); float32 the vectorisable rational
+# tanh and its sigmoid (activations.py).
 
 
 def _tanh(x):
@@ -62,39 +62,15 @@ def _sigmoid(x):
 @overload(_tanh)
 def _tanh_impl(x):
     if x == types.float32:
-        return lambda x: _rational_tanh(x)
+        return lambda x: tanh_float32(x)
     return lambda x: math.tanh(x)
 
 
 @overload(_sigmoid)
 def _sigmoid_impl(x):
     if x == types.float32:
-        return lambda x: np.float32(0.5) + np.float32(0.5) * _rational_tanh(np.float32(0.5) * x)
+        return lambda x: sigmoid_float32(x)
     return lambda x: 1.0 / (1.0 + math.exp(-x))
-
-
-def _rational_tanh(x):
-    # Past +-7.9053 the fraction would exceed 1 while tanh is 1 to float32 precision. Plain
-    # selects (not min/max) and error_model="numpy" (no zero-division check) let LLVM vectorise.
-    limit = np.float32(7.90531110763549805)
-    x = limit if x > limit else x  # NaN passes through
-    x = -limit if x < -limit else x
-    x2 = x * x
-    p = np.float32(-2.76076847742355e-16)
-    p = p * x2 + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
-    q = np.float32(1.19825839466702e-06)
-    q = q * x2 + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
-    return x * p / q
-
-
-_rational_tanh = njit(cache=True, nogil=True, error_model="numpy", inline="always")(_rational_tanh)
 
 
 # ---------------------------------------------------------------------------------------------
