@@ -23,7 +23,7 @@ def autocast_dtype(weight: Tensor) -> torch.dtype | None:
     weights are not float64 (which autocast leaves alone), else None."""
     if weight.dtype == torch.float64:
         return None
-    device_type = weight.device.type
+    device_type = "cpu" if weight.is_cpu else weight.device.type
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know ("meta", say)

@@ -105,15 +105,17 @@ def _import_backend(name: str) -> Backend | str:
     return _loaded[name]
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _traced_reason() -> str | None:
     """Why the fused kernels cannot run here, or None: torch.export captures only torch
     operations, and torch.func's transforms (grad, vmap, ...) need autograd Functions written
     for them, while the kernels are numba and Triton calls behind hand-written backwards."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
-    if is_exporting is not None and is_exporting():
+    if _is_exporting is not None and _is_exporting():
         return "torch.export captures the reference loop, not the fused kernels"
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if transforms_active is not None and transforms_active():
+    if _transforms_active is not None and _transforms_active():
         return "torch.func's transforms run the reference loop, not the fused kernels"
     return None
 

@@ -344,12 +344,18 @@ class RNNBase(nn.Module):
     def _initial_states(self, hx, prepared: _Prepared) -> list[tuple[Tensor, ...]]:
         """The validated initial state as the backends take it: one (h,) or (h, c) tuple of
         (B, H) tensors per layer and direction (layer * directions + direction)."""
-        name = type(self).__name__
         x = prepared.x
-        shapes = self._state_shapes(x.size(1))
         if hx is None:
+            batch = x.size(1)
+            if self.mode in _CELL_STATE_MODES:
+                out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+                sizes = (out_size, self.hidden_size)
+            else:
+                sizes = (self.hidden_size,)
             layers = self.num_layers * self.directions
-            return [tuple(x.new_zeros(shape[1:]) for _, shape in shapes) for _ in range(layers)]
+            return [tuple(x.new_zeros(batch, size) for size in sizes) for _ in range(layers)]
+        name = type(self).__name__
+        shapes = self._state_shapes(x.size(1))
         if self.mode in _CELL_STATE_MODES:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise TypeError(

@@ -117,11 +117,11 @@ def check_kernel_inputs(
             f"cpu kernel: hx and weights must hold {spec.directions} direction(s), "
             f"got {len(hx)} and {len(weights)}"
         )
-    labels, shapes, weight_count = _layout(
-        spec.mode, spec.hidden_size, spec.proj_size, spec.bias, batch, inputs
+    dtype = x.dtype
+    labels, shapes, weight_count, layouts = _layout(
+        spec.mode, spec.hidden_size, spec.proj_size, spec.bias, batch, inputs, dtype
     )
     state_count = len(labels) - weight_count
-    dtype = x.dtype
     for direction in range(spec.directions):
         if len(weights[direction]) < weight_count:
             raise ValueError(
@@ -135,9 +135,7 @@ def check_kernel_inputs(
             )
         tensors = (*hx[direction], *weights[direction][:weight_count])
         # One pass over all tensors; the loop below finds the first mismatch to name it.
-        if tuple(None if t is None else t.shape for t in tensors) == shapes and all(
-            t is None or (t.dtype == dtype and t.is_cpu) for t in tensors
-        ):
+        if [None if t is None else (t.shape, t.dtype, t.is_cpu) for t in tensors] == layouts:
             continue
         for label, tensor, shape in zip(labels, tensors, shapes):
             got = None if tensor is None else tuple(tensor.shape)
@@ -166,10 +164,11 @@ def check_kernel_inputs(
 
 @functools.lru_cache(maxsize=256)
 def _layout(
-    mode: str, hidden: int, proj_size: int, bias: bool, batch: int, inputs: int
-) -> tuple[tuple[str, ...], tuple[tuple[int, ...] | None, ...], int]:
-    """(labels, shapes (None: absent)) of one direction's state and weight tensors in order, and
-    how many of them are weights, for a layer with these LayerSpec fields and input sizes."""
+    mode: str, hidden: int, proj_size: int, bias: bool, batch: int, inputs: int, dtype: torch.dtype
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...] | None, ...], int, list]:
+    """(labels, shapes (None: absent)) of one direction's state and weight tensors in order, how
+    many of them are weights, and each one's (shape, dtype, on the CPU) as check_kernel_inputs
+    compares them, for a layer with these LayerSpec fields, input sizes and dtype."""
     out = proj_size if proj_size > 0 else hidden
     rows = {"LSTM": 4, "GRU": 3, "LN_LSTM": 4, "LN_GRU": 3}.get(mode, 1) * hidden
     has_cell_state = mode in ("LSTM", "LN_LSTM")
@@ -187,7 +186,9 @@ def _layout(
     if mode == "LN_LSTM":
         expected |= {"g_c": (hidden,), "b_c": (hidden,) if bias else None}
     named = states | expected
-    return tuple(named), tuple(named.values()), len(expected)
+    shapes = tuple(named.values())
+    layouts = [None if shape is None else (shape, dtype, True) for shape in shapes]
+    return tuple(named), shapes, len(expected), layouts
 
 
 backend = CPUBackend()

@@ -529,7 +529,9 @@ _MIN_PART_STEP_WORK = 1 << 17
 
 
 def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> list[slice]:
-    if blas.LIBRARY.startswith("OpenBLAS"):  # its own thread pool would compete with the parts
+    # A batch of fewer than two parts' rows (the usual batch 1) is decided before the calls
+    # below; OpenBLAS's own thread pool would compete with the parts.
+    if batch < 2 * _MIN_PART or blas.LIBRARY.startswith("OpenBLAS"):
         return [slice(0, batch)]
     threaded = blas.threaded_packed_product(batch, step_work // max(batch, 1), dtype)
     return threads.batch_parts(
