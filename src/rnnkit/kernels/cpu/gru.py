@@ -646,8 +646,8 @@ class GRUFunction(torch.autograd.Function):
             bias_rows = 3 * hidden if needs[4] or needs[5] else 0
             result = (
                 part_dx,
-                torch.empty(w_ih.shape if needs[2] else (0, inputs), dtype=dtype),
-                torch.empty(w_hh.shape if needs[3] else (0, hidden), dtype=dtype),
+                torch.empty(*(w_ih.shape if needs[2] else (0, inputs)), dtype=dtype),
+                torch.empty(*(w_hh.shape if needs[3] else (0, hidden)), dtype=dtype),
                 torch.empty(bias_rows, dtype=dtype),
                 torch.empty(bias_rows, dtype=dtype),
                 torch.empty(size, hidden, dtype=dtype),

@@ -331,29 +331,37 @@ def _forward(
     lengths: Tensor | None,
     reverse: bool,
     relu: bool,
-) -> tuple[Tensor, Tensor]:
-    """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state."""
+) -> tuple[Tensor, Tensor, tuple[np.ndarray, ...] | None]:
+    """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state, and the
+    numpy arrays of x, h0, W_ih, W_hh and the output the kernels read (None for an empty batch),
+    which the backward reuses."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     bias = _input_bias(b_ih, b_hh, hidden, x)
     output = torch.empty(steps, batch, hidden, dtype=x.dtype)
     final = torch.empty(batch, hidden, dtype=x.dtype)
     if batch == 0:
-        return output, final
+        return output, final, None
     use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
     x_array, h0_array, w_ih_array, w_hh_array = _array(x), _array(h0), _array(w_ih), _array(w_hh)
     lengths_array = _lengths_array(lengths)
     output_array, final_array = output.numpy(), final.numpy()
     arguments = [x_array, h0_array, w_ih_array, w_hh_array, bias, lengths_array, reverse, relu]
     arguments += [output_array, final_array, use_packing]
+    arrays = (x_array, h0_array, w_ih_array, w_hh_array, output_array)
     parts = _batch_parts(batch, batch * hidden * hidden, steps, x.dtype)
     if len(parts) == 1:
         _forward_kernel(*arguments)
-        return output, final
+        return output, final, arrays
     if lengths is None:  # the parts' kernel reads every sequence's length
         arguments[5] = np.full(batch, steps, dtype=np.int64)
     threads.run_concurrently(_forward_part, [(*arguments, part.start, part.stop) for part in parts])
-    return output, final
+    return output, final, arrays
+
+
+def _empty_like(tensor: Tensor) -> Tensor:
+    """An uninitialised C-contiguous tensor of tensor's shape and dtype."""
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
 def _numpy_dtype(x: Tensor) -> type:
@@ -389,10 +397,13 @@ class FusedRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
         x = x.detach().contiguous()  # the kernels' layout, kept for dW_ih
-        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
+        output, final, arrays = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
         ctx.reverse = reverse
         ctx.relu = relu
+        # Saved as tensors for autograd's checks of in-place changes; the backward reads them
+        # through the forward's numpy arrays (views, or the copies the kernels read).
         ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output)
+        ctx.arrays = arrays
         return output, final
 
     @staticmethod
@@ -402,14 +413,15 @@ class FusedRNNFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         steps, batch, hidden = output.shape
         grad_h = grad_final.detach().clone(memory_format=torch.contiguous_format)
-        grad_x = torch.empty(x.shape if needs[0] else (0, 0, 0), dtype=x.dtype)
+        # empty_like, not torch.empty(tensor.shape, ...): a shape argument costs 2 us a call.
+        grad_x = _empty_like(x) if needs[0] else torch.empty(0, 0, 0, dtype=x.dtype)
         if batch == 0:
             grad_w_ih = torch.zeros(w_ih.shape, dtype=w_ih.dtype)
             grad_w_hh = torch.zeros(w_hh.shape, dtype=w_hh.dtype)
             grad_bias = torch.zeros(hidden, dtype=output.dtype)
         else:
             grad_w_ih, grad_w_hh, grad_bias = _backward_parts(
-                ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths, output
+                ctx, grad_output, grad_h, grad_x, w_ih, w_hh, lengths, output
             )
         return (
             grad_x if needs[0] else None,
@@ -425,7 +437,7 @@ class FusedRNNFunction(torch.autograd.Function):
         )
 
 
-def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths, output):
+def _backward_parts(ctx, grad_output, grad_h, grad_x, w_ih, w_hh, lengths, output):
     """Runs the backward time loop (on each batch part, concurrently, when several) and the
     gradients' products; grad_h (dL/dh_final in, dL/dh0 out) and grad_x are filled in; returns
     the weight gradients (dW_ih, dW_hh, d bias)."""
@@ -437,17 +449,16 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, x, h0, w_ih, w_hh, lengths
     in_place = not grad_output.is_contiguous()
     grad_output_array = grad_output.contiguous().numpy()
     weight_grads = (
-        torch.empty(w_ih.shape, dtype=w_ih.dtype),
-        torch.empty(w_hh.shape, dtype=w_hh.dtype),
+        _empty_like(w_ih),
+        _empty_like(w_hh),
         torch.empty(hidden, dtype=output.dtype),
     )
-    output_array, x_array, h0_array = _array(output), _array(x), _array(h0)
-    w_ih_array, w_hh_array = _array(w_ih), _array(w_hh)
+    x_array, h0_array, w_ih_array, w_hh_array, output_array = ctx.arrays
     lengths_array = _lengths_array(lengths)
     use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
     outputs = (grad_x.numpy(), *(grad.numpy() for grad in weight_grads))
     need = (needs[0], needs[2], needs[3], needs[4] or needs[5])
-    parts = _batch_parts(batch, batch * hidden * hidden, steps, x.dtype)
+    parts = _batch_parts(batch, batch * hidden * hidden, steps, output.dtype)
     if len(parts) == 1:
         _backward_kernel(
             grad_output_array, grad_h.numpy(), output_array, x_array, h0_array, w_ih_array,
@@ -495,7 +506,7 @@ def run_direction(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         output, final = FusedRNNFunction.apply(*inputs, lengths, bool(reverse), relu)
     else:
-        output, final = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse), relu)
+        output, final, _ = _forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse), relu)
     return output, (final,)
 
 
