@@ -260,6 +260,17 @@ def test_changing_the_output_in_place_before_backward_is_caught():
         loss.backward()
 
 
+def test_changing_a_weight_in_place_before_backward_is_caught():
+    # The backward reads the forward's numpy arrays; unpacking the saved tensors still checks them.
+    x, h0, weights = direction_inputs(3, 2, 2, 3, seed=9)
+    output, _ = rnn_kernel.run_direction(x, (h0,), weights, None, False)
+    loss = output.sum()
+    with torch.no_grad():
+        weights[1].add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_unknown_nonlinearity_is_rejected():
     x, h0, weights = direction_inputs(2, 1, 2, 2)
     with pytest.raises(ValueError, match="nonlinearity"):
