@@ -93,6 +93,37 @@ def test_prepare_weight_takes_the_packed_form_chosen_for_the_rows():
             assert packed.size % blas.panels.PANEL == (1 if mkl_form else 0), (rows, weight.shape)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("rows", [1, 32])
+def test_weight_prepared_into_kept_space_is_packed_there_and_multiplies_alike(rows, trans_b, dtype):
+    # Space left dirty by an earlier call (NaN), large enough: the packed form is written into
+    # its front, padding included, and the products match those of a fresh pack.
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((96, 64) if trans_b else (64, 96)).astype(dtype)
+    a = rng.standard_normal((rows, 64)).astype(dtype)
+    work = blas.workspace(a)
+    size = blas.packed_size(rows, weight, trans_b, True)
+    fresh = blas.prepare_weight(rows, weight, trans_b, True, work)
+    assert fresh[2].size == size
+    space = np.full(size + 7, np.nan, dtype)
+    prepared, transposed, packed = blas.prepare_weight_into(
+        rows, weight, trans_b, True, work, space
+    )
+    assert packed.size == size
+    if size:
+        assert np.shares_memory(packed, space)
+    c, expected = np.ones((rows, 96), dtype), np.ones((rows, 96), dtype)
+    blas.gemm_weight(a, prepared, transposed, packed, c, True, work)
+    blas.gemm_weight(a, *fresh, expected, True, work)
+    np.testing.assert_array_equal(c, expected)
+    # Space too small: a new array, and the space is left alone.
+    small = np.full(max(size - 1, 0), np.nan, dtype)
+    packed = blas.prepare_weight_into(rows, weight, trans_b, True, work, small)[2]
+    assert packed.size == size and not np.shares_memory(packed, small)
+    assert np.isnan(small).all()
+
+
 def test_packed_form_choice_follows_the_environment_and_the_cpu(monkeypatch):
     monkeypatch.setattr(blas, "PANELS", True)
     monkeypatch.setattr(blas, "LIBRARY", "MKL (torch)")

@@ -75,3 +75,16 @@ def test_blas_weight_product_uses_the_panels_for_float32():
         w = weight.astype(dtype)
         _, _, packed = blas.prepare_weight(rows, w, True, True, blas.workspace(w))
         assert (packed.size > 0) == (dtype == np.float32)  # float64 keeps BLAS
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_pack_into_dirty_space_writes_the_zero_padding(trans_b):
+    rng = np.random.default_rng(6)
+    b = rng.standard_normal((37, 50)).astype(np.float32)  # N = 50: a partial second panel
+    weight = b.T.copy() if trans_b else b
+    expected = panels.pack(weight, trans_b)
+    assert expected.size == panels.packed_size(weight, trans_b)
+    space = np.full(expected.size + 5, np.nan, np.float32)
+    packed = panels.pack_into(weight, trans_b, space)
+    assert np.shares_memory(packed, space)
+    np.testing.assert_array_equal(packed, expected)

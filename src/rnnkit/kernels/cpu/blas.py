@@ -394,44 +394,103 @@ def matmul(a, b, c):
 @_inline
 def prepare_weight(rows, b, trans_b, use_packing, work):
     """(b', trans', packed) for gemm_weight; see _prepare_weight."""
-    return _prepare_weight(rows, b, _runtime(trans_b), _runtime(use_packing), work)
+    return _prepare_weight(
+        rows, b, _runtime(trans_b), _runtime(use_packing), work, np.empty(0, b.dtype)
+    )
+
+
+@_inline
+def prepare_weight_into(rows, b, trans_b, use_packing, work, space):
+    """prepare_weight, with the packed form written into the front of `space` (1-D, b's dtype)
+    where it holds packed_size(rows, b, trans_b, use_packing) elements, else into a new array.
+    A large new array is memory the system maps afresh at every call (about 2000 page faults a
+    call for an LSTM's two 4 MiB weights), so callers that run often pass space they keep."""
+    return _prepare_weight(rows, b, _runtime(trans_b), _runtime(use_packing), work, space)
+
+
+# What _prepare_weight makes of a weight (_packed_form).
+_PLAIN, _TRANSPOSED_COPY, _PANEL_FORM, _MKL_FORM = 0, 1, 2, 3
 
 
 @_jit
-def _prepare_weight(rows, b, trans_b, use_packing, work):
-    """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
-    (b', trans', packed) for gemm_weight. float32 ones, when use_packing, get rnnkit's panels
-    where the CPU has AVX-512 (panels.py), or MKL's packed form for large enough products where
-    MKL runs its AVX-512 path (MKL_PACK_MIN_ROWS, MKL_PACK_MIN_WEIGHT); others small enough for
-    plain loops get a transposed copy (their loops vectorise over rows of b, not over dot
-    products), larger ones MKL's packed form (pass PACKED_GEMM and ...: a global read of the
-    library here would be frozen into the disk cache, and without MKL the packing symbols are
-    plain sgemm)."""
-    k = b.shape[1] if trans_b else b.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    none = np.empty(0, b.dtype)
+def _packed_form(rows, b, use_packing):
+    """Which form _prepare_weight gives b for products of `rows` rows. float32 ones, when
+    use_packing, get rnnkit's panels where the CPU has AVX-512 (panels.py), or MKL's packed form
+    for large enough products where MKL runs its AVX-512 path (MKL_PACK_MIN_ROWS,
+    MKL_PACK_MIN_WEIGHT); others small enough for plain loops get a transposed copy (their loops
+    vectorise over rows of b, not over dot products), larger ones MKL's packed form (pass
+    PACKED_GEMM and ...: a global read of the library here would be frozen into the disk cache,
+    and without MKL the packing symbols are plain sgemm)."""
     # PANELS is a constant: numba drops the branches not taken.
     if PANELS and use_packing and b.itemsize == 4:
         wide = rows >= MKL_PACK_MIN_ROWS and b.size >= MKL_PACK_MIN_WEIGHT
         if wide and _mkl_packs_wide_here() != 0:
-            return np.ascontiguousarray(b), trans_b, _mkl_pack(rows, b, trans_b, work)
+            return _MKL_FORM
         # The register tiles beat plain loops at every size (a batch-1 step of an RNN with
         # H = 64: 0.22 us against 0.77).
-        return np.ascontiguousarray(b), trans_b, panels.pack(b, trans_b)
-    if rows * n * k <= SMALL_GEMM:
+        return _PANEL_FORM
+    if rows * b.size <= SMALL_GEMM:
+        return _TRANSPOSED_COPY
+    if PANELS or not use_packing or b.itemsize != 4 or b.size * b.itemsize > PACK_MAX_BYTES:
+        return _PLAIN
+    return _MKL_FORM
+
+
+@_jit
+def packed_size(rows, b, trans_b, use_packing):
+    """Elements of the packed form that prepare_weight makes of b for these arguments (0: none)."""
+    form = _packed_form(rows, b, use_packing)
+    if form == _PANEL_FORM:
+        return panels.packed_size(b, trans_b)
+    if form == _MKL_FORM:
+        return _mkl_packed_size(rows, b, trans_b, workspace(b))
+    return 0
+
+
+@_jit
+def _prepare_weight(rows, b, trans_b, use_packing, work, space):
+    """Weight b (K, N), or b (N, K) read transposed, for repeated products (rows, K) @ op(b):
+    (b', trans', packed) for gemm_weight, the packed form (see _packed_form) in `space` where it
+    fits."""
+    form = _packed_form(rows, b, use_packing)
+    if form == _TRANSPOSED_COPY:
         if trans_b:
-            return np.ascontiguousarray(b.T), False, none
-        return np.ascontiguousarray(b), False, none
-    if PANELS:
-        return np.ascontiguousarray(b), trans_b, none
-    if not use_packing or b.itemsize != 4 or b.size * b.itemsize > PACK_MAX_BYTES:
-        return np.ascontiguousarray(b), trans_b, none
-    return np.ascontiguousarray(b), trans_b, _mkl_pack(rows, b, trans_b, work)
+            return np.ascontiguousarray(b.T), False, space[:0]
+        return np.ascontiguousarray(b), False, space[:0]
+    if form == _PANEL_FORM:
+        return np.ascontiguousarray(b), trans_b, panels.pack_into(b, trans_b, space)
+    if form == _MKL_FORM:
+        return np.ascontiguousarray(b), trans_b, _mkl_pack_into(rows, b, trans_b, work, space)
+    return np.ascontiguousarray(b), trans_b, space[:0]
+
+
+@_jit
+def _mkl_packed_size(rows, b, trans_b, work):
+    """Elements of _mkl_pack's array for these arguments: MKL's size, and one element more than
+    a multiple of panels.PANEL, where panel packs are whole multiples: that is how _gemm_weight
+    tells the two forms apart."""
+    k = b.shape[1] if trans_b else b.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    ints, _, chars = work
+    ints[0] = n
+    ints[1] = rows
+    ints[2] = k
+    size = _sgemm_pack_size(chars[2:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
+    panel = panels.PANEL
+    return (size // b.itemsize + 16 + panel) // panel * panel + 1
 
 
 @_jit
 def _mkl_pack(rows, b, trans_b, work):
     """MKL's packed form of float32 b (K, N), or b (N, K) read transposed, for (rows, K) @ op(b)."""
+    return _mkl_pack_into(rows, b, trans_b, work, np.empty(0, b.dtype))
+
+
+@_jit
+def _mkl_pack_into(rows, b, trans_b, work, space):
+    """_mkl_pack, written into the front of `space` where it fits, else into a new array."""
+    count = _mkl_packed_size(rows, b, trans_b, work)
+    packed = space[:count] if space.size >= count else np.empty(count, b.dtype)
     k = b.shape[1] if trans_b else b.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
     ints, scalars, chars = work
@@ -440,11 +499,6 @@ def _mkl_pack(rows, b, trans_b, work):
     ints[2] = k
     scalars[0] = 1
     ints[3] = _leading(b)
-    size = _sgemm_pack_size(chars[2:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes)
-    # One element more than a multiple of panels.PANEL, where panel packs are whole multiples:
-    # that is how _gemm_weight tells the two forms apart.
-    panel = panels.PANEL
-    packed = np.empty((size // b.itemsize + 16 + panel) // panel * panel + 1, b.dtype)
     flag_b = chars[1:] if trans_b else chars[0:]
     _sgemm_pack(
         chars[2:].ctypes, flag_b.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,

@@ -35,7 +35,7 @@ from numba import njit, types
 from numba.extending import overload
 from torch import Tensor
 
-from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu import blas, pack_space, threads
 from rnnkit.kernels.cpu.activations import sigmoid_float32, tanh_float32
 from rnnkit.kernels.cpu.projection import input_chunk_steps, time_position
 
@@ -123,13 +123,15 @@ def lstm_forward_loop(
     cells,
     save,
     use_packing,
+    spaces,
     first,
     last,
 ):
     """Sequences first..last-1 of (T, B, I) x, with (4H, I) W_ih, (4H,) b_ih + b_hh, (4H, P)
     W_hh, (P, H) W_hr or (0, 0): their rows of (B, P) h and (B, H) c updated in place to the
     final state, of the (T, B, P) output written and, if save, the (T, last - first, 4H) gate
-    activations and (T, last - first, H) cell states written, at each time position."""
+    activations and (T, last - first, H) cell states written, at each time position. The
+    weights are packed into `spaces` (for W_ih, W_hh, W_hr; see pack_space.py) where they fit."""
     steps, _, features = x.shape
     batch = last - first
     gate_width = w_hh.shape[0]
@@ -137,9 +139,16 @@ def lstm_forward_loop(
     projected = w_hr.shape[0] > 0
     chunk = input_chunk_steps(steps, batch, gate_width)
     work = blas.workspace(x)
-    ih, ih_transposed, packed_ih = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
-    hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, True, use_packing, work)
-    hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, True, use_packing, work)
+    ih_space, hh_space, hr_space = spaces
+    ih, ih_transposed, packed_ih = blas.prepare_weight_into(
+        chunk * batch, w_ih, True, use_packing, work, ih_space
+    )
+    hh, hh_transposed, packed_hh = blas.prepare_weight_into(
+        batch, w_hh, True, use_packing, work, hh_space
+    )
+    hr, hr_transposed, packed_hr = blas.prepare_weight_into(
+        batch, w_hr, True, use_packing, work, hr_space
+    )
     h_part = h[first:last]
     inputs = np.zeros((chunk * batch, features), x.dtype)
     # Processing order is time order when not reversed: the saved activations then serve as the
@@ -236,6 +245,12 @@ _BACKWARD_CHUNK_ROWS = 256
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def backward_chunk_steps(steps, batch):
+    """Steps per chunk of the backward of a part of `batch` sequences."""
+    return max(1, min(steps, (_BACKWARD_CHUNK_ROWS + batch - 1) // batch))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def lstm_backward_loop(
     activations,
     cells,
@@ -250,6 +265,7 @@ def lstm_backward_loop(
     grad_hidden,
     cell_outputs,
     use_packing,
+    spaces,
     x,
     w_ih,
     output,
@@ -267,7 +283,8 @@ def lstm_backward_loop(
     part's input, output (T, B, P) the forward output of the whole batch, h0 (B', P). Writes the
     (T, B', I) grad_x and adds to (4H, I) grad_w_ih, (4H, P) grad_w_hh and float64 (4H,)
     grad_bias, each skipped when passed empty. With projection also writes the (T, B', P) total
-    gradient of h and the (T, B', H) recomputed o * tanh(c) for dW_hr."""
+    gradient of h and the (T, B', H) recomputed o * tanh(c) for dW_hr. The weights are packed
+    into `spaces` (for W_ih, W_hh, W_hr; see pack_space.py) where they fit."""
     steps, batch, gate_width = activations.shape
     hidden = gate_width // 4
     out_width = grad_h.shape[1]
@@ -278,12 +295,19 @@ def lstm_backward_loop(
     want_w_ih = grad_w_ih.shape[0] > 0
     want_w_hh = grad_w_hh.shape[0] > 0
     want_bias = grad_bias.shape[0] > 0
-    chunk_steps = max(1, min(steps, (_BACKWARD_CHUNK_ROWS + batch - 1) // batch))
+    chunk_steps = backward_chunk_steps(steps, batch)
     chunk_rows = chunk_steps * batch
     work = blas.workspace(activations)
-    hh, hh_transposed, packed_hh = blas.prepare_weight(batch, w_hh, False, use_packing, work)
-    hr, hr_transposed, packed_hr = blas.prepare_weight(batch, w_hr, False, use_packing, work)
-    ih, ih_transposed, packed_ih = blas.prepare_weight(chunk_rows, w_ih, False, use_packing, work)
+    ih_space, hh_space, hr_space = spaces
+    hh, hh_transposed, packed_hh = blas.prepare_weight_into(
+        batch, w_hh, False, use_packing, work, hh_space
+    )
+    hr, hr_transposed, packed_hr = blas.prepare_weight_into(
+        batch, w_hr, False, use_packing, work, hr_space
+    )
+    ih, ih_transposed, packed_ih = blas.prepare_weight_into(
+        chunk_rows, w_ih, False, use_packing, work, ih_space
+    )
     # Rows of a chunk in processing order: slot k holds step (the chunk's first step) - k.
     chunk_grads = np.empty((chunk_rows, gate_width), dtype)
     chunk_inputs = np.zeros((chunk_rows if want_w_ih else 0, features), dtype)
@@ -436,6 +460,26 @@ def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> 
     )
 
 
+def _pack_spaces(
+    weights, first_slot: int, use_packing: bool, dtype: torch.dtype, transposed: bool = True
+) -> tuple:
+    """The kept arrays (pack_space.py) that a part's (weight array, product rows) pairs are
+    packed into, each weight read transposed or not: empty for weights too small or too large
+    to keep space for. A call's forward and backward run one after the other, so they share
+    slots."""
+    spaces = []
+    for slot, (weight, rows) in enumerate(weights, first_slot):
+        size = weight.size * weight.itemsize
+        if not use_packing or not pack_space.MIN_KEPT_BYTES <= size <= pack_space.MAX_KEPT_BYTES:
+            spaces.append(pack_space.empty(dtype))
+            continue
+        elements = blas.packed_size(rows, weight, transposed, use_packing)
+        spaces.append(
+            pack_space.space(slot, elements, dtype) if elements else pack_space.empty(dtype)
+        )
+    return tuple(spaces)
+
+
 def _run_parts(function, argument_lists: list[tuple]) -> None:
     threads.run_concurrently(function, argument_lists)
 
@@ -461,18 +505,22 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         _numpy(output),
     )
     parts = _batch_parts(batch, batch * w_hh.shape[0] * w_hh.shape[1], steps, x.dtype)
+    use_packing = PACKED_GEMM and steps >= _PACK_MIN_STEPS
     activations, cells, argument_lists = [], [], []
-    for part in parts:
+    for index, part in enumerate(parts):
         size = part.stop - part.start
         saved_gates = x.new_empty(steps, size, w_hh.shape[0]) if save else None
         saved_cells = x.new_empty(steps, size, w_hh.shape[0] // 4) if save else None
+        chunk = input_chunk_steps(steps, size, w_hh.shape[0]) if use_packing else 0
+        weights = ((shared[1], chunk * size), (shared[3], size), (shared[4], size))
         argument_lists.append(
             (
                 *shared,
                 _numpy(saved_gates) if save else unsaved,
                 _numpy(saved_cells) if save else unsaved,
                 save,
-                PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+                use_packing,
+                _pack_spaces(weights, 3 * index, use_packing, x.dtype),
                 part.start,
                 part.stop,
             )
@@ -521,9 +569,15 @@ class LSTMDirection(torch.autograd.Function):
         grad_h = grad_h_n.clone(memory_format=torch.contiguous_format)
         grad_c = grad_c_n.clone(memory_format=torch.contiguous_format)
         want_bias = needs[5] or needs[6]
+        use_packing = PACKED_GEMM and steps >= _PACK_MIN_STEPS
         argument_lists, per_part = [], []
-        for part, activations, cells in zip(ctx.parts, ctx.activations, ctx.cells):
+        for index, (part, activations, cells) in enumerate(
+            zip(ctx.parts, ctx.activations, ctx.cells)
+        ):
             size = part.stop - part.start
+            chunk = backward_chunk_steps(steps, size) if use_packing else 0
+            w_hh_numpy, w_hr_numpy = shared_weights
+            weights = ((w_ih_numpy, chunk * size), (w_hh_numpy, size), (w_hr_numpy, size))
             whole = size == batch
             grad_hidden = x.new_empty(steps, size, out_width) if projected else None
             cell_outputs = x.new_empty(steps, size, hidden) if projected else None
@@ -547,7 +601,8 @@ class LSTMDirection(torch.autograd.Function):
                     reverse,
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
-                    PACKED_GEMM and steps >= _PACK_MIN_STEPS,
+                    use_packing,
+                    _pack_spaces(weights, 3 * index, use_packing, x.dtype, False),
                     _numpy((x if whole else x[:, part]).contiguous()),
                     w_ih_numpy,
                     output_numpy,

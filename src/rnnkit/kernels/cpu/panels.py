@@ -175,19 +175,35 @@ _inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
 @_jit
-def pack(b, trans_b):
-    """Weight b (K, N), or b (N, K) read transposed, -> flat panels (see the module)."""
+def packed_size(b, trans_b):
+    """Elements of pack's array for weight b (K, N), or b (N, K) read transposed."""
     k = b.shape[1] if trans_b else b.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
-    panels = (n + PANEL - 1) // PANEL
-    packed = np.zeros(panels * k * PANEL, b.dtype)
-    for p in range(panels):
+    return (n + PANEL - 1) // PANEL * k * PANEL
+
+
+@_jit
+def pack(b, trans_b):
+    """Weight b (K, N), or b (N, K) read transposed, -> flat panels (see the module)."""
+    return pack_into(b, trans_b, np.empty(0, b.dtype))
+
+
+@_jit
+def pack_into(b, trans_b, space):
+    """pack, written into the front of `space` where it fits, else into a new array."""
+    k = b.shape[1] if trans_b else b.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    count = packed_size(b, trans_b)
+    packed = space[:count] if space.size >= count else np.empty(count, b.dtype)
+    for p in range((n + PANEL - 1) // PANEL):
         width = min(PANEL, n - p * PANEL)
         for inner in range(k):
             start = (p * k + inner) * PANEL
             for j in range(width):
                 column = p * PANEL + j
                 packed[start + j] = b[column, inner] if trans_b else b[inner, column]
+            for j in range(width, PANEL):  # zero past N
+                packed[start + j] = 0
     return packed
 
 
