@@ -331,27 +331,24 @@ class RNNBase(nn.Module):
             lengths_tensor = None
         return _Prepared(x=x, lengths=lengths_tensor, batched=batched, packed=packed)
 
+    def _state_sizes(self) -> tuple[int, ...]:
+        """Widths of one layer and direction's state tensors: (h,) or (h, c)."""
+        if self.mode in _CELL_STATE_MODES:
+            return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
+        return (self.hidden_size,)
+
     def _state_shapes(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
         layers = self.num_layers * self.directions
-        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if self.mode in _CELL_STATE_MODES:
-            return [
-                ("hx[0]", (layers, batch, out_size)),
-                ("hx[1]", (layers, batch, self.hidden_size)),
-            ]
-        return [("hx", (layers, batch, self.hidden_size))]
+        sizes = self._state_sizes()
+        labels = ("hx[0]", "hx[1]") if len(sizes) == 2 else ("hx",)
+        return [(label, (layers, batch, size)) for label, size in zip(labels, sizes)]
 
     def _initial_states(self, hx, prepared: _Prepared) -> list[tuple[Tensor, ...]]:
         """The validated initial state as the backends take it: one (h,) or (h, c) tuple of
         (B, H) tensors per layer and direction (layer * directions + direction)."""
         x = prepared.x
         if hx is None:
-            batch = x.size(1)
-            if self.mode in _CELL_STATE_MODES:
-                out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-                sizes = (out_size, self.hidden_size)
-            else:
-                sizes = (self.hidden_size,)
+            batch, sizes = x.size(1), self._state_sizes()
             layers = self.num_layers * self.directions
             return [tuple(x.new_zeros(batch, size) for size in sizes) for _ in range(layers)]
         name = type(self).__name__

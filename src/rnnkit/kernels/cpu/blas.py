@@ -489,14 +489,9 @@ def _mkl_pack(rows, b, trans_b, work):
 @_jit
 def _mkl_pack_into(rows, b, trans_b, work, space):
     """_mkl_pack, written into the front of `space` where it fits, else into a new array."""
-    count = _mkl_packed_size(rows, b, trans_b, work)
+    count = _mkl_packed_size(rows, b, trans_b, work)  # which sets ints[0:3] to (n, rows, k)
     packed = space[:count] if space.size >= count else np.empty(count, b.dtype)
-    k = b.shape[1] if trans_b else b.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
     ints, scalars, chars = work
-    ints[0] = n
-    ints[1] = rows
-    ints[2] = k
     scalars[0] = 1
     ints[3] = _leading(b)
     flag_b = chars[1:] if trans_b else chars[0:]
