@@ -465,12 +465,11 @@ def _pack_spaces(
 ) -> tuple:
     """The kept arrays (pack_space.py) that a part's (weight array, product rows) pairs are
     packed into, each weight read transposed or not: empty for weights too small or too large
-    to keep space for. A call's forward and backward run one after the other, so they share
-    slots."""
+    to keep space for (pack_space.keeps). A call's forward and backward run one after the other,
+    so they share slots."""
     spaces = []
     for slot, (weight, rows) in enumerate(weights, first_slot):
-        size = weight.size * weight.itemsize
-        if not use_packing or not pack_space.MIN_KEPT_BYTES <= size <= pack_space.MAX_KEPT_BYTES:
+        if not use_packing or not pack_space.keeps(weight):
             spaces.append(pack_space.empty(dtype))
             continue
         elements = blas.packed_size(rows, weight, transposed, use_packing)
@@ -511,7 +510,9 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         size = part.stop - part.start
         saved_gates = x.new_empty(steps, size, w_hh.shape[0]) if save else None
         saved_cells = x.new_empty(steps, size, w_hh.shape[0] // 4) if save else None
-        chunk = input_chunk_steps(steps, size, w_hh.shape[0]) if use_packing else 0
+        # The chunk's rows size W_ih's space: asked of numba only where that space is kept.
+        keeps_ih = use_packing and pack_space.keeps(shared[1])
+        chunk = input_chunk_steps(steps, size, w_hh.shape[0]) if keeps_ih else 0
         weights = ((shared[1], chunk * size), (shared[3], size), (shared[4], size))
         argument_lists.append(
             (
@@ -570,13 +571,14 @@ class LSTMDirection(torch.autograd.Function):
         grad_c = grad_c_n.clone(memory_format=torch.contiguous_format)
         want_bias = needs[5] or needs[6]
         use_packing = PACKED_GEMM and steps >= _PACK_MIN_STEPS
+        keeps_ih = use_packing and pack_space.keeps(w_ih_numpy)
+        w_hh_numpy, w_hr_numpy = shared_weights
         argument_lists, per_part = [], []
         for index, (part, activations, cells) in enumerate(
             zip(ctx.parts, ctx.activations, ctx.cells)
         ):
             size = part.stop - part.start
-            chunk = backward_chunk_steps(steps, size) if use_packing else 0
-            w_hh_numpy, w_hr_numpy = shared_weights
+            chunk = backward_chunk_steps(steps, size) if keeps_ih else 0
             weights = ((w_ih_numpy, chunk * size), (w_hh_numpy, size), (w_hr_numpy, size))
             whole = size == batch
             grad_hidden = x.new_empty(steps, size, out_width) if projected else None

@@ -26,6 +26,11 @@ _local = threading.local()
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
+def keeps(weight: np.ndarray) -> bool:
+    """Whether space is kept for a packed copy of this weight array."""
+    return MIN_KEPT_BYTES <= weight.nbytes <= MAX_KEPT_BYTES
+
+
 def empty(dtype: torch.dtype) -> np.ndarray:
     """No space: the kernel allocates what it packs (read only: shared by every call)."""
     return _EMPTY[dtype]
