@@ -47,7 +47,8 @@ def test_gemm_reads_row_blocks_of_larger_arrays():
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("rows", [1, 32])
 def test_prepared_weight_products_match_numpy(rows, trans_b, dtype):
-    # Batch 1 takes the loops with a transposed copy; batch 32 takes MKL's packed form (float32).
+    # Batch 1 takes the panels (float32 with AVX-512) or loops with a transposed copy; batch 32
+    # takes MKL's packed form (float32).
     rng = np.random.default_rng(2)
     weight = rng.standard_normal((96, 64) if trans_b else (64, 96)).astype(dtype)
     a = rng.standard_normal((rows, 64)).astype(dtype)
@@ -91,6 +92,26 @@ def test_prepare_weight_takes_the_packed_form_chosen_for_the_rows():
             wide = rows >= blas.MKL_PACK_MIN_ROWS and weight.size >= blas.MKL_PACK_MIN_WEIGHT
             mkl_form = blas.MKL_PACKS_WIDE and wide
             assert packed.size % blas.panels.PANEL == (1 if mkl_form else 0), (rows, weight.shape)
+
+
+@pytest.mark.skipif(not blas.PANELS, reason="the panels need AVX-512")
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_small_products_take_the_panels_without_packing_asked_for(trans_b):
+    # Few steps (use_packing False): a product small enough for plain loops is packed into
+    # panels instead of copied transposed; a larger one goes to BLAS as it is.
+    rng = np.random.default_rng(5)
+    shape = (256, 64) if trans_b else (64, 256)
+    weight = rng.standard_normal(shape).astype(np.float32)
+    work = blas.workspace(weight)
+    for rows in (1, blas.SMALL_GEMM // weight.size, blas.SMALL_GEMM // weight.size + 1):
+        prepared, transposed, packed = blas.prepare_weight(rows, weight, trans_b, False, work)
+        small = rows * weight.size <= blas.SMALL_GEMM
+        assert packed.size == (blas.panels.packed_size(weight, trans_b) if small else 0), rows
+        a = rng.standard_normal((rows, 64)).astype(np.float32)
+        c = np.ones((rows, 256), np.float32)
+        blas.gemm_weight(a, prepared, transposed, packed, c, True, work)
+        expected = a @ (weight.T if trans_b else weight) + 1
+        np.testing.assert_allclose(c, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
