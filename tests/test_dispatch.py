@@ -82,6 +82,61 @@ def test_one_time_step_output_and_final_state_are_separate_tensors(layer):
     torch.testing.assert_close(h_n, before)
 
 
+EVERY_CPU_PATH = {
+    "RNN": lambda: rnnkit.RNN(3, 4),
+    "RNN reference": lambda: rnnkit.RNN(3, 4, backend="reference"),
+    "GRU": lambda: rnnkit.GRU(3, 4),
+    "GRU, reset before": lambda: rnnkit.GRU(3, 4, reset_after=False),
+    "LSTM": lambda: rnnkit.LSTM(3, 4),
+    "LSTM with proj_size": lambda: rnnkit.LSTM(3, 4, proj_size=2),
+    "LSTM with zoneout": lambda: rnnkit.LSTM(3, 4, zoneout=0.1).eval(),
+    "LayerNormLSTM": lambda: rnnkit.LayerNormLSTM(3, 4),
+    "LayerNormGRU": lambda: rnnkit.LayerNormGRU(3, 4),
+}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("make", EVERY_CPU_PATH.values(), ids=EVERY_CPU_PATH.keys())
+def test_output_and_final_states_never_share_memory(make, steps):
+    # The layer hands a one-layer, one-direction final state on as a view of the backend's.
+    output, state = make()(torch.randn(steps, 2, 3))
+    finals = state if isinstance(state, tuple) else (state,)
+    before = [final.clone() for final in finals]
+    output.data.add_(1.0)
+    for final, value in zip(finals, before, strict=True):
+        torch.testing.assert_close(final, value)
+    output_before = output.clone()
+    for final in finals:
+        final.data.add_(1.0)
+    torch.testing.assert_close(output, output_before)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mode", ["RNN_TANH", "GRU", "LSTM", "LN_LSTM"])
+def test_dispatch_takes_hx_none_as_zero_states(mode, backend):
+    # hx None goes to the CPU kernels as such (zeros made there) and becomes zero tensors for
+    # the other backends: every way gives what explicit zero states give, gradients included.
+    make = {
+        "RNN_TANH": rnnkit.RNN,
+        "GRU": rnnkit.GRU,
+        "LSTM": rnnkit.LSTM,
+        "LN_LSTM": rnnkit.LayerNormLSTM,
+    }[mode]
+    layer = make(3, 4, bidirectional=True).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    weights = [layer.cell_weights(0, d) for d in range(2)]
+    spec = layer.spec
+    zeros = [tuple(torch.zeros(2, size, dtype=torch.float64) for size in spec.state_sizes)] * 2
+    results = []
+    for hx in (None, zeros):
+        output, finals = dispatch.run_layer(backend, spec, x, hx, weights, None)
+        loss = output.square().sum() + sum(f.square().sum() for state in finals for f in state)
+        grads = torch.autograd.grad(loss, [w for w in layer.parameters()])
+        results.append([output, *(f for state in finals for f in state), *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 NOT_SINGLE_STEP = {
     "LSTM with proj_size": lambda: rnnkit.LSTM(3, 4, proj_size=2),
     "GRU, reset before": lambda: rnnkit.GRU(3, 4, reset_after=False),

@@ -5,7 +5,8 @@ Every backend offers the same contract, per layer (all of its directions):
     run_layer(spec, x, hx, weights, lengths) -> (output, final_states)
 
     x        (T, B, I) time-major input
-    hx       one state tuple per direction: (h,) or (h, c), each (B, H_out) / (B, H)
+    hx       one state tuple per direction: (h,) or (h, c), each (B, H_out) / (B, H); None
+             for zero states (made here for the backends that do not take None themselves)
     weights  one tuple per direction: (w_ih, w_hh, b_ih, b_hh) [+ (w_hr,) for LSTM]
     lengths  None or a (B,) int64 tensor: steps t >= lengths[b] output zeros and keep the state
     output   (T, B, D * H_out); final_states: one state tuple per direction
@@ -22,7 +23,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rnnkit.scan import State, run_layer_reference, run_layer_single_step, single_step_covers
+from rnnkit.scan import (
+    State,
+    run_layer_reference,
+    run_layer_single_step,
+    single_step_covers,
+    zero_state,
+)
 from rnnkit.spec import LayerSpec
 
 BACKENDS = ("auto", "reference", "cpu", "gpu")
@@ -30,6 +37,10 @@ _KERNEL_MODULES = {"cpu": "rnnkit.kernels.cpu", "gpu": "rnnkit.kernels.gpu"}
 
 
 class Backend(Protocol):
+    # Whether run_layer takes hx=None for zero states itself (the CPU kernels: a zero state
+    # needs no tensor there); the dispatch makes the zero tensors for the others.
+    takes_zero_state: bool
+
     def unsupported_reason(
         self, spec: LayerSpec, x: Tensor, lengths: Tensor | None
     ) -> str | None: ...
@@ -47,6 +58,8 @@ class Backend(Protocol):
 class ReferenceBackend:
     """The autograd loop: runs everything, slowly."""
 
+    takes_zero_state = False
+
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> None:
         return None
 
@@ -59,6 +72,8 @@ class SingleStepBackend:
     over time to fuse, and a fused kernel's set-up (its arguments, buffers and batch parts) cost
     more than the step: a decoder that calls a layer once per step ran slower through the kernels
     than through torch.nn."""
+
+    takes_zero_state = False
 
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
         # CUDA tensors keep the Triton path: not measured against torch's cell ops on a GPU.
@@ -170,12 +185,14 @@ def run_layer(
     requested: str,
     spec: LayerSpec,
     x: Tensor,
-    hx: Sequence[State],
+    hx: Sequence[State] | None,
     weights: Sequence[Sequence[Tensor | None]],
     lengths: Tensor | None,
 ) -> tuple[Tensor, list[State]]:
-    """Run one layer (all directions) on the backend that `resolve` picks."""
+    """Run one layer (all directions) on the backend that `resolve` picks; hx None: zeros."""
     name, backend, _ = _select(requested, spec, x, lengths, explain=False)
+    if hx is None and not getattr(backend, "takes_zero_state", False):
+        hx = [zero_state(spec, x) for _ in range(spec.directions)]
     if name in ("reference", "step"):  # torch operations: traceable as they are
         return backend.run_layer(spec, x, hx, weights, lengths)
     return run_opaque(backend.run_layer, spec, x, hx, weights, lengths)

@@ -274,7 +274,7 @@ class RNNBase(nn.Module):
         finals: list[tuple[Tensor, ...]] = []
         for layer in range(self.num_layers):
             first = layer * directions
-            layer_hx = states[first : first + directions]
+            layer_hx = None if states is None else states[first : first + directions]
             weights = [self.cell_weights(layer, d) for d in range(directions)]
             if regularization is not None:
                 weights = [regularization.drop_weights(w, rates.weight_drop, True) for w in weights]
@@ -285,7 +285,10 @@ class RNNBase(nn.Module):
             finals.extend(layer_finals)
             if self.dropout > 0 and training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        final_state = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states[0])))
+        if len(finals) == 1:  # one layer and direction: a view, not a stack of one
+            final_state = tuple(part.unsqueeze(0) for part in finals[0])
+        else:
+            final_state = tuple(torch.stack(parts) for parts in zip(*finals))
         return self._format_output(x, final_state, prepared)
 
     # -- input handling -------------------------------------------------------------------
@@ -331,26 +334,19 @@ class RNNBase(nn.Module):
             lengths_tensor = None
         return _Prepared(x=x, lengths=lengths_tensor, batched=batched, packed=packed)
 
-    def _state_sizes(self) -> tuple[int, ...]:
-        """Widths of one layer and direction's state tensors: (h,) or (h, c)."""
-        if self.mode in _CELL_STATE_MODES:
-            return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
-        return (self.hidden_size,)
-
     def _state_shapes(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
         layers = self.num_layers * self.directions
-        sizes = self._state_sizes()
+        sizes = self.spec.state_sizes
         labels = ("hx[0]", "hx[1]") if len(sizes) == 2 else ("hx",)
         return [(label, (layers, batch, size)) for label, size in zip(labels, sizes)]
 
-    def _initial_states(self, hx, prepared: _Prepared) -> list[tuple[Tensor, ...]]:
+    def _initial_states(self, hx, prepared: _Prepared) -> list[tuple[Tensor, ...]] | None:
         """The validated initial state as the backends take it: one (h,) or (h, c) tuple of
-        (B, H) tensors per layer and direction (layer * directions + direction)."""
-        x = prepared.x
+        (B, H) tensors per layer and direction (layer * directions + direction); None for
+        zeros (hx None), which the dispatch passes on as such (see dispatch.run_layer)."""
         if hx is None:
-            batch, sizes = x.size(1), self._state_sizes()
-            layers = self.num_layers * self.directions
-            return [tuple(x.new_zeros(batch, size) for size in sizes) for _ in range(layers)]
+            return None
+        x = prepared.x
         name = type(self).__name__
         shapes = self._state_shapes(x.size(1))
         if self.mode in _CELL_STATE_MODES:

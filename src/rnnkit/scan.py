@@ -73,6 +73,12 @@ def scan_direction(
     return output, state
 
 
+def zero_state(spec: LayerSpec, x: Tensor) -> State:
+    """The zero initial state of one direction of a layer, for a (T, B, I) input x."""
+    batch = x.size(1)
+    return tuple(x.new_zeros(batch, size) for size in spec.state_sizes)
+
+
 def run_layer_reference(
     spec: LayerSpec,
     x: Tensor,
@@ -150,5 +156,7 @@ def run_layer_single_step(
             final = (cell(x_t, state[0], w_ih, w_hh, b_ih, b_hh),)
         outputs.append(final[0])
         finals.append(final)
-    output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+    # A copy for one direction: the output and the final state never share memory (torch.nn's
+    # do not, and the layer hands a final state on as a view of what the backend returns).
+    output = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0].clone()
     return output.unsqueeze(0), finals

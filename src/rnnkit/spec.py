@@ -37,3 +37,10 @@ class LayerSpec:
     @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        """Widths of one direction's state tensors: (h,) or (h, c)."""
+        if self.mode in ("LSTM", "LN_LSTM"):
+            return (self.output_size, self.hidden_size)
+        return (self.hidden_size,)

@@ -16,6 +16,7 @@ from numba.core.errors import NumbaIRAssumptionWarning
 from torch import Tensor
 
 from rnnkit.kernels.cpu.cache import keyed_numba_cache
+from rnnkit.scan import zero_state
 from rnnkit.spec import LayerSpec
 
 # Every module that compiles with cache=True, imported here: numba picks a function's cache
@@ -48,6 +49,9 @@ _LAYER_NORM_MODES = ("LN_LSTM", "LN_GRU")
 class CPUBackend:
     """Runs each direction of a layer through the cell's fused numba kernel."""
 
+    # hx None: the plain cells' kernels start from zeros without a state tensor.
+    takes_zero_state = True
+
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
         if not x.is_cpu:
             return f"input is on {x.device}, not the CPU"
@@ -59,22 +63,34 @@ class CPUBackend:
         self,
         spec: LayerSpec,
         x: Tensor,
-        hx: list[tuple[Tensor, ...]],
+        hx: list[tuple[Tensor, ...]] | None,
         weights: list[tuple[Tensor | None, ...]],
         lengths: Tensor | None,
     ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
-        """(T, B, I) -> (T, B, D * H_out) and one final state tuple per direction."""
+        """(T, B, I) -> (T, B, D * H_out) and one final state tuple per direction; hx None:
+        zero initial states."""
         check_kernel_inputs(spec, x, hx, weights, lengths)
         outputs, finals = [], []
-        for direction, (state, direction_weights) in enumerate(zip(hx, weights)):
+        for direction, direction_weights in enumerate(weights):
             reverse = direction == 1
+            state = None if hx is None else hx[direction]
             if spec.mode in _LAYER_NORM_MODES:  # with or without in-loop regularisers
                 output, final = layer_norm.run_direction(
-                    spec, x, state, tuple(direction_weights), lengths, reverse
+                    spec,
+                    x,
+                    state or zero_state(spec, x),
+                    tuple(direction_weights),
+                    lengths,
+                    reverse,
                 )
             elif regularized.active(spec):
                 output, final = regularized.run_direction(
-                    spec, x, state, tuple(direction_weights), lengths, reverse
+                    spec,
+                    x,
+                    state or zero_state(spec, x),
+                    tuple(direction_weights),
+                    lengths,
+                    reverse,
                 )
             elif spec.mode == "LSTM":
                 output, final = lstm.run_direction(x, state, direction_weights, lengths, reverse)
@@ -96,11 +112,12 @@ class CPUBackend:
 def check_kernel_inputs(
     spec: LayerSpec,
     x: Tensor,
-    hx: list[tuple[Tensor, ...]],
+    hx: list[tuple[Tensor, ...]] | None,
     weights: list[tuple[Tensor | None, ...]],
     lengths: Tensor | None,
 ) -> None:
-    """Raise ValueError/TypeError unless every array the compiled kernels index fits the layout.
+    """Raise ValueError/TypeError unless every array the compiled kernels index fits the layout
+    (hx None: zero states, made by the kernels).
 
     The numba kernels do no bounds checks of their own, so a caller that bypasses the layer's
     validation (calling the dispatch directly) must not be able to make them read out of bounds.
@@ -112,28 +129,31 @@ def check_kernel_inputs(
             f"on {x.device}"
         )
     steps, batch, inputs = x.shape
-    if len(hx) != spec.directions or len(weights) != spec.directions:
+    states = [()] * spec.directions if hx is None else hx
+    if len(states) != spec.directions or len(weights) != spec.directions:
         raise ValueError(
             f"cpu kernel: hx and weights must hold {spec.directions} direction(s), "
-            f"got {len(hx)} and {len(weights)}"
+            f"got {len(states)} and {len(weights)}"
         )
     dtype = x.dtype
     labels, shapes, weight_count, layouts = _layout(
         spec.mode, spec.hidden_size, spec.proj_size, spec.bias, batch, inputs, dtype
     )
     state_count = len(labels) - weight_count
+    if hx is None:  # only the weights to check
+        labels, shapes, layouts = labels[state_count:], shapes[state_count:], layouts[state_count:]
     for direction in range(spec.directions):
         if len(weights[direction]) < weight_count:
             raise ValueError(
                 f"cpu kernel: weights[{direction}] must hold {weight_count} tensors "
-                f"({', '.join(labels[state_count:])}), got {len(weights[direction])}"
+                f"({', '.join(labels[-weight_count:])}), got {len(weights[direction])}"
             )
-        if len(hx[direction]) != state_count:
+        if hx is not None and len(hx[direction]) != state_count:
             raise ValueError(
                 f"cpu kernel: hx[{direction}] must hold {state_count} tensor(s), "
                 f"got {len(hx[direction])}"
             )
-        tensors = (*hx[direction], *weights[direction][:weight_count])
+        tensors = (*states[direction], *weights[direction][:weight_count])
         # One pass over all tensors; the loop below finds the first mismatch to name it.
         if [None if t is None else (t.shape, t.dtype, t.is_cpu) for t in tensors] == layouts:
             continue

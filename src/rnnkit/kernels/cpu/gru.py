@@ -509,6 +509,13 @@ def _batch_part(tensor: Tensor, part: slice, dim: int = 0) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
+def _initial_state(h0: Tensor | None, part: slice, hidden: int, dtype: np.dtype) -> np.ndarray:
+    """The (b, H) initial state of a batch part as the kernels read it; zeros for h0 None."""
+    if h0 is None:
+        return np.zeros((part.stop - part.start, hidden), dtype)
+    return _batch_part(h0, part)
+
+
 def _lengths_array(lengths: Tensor | None, steps: int, batch: int) -> np.ndarray:
     if lengths is None:
         return np.full(batch, steps, dtype=np.int64)
@@ -575,7 +582,7 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
                 w_ih_array,
                 bias,
                 *recurrent,
-                _batch_part(h0, part),
+                _initial_state(h0, part, hidden, bias.dtype),
                 _batch_part_array(length_array, part),
                 reverse,
                 save,
@@ -599,7 +606,8 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after):
-        x, h0, w_ih, w_hh = x.detach(), h0.detach(), w_ih.detach(), w_hh.detach()
+        x, w_ih, w_hh = x.detach(), w_ih.detach(), w_hh.detach()
+        h0 = None if h0 is None else h0.detach()
         b_ih = None if b_ih is None else b_ih.detach()
         b_hh = None if b_hh is None else b_hh.detach()
         output, h_last, parts, saved_gates = _run_forward(
@@ -658,7 +666,7 @@ class GRUFunction(torch.autograd.Function):
                     _batch_part(dh_last, part),
                     saved_gates.numpy(),
                     _batch_part(output.detach(), part, 1),
-                    _batch_part(h0, part),
+                    _initial_state(h0, part, hidden, w_ih_blocks[0].dtype),
                     _part_rows(x, part),
                     *w_ih_blocks,
                     *recurrent,
@@ -695,14 +703,15 @@ class GRUFunction(torch.autograd.Function):
 
 def run_direction(
     x: Tensor,
-    state: tuple[Tensor],
+    state: tuple[Tensor] | None,
     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     lengths: Tensor | None,
     reverse: bool,
     reset_after: bool = True,
 ) -> tuple[Tensor, tuple[Tensor]]:
-    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, ((B, H),) final state."""
-    (h0,) = state
+    """(T, B, I) input, ((B, H),) state (None: zeros) -> (T, B, H) output, ((B, H),) final
+    state."""
+    h0 = None if state is None else state[0]
     w_ih, w_hh, b_ih, b_hh = weights
     steps, batch, inputs = x.shape
     hidden = w_hh.size(1)
@@ -710,7 +719,8 @@ def run_direction(
     if batch == 0:
         # Nothing to run; zero-weighted sums keep every input in the graph (zero gradients).
         connection = sum(0 * t.sum() for t in tensors if t is not None)
-        return x.new_zeros(steps, 0, hidden) + connection, (h0 + connection,)
+        final = x.new_zeros(0, hidden) if h0 is None else h0
+        return x.new_zeros(steps, 0, hidden) + connection, (final + connection,)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     reverse, reset_after = bool(reverse), bool(reset_after)
     if needs_grad:

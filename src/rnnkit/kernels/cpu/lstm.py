@@ -479,6 +479,21 @@ def _pack_spaces(
     return tuple(spaces)
 
 
+def _state_copy(state: Tensor | None, x: Tensor, batch: int, width: int) -> Tensor:
+    """A contiguous copy of a (B, width) initial state for the kernels to update in place;
+    zeros for None."""
+    if state is None:
+        return x.new_zeros(batch, width)
+    return state.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _initial_state_part(state: Tensor | None, part: slice, whole: bool, like: Tensor, width: int):
+    """The numpy rows of a batch part of an initial state (zeros for None)."""
+    if state is None:
+        return np.zeros((part.stop - part.start, width), _numpy_dtype(like.dtype))
+    return _numpy((state if whole else state[part]).contiguous())
+
+
 def _run_parts(function, argument_lists: list[tuple]) -> None:
     threads.run_concurrently(function, argument_lists)
 
@@ -488,9 +503,11 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
     steps, batch, _ = x.shape
     bias = _input_bias(b_ih, b_hh, w_hh.shape[0], x)
     unsaved = np.empty((0, 0, 0), _numpy_dtype(x.dtype))
-    output = x.new_empty(steps, batch, h0.shape[1])
-    h = h0.detach().clone(memory_format=torch.contiguous_format)
-    c = c0.detach().clone(memory_format=torch.contiguous_format)
+    hidden = w_hh.shape[0] // 4
+    out_width = hidden if w_hr is None else w_hr.shape[0]
+    output = x.new_empty(steps, batch, out_width)
+    h = _state_copy(h0, x, batch, out_width)
+    c = _state_copy(c0, x, batch, hidden)
     shared = (
         _numpy(x.contiguous()),
         _numpy(w_ih.contiguous()),
@@ -555,7 +572,7 @@ class LSTMDirection(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, w_hr, output = ctx.saved_tensors
         steps, batch, features = x.shape
         hidden = w_hh.shape[0] // 4
-        out_width = h0.shape[1]
+        out_width = w_hh.shape[1]
         projected = w_hr is not None
         needs = ctx.needs_input_grad
         lengths, reverse = ctx.lengths, ctx.reverse
@@ -594,7 +611,7 @@ class LSTMDirection(torch.autograd.Function):
                 (
                     _numpy(activations),
                     _numpy(cells),
-                    _numpy((c0 if whole else c0[part]).contiguous()),
+                    _initial_state_part(c0, part, whole, x, hidden),
                     *shared_weights,
                     _numpy((grad_output if whole else grad_output[:, part]).contiguous()),
                     _numpy(part_grad_h),
@@ -608,7 +625,7 @@ class LSTMDirection(torch.autograd.Function):
                     _numpy((x if whole else x[:, part]).contiguous()),
                     w_ih_numpy,
                     output_numpy,
-                    _numpy((h0 if whole else h0[part]).contiguous()),
+                    _initial_state_part(h0, part, whole, x, out_width),
                     part.start,
                     _numpy(part_grad_x) if needs[0] else empty.reshape(0, 0, 0),
                     _numpy(part_grad_w_ih) if needs[3] else empty,
@@ -675,18 +692,25 @@ def _needs_grad(tensors) -> bool:
 
 def run_direction(
     x: Tensor,
-    state: tuple[Tensor, Tensor],
+    state: tuple[Tensor, Tensor] | None,
     weights: tuple[Tensor | None, ...],
     lengths: Tensor | None,
     reverse: bool,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """(T, B, I) input, ((B, P), (B, H)) state -> (T, B, P) output, ((B, P), (B, H)) final state."""
-    h0, c0 = state
+    """(T, B, I) input, ((B, P), (B, H)) state (None: zeros) -> (T, B, P) output,
+    ((B, P), (B, H)) final state."""
+    h0, c0 = (None, None) if state is None else state
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     if x.size(1) == 0:
         from rnnkit.cells import lstm_step
         from rnnkit.scan import scan_direction
 
+        if state is None:
+            hidden = w_hh.shape[0] // 4
+            state = (
+                x.new_zeros(0, hidden if w_hr is None else w_hr.shape[0]),
+                x.new_zeros(0, hidden),
+            )
         return scan_direction(lstm_step, x, state, weights, lengths, reverse)
     if _needs_grad((x, h0, c0, *weights)):
         output, h_n, c_n = LSTMDirection.apply(

@@ -323,7 +323,7 @@ def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> 
 
 def _forward(
     x: Tensor,
-    h0: Tensor,
+    h0: Tensor | None,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Tensor | None,
@@ -332,9 +332,9 @@ def _forward(
     reverse: bool,
     relu: bool,
 ) -> tuple[Tensor, Tensor, tuple[np.ndarray, ...] | None]:
-    """(T, B, I) detached input, (B, H) h0 -> (T, B, H) output, (B, H) final state, and the
-    numpy arrays of x, h0, W_ih, W_hh and the output the kernels read (None for an empty batch),
-    which the backward reuses."""
+    """(T, B, I) detached input, (B, H) h0 (None: zeros) -> (T, B, H) output, (B, H) final
+    state, and the numpy arrays of x, h0, W_ih, W_hh and the output the kernels read (None for
+    an empty batch), which the backward reuses."""
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     bias = _input_bias(b_ih, b_hh, hidden, x)
@@ -343,7 +343,8 @@ def _forward(
     if batch == 0:
         return output, final, None
     use_packing = blas.PACKED_GEMM and steps >= _PACK_MIN_STEPS
-    x_array, h0_array, w_ih_array, w_hh_array = _array(x), _array(h0), _array(w_ih), _array(w_hh)
+    x_array, w_ih_array, w_hh_array = _array(x), _array(w_ih), _array(w_hh)
+    h0_array = np.zeros((batch, hidden), x_array.dtype) if h0 is None else _array(h0)
     lengths_array = _lengths_array(lengths)
     output_array, final_array = output.numpy(), final.numpy()
     arguments = [x_array, h0_array, w_ih_array, w_hh_array, bias, lengths_array, reverse, relu]
@@ -488,16 +489,17 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, w_ih, w_hh, lengths, outpu
 
 def run_direction(
     x: Tensor,
-    state: tuple[Tensor],
+    state: tuple[Tensor] | None,
     weights: tuple[Tensor | None, ...],
     lengths: Tensor | None,
     reverse: bool,
     nonlinearity: str = "tanh",
 ) -> tuple[Tensor, tuple[Tensor]]:
-    """(T, B, I) input, ((B, H),) state -> (T, B, H) output, ((B, H),) final state."""
+    """(T, B, I) input, ((B, H),) state (None: zeros) -> (T, B, H) output, ((B, H),) final
+    state."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-    (h0,) = state
+    h0 = None if state is None else state[0]
     w_ih, w_hh, b_ih, b_hh = weights[:4]
     relu = nonlinearity == "relu"
     if lengths is not None:
