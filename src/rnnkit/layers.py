@@ -235,9 +235,22 @@ class RNNBase(nn.Module):
         straight from their dict (what nn.Module.__getattr__ does, without its cost)."""
         parameters = self._parameters
         return tuple(
-            parameters[name] if name in parameters else getattr(self, name, None)
+            parameters[name] if name in parameters else self._attribute_or_none(name)
             for name in _suffixed(bases, layer, direction)
         )
+
+    def _attribute_or_none(self, name: str):
+        """getattr(self, name, None), without the AttributeError (3 us a call) that
+        nn.Module.__getattr__ raises for an absent name (an LSTM's weight_hr without proj_size,
+        the biases with bias=False)."""
+        if (
+            name in self.__dict__
+            or name in self._buffers
+            or name in self._modules
+            or hasattr(type(self), name)  # a property, such as a parametrization's
+        ):
+            return getattr(self, name)
+        return None
 
     def _first_weight(self) -> Tensor:
         """self._flat_weights[0], without building the list."""

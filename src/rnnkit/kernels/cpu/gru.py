@@ -553,8 +553,9 @@ def _part_rows(x: Tensor, part: slice) -> np.ndarray:
 
 
 def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, save):
-    """(output (T, B, H), h_last (B, H), the batch parts, each part's saved_gates); plain
-    tensors in and out. x is (T, B, I), any layout. Without `save` saved_gates are scratch."""
+    """(output (T, B, H), h_last (B, H), the batch parts, each part's saved_gates (a numpy
+    array: only the backward reads them)); plain tensors in and out. x is (T, B, I), any
+    layout. Without `save` saved_gates are scratch."""
     steps, batch, _ = x.shape
     hidden = w_hh.size(1)
     dtype = x.dtype
@@ -575,7 +576,7 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
         size = part.stop - part.start
         output = torch.empty(steps, size, hidden, dtype=dtype)
         h_last = torch.empty(size, hidden, dtype=dtype)
-        saved_gates = torch.empty(saved_steps, size, gate_width, dtype=dtype)
+        saved_gates = np.empty((saved_steps, size, gate_width), bias.dtype)
         argument_lists.append(
             (
                 _part_rows(x, part),
@@ -588,7 +589,7 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
                 save,
                 output.numpy(),
                 h_last.numpy(),
-                saved_gates.numpy(),
+                saved_gates,
                 _use_packing(steps),
             )
         )
@@ -664,7 +665,7 @@ class GRUFunction(torch.autograd.Function):
                 (
                     _batch_part(d_output, part, 1),
                     _batch_part(dh_last, part),
-                    saved_gates.numpy(),
+                    saved_gates,
                     _batch_part(output.detach(), part, 1),
                     _initial_state(h0, part, hidden, w_ih_blocks[0].dtype),
                     _part_rows(x, part),

@@ -499,7 +499,8 @@ def _run_parts(function, argument_lists: list[tuple]) -> None:
 
 
 def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
-    """output, h_n, c_n, the batch parts, and if save each part's activations and cells."""
+    """output, h_n, c_n, the batch parts, and each part's activations and cells (numpy arrays;
+    empty without save)."""
     steps, batch, _ = x.shape
     bias = _input_bias(b_ih, b_hh, w_hh.shape[0], x)
     unsaved = np.empty((0, 0, 0), _numpy_dtype(x.dtype))
@@ -525,8 +526,9 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
     activations, cells, argument_lists = [], [], []
     for index, part in enumerate(parts):
         size = part.stop - part.start
-        saved_gates = x.new_empty(steps, size, w_hh.shape[0]) if save else None
-        saved_cells = x.new_empty(steps, size, w_hh.shape[0] // 4) if save else None
+        # numpy arrays: only the backward reads them.
+        saved_gates = np.empty((steps, size, w_hh.shape[0]), unsaved.dtype) if save else unsaved
+        saved_cells = np.empty((steps, size, hidden), unsaved.dtype) if save else unsaved
         # The chunk's rows size W_ih's space: asked of numba only where that space is kept.
         keeps_ih = use_packing and pack_space.keeps(shared[1])
         chunk = input_chunk_steps(steps, size, w_hh.shape[0]) if keeps_ih else 0
@@ -534,8 +536,8 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
         argument_lists.append(
             (
                 *shared,
-                _numpy(saved_gates) if save else unsaved,
-                _numpy(saved_cells) if save else unsaved,
+                saved_gates,
+                saved_cells,
                 save,
                 use_packing,
                 _pack_spaces(weights, 3 * index, use_packing, x.dtype),
@@ -609,8 +611,8 @@ class LSTMDirection(torch.autograd.Function):
             part_grad_bias = np.zeros(4 * hidden if want_bias else 0, np.float64)
             argument_lists.append(
                 (
-                    _numpy(activations),
-                    _numpy(cells),
+                    activations,
+                    cells,
                     _initial_state_part(c0, part, whole, x, hidden),
                     *shared_weights,
                     _numpy((grad_output if whole else grad_output[:, part]).contiguous()),
