@@ -2,13 +2,14 @@
 
     pip install jax flax          # not a dependency of rnnkit; only this script uses them
     python benchmarks/bench_peers.py [--cells lstm,gru,rnn] [--configs 0,1] [--repeats 15]
+                                     [--warm-rounds 1]
 
 PEERS.md's protocol: float32, one layer, unidirectional, batch_first, zero initial state; Flax is
 `flax.linen.RNN` over `OptimizedLSTMCell` / `GRUCell` / `SimpleCell` under `jax.jit`, compiled
 before timing; a training step is the forward and the backward of the sum of the outputs, with
 gradients for the parameters and the input. All three run in one process, taking turns sample by
-sample (each sample after untimed warm-up calls: see time_rounds), so that the machine's drift
-reaches each alike. Prints a table
+sample (each sample after untimed warm-up calls, and all samples after --warm-rounds untimed
+rounds: see time_rounds), so that the machine's drift reaches each alike. Prints a table
 of medians and the ratios of each peer's time to rnnkit's (above 1: rnnkit faster), and writes
 benchmarks/results/peers-cpu.json; asserts no times.
 """
@@ -70,29 +71,37 @@ def flax_functions(cell: str, config, jax, linen) -> dict[str, Callable[[], None
     return {"inference": inference, "training": training}
 
 
-def time_rounds(functions: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """name -> median seconds per call over `repeats` rounds; in each round every name runs
-    untimed warm-up calls, then one timed sample of calls. The warm-up matters here: a call right
-    after another framework's measured up to 1.7x slower than back to back (rnnkit's batch-1 RNN
-    training step after a Flax call), which timing alternate calls would charge to each."""
+def time_rounds(
+    functions: dict[str, Callable[[], None]], repeats: int, warm_rounds: int = 1
+) -> dict[str, float]:
+    """name -> median seconds per call over `repeats` rounds, after `warm_rounds` untimed ones; in
+    each round every name runs untimed warm-up calls, then one sample of calls. The warm-up
+    matters here: a call right after another framework's measured up to 1.7x slower than back to
+    back (rnnkit's batch-1 RNN training step after a Flax call), which timing alternate calls
+    would charge to each. The untimed rounds matter for the first rounds of a process: there
+    rnnkit's batch-1 calls took 17-370 page faults each (at about 5 us a fault on this machine)
+    where later rounds took none, as glibc's heap, shared by torch, numpy and numba, trimmed and
+    grew again between the frameworks' turns until its thresholds adapted; XLA's allocator is its
+    own (Xeon, 2026-11-29)."""
     calls = {}
     for name, function in functions.items():
         start = time.perf_counter()
         function()
         calls[name] = max(1, min(50, int(0.02 / max(time.perf_counter() - start, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
+    for round_index in range(warm_rounds + repeats):
         for name, function in functions.items():
             for _ in range(max(1, calls[name] // 2)):
                 function()
             start = time.perf_counter()
             for _ in range(calls[name]):
                 function()
-            samples[name].append((time.perf_counter() - start) / calls[name])
+            if round_index >= warm_rounds:
+                samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def run_config(cell: str, config, repeats: int, jax, linen) -> list[dict]:
+def run_config(cell: str, config, repeats: int, jax, linen, warm_rounds: int = 1) -> list[dict]:
     """The inference and training rows of one cell and configuration."""
     batch, steps, input_size, _ = config
     layers = build_layers(cell, config, "cpu", torch.float32, ("torch.nn", "rnnkit"))
@@ -102,7 +111,7 @@ def run_config(cell: str, config, repeats: int, jax, linen) -> list[dict]:
     functions["flax"] = flax_functions(cell, config, jax, linen)
     rows = []
     for mode in ("inference", "training"):
-        times = time_rounds({name: functions[name][mode] for name in NAMES}, repeats)
+        times = time_rounds({name: functions[name][mode] for name in NAMES}, repeats, warm_rounds)
         best_peer = min(times["torch.nn"], times["flax"])
         rows.append({"cell": cell, "config": list(config), "mode": mode, "times": times,
                      "best_peer_over_rnnkit": best_peer / times["rnnkit"]})  # fmt: skip
@@ -116,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated indices into {CONFIGS[:4]} (default: all four, "
                              "PEERS.md's grid)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=15, help="timed samples (default 15)")
+    parser.add_argument("--warm-rounds", type=int, default=1,
+                        help="untimed rounds before the timed ones (default 1; 0: session 13's "
+                        "protocol)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     args.cell_list = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -130,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.config_list = [CONFIGS[i] for i in indices]
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warm_rounds < 0:
+        parser.error(f"--warm-rounds must be >= 0, got {args.warm_rounds}")
     return args
 
 
@@ -139,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     work = [(cell, config) for cell in args.cell_list for config in args.config_list]
     rows = []
     for cell, config in tqdm(work, desc="peers", unit="config"):
-        rows.extend(run_config(cell, config, args.repeats, jax, linen))
+        rows.extend(run_config(cell, config, args.repeats, jax, linen, args.warm_rounds))
     machine = machine_info("cpu")
     print(f"\n{machine['cpu']}, torch {machine['torch']} with {machine['torch_threads']} threads, "
-          f"JAX {jax.__version__}; median of {args.repeats}, ms; ratio = peer time / rnnkit time")  # fmt: skip
+          f"JAX {jax.__version__}; median of {args.repeats} after {args.warm_rounds} untimed "
+          "round(s), ms; ratio = peer time / rnnkit time")  # fmt: skip
     print(f"{'cell':5} {'B,T,I,H':16} {'mode':10} {'rnnkit':>9} {'torch.nn':>9} {'flax':>9} "
           f"{'torch/rnnkit':>13} {'flax/rnnkit':>12}")  # fmt: skip
     for row in rows:
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not slower:
         print("  none")
     write_json(args.json, {"machine": machine, "jax": jax.__version__, "repeats": args.repeats,
-                           "rows": rows})  # fmt: skip
+                           "warm_rounds": args.warm_rounds, "rows": rows})  # fmt: skip
     print(f"wrote {args.json}")
     return 0
 

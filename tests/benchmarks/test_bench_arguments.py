@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def test_peers_benchmark_checks_its_arguments(capsys):
         (["--configs", "4"], "--configs: indices 0-3 (PEERS.md's four sizes)"),
         (["--configs", "a"], "--configs: comma-separated integers"),
         (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--warm-rounds", "-1"], "--warm-rounds must be >= 0, got -1"),
     ):
         with pytest.raises(SystemExit):
             bench_peers.parse_args(bad)
@@ -117,3 +119,27 @@ def test_peers_benchmark_runs_all_three_where_flax_is_installed(tmp_path, monkey
                              "--json", str(path)]) == 0  # fmt: skip
     rows = json.loads(path.read_text())["rows"]
     assert [sorted(row["times"]) for row in rows] == [["flax", "rnnkit", "torch.nn"]] * 2
+
+
+@pytest.mark.parametrize("warm_rounds, expected", [(0, 1.0), (2, 0.001)])
+def test_peers_rounds_time_only_after_the_untimed_rounds(monkeypatch, warm_rounds, expected):
+    import bench_peers
+
+    # A fake clock: each name's first five calls take 1 s, later ones 1 ms. One call sizes the
+    # sample (one call at 1 s); each round is one warm-up call and one timed call.
+    clock = {"now": 0.0}
+    counts = {"a": 0, "b": 0}
+
+    def make(name):
+        def call():
+            counts[name] += 1
+            clock["now"] += 1.0 if counts[name] <= 5 else 0.001
+
+        return call
+
+    monkeypatch.setattr(
+        bench_peers, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"])
+    )
+    times = bench_peers.time_rounds({"a": make("a"), "b": make("b")}, 3, warm_rounds)
+    assert counts == {"a": 1 + 2 * (warm_rounds + 3)} | {"b": 1 + 2 * (warm_rounds + 3)}
+    assert times == pytest.approx({"a": expected, "b": expected})
