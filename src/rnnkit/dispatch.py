@@ -191,7 +191,7 @@ def run_layer(
 ) -> tuple[Tensor, list[State]]:
     """Run one layer (all directions) on the backend that `resolve` picks; hx None: zeros."""
     name, backend, _ = _select(requested, spec, x, lengths, explain=False)
-    if hx is None and not getattr(backend, "takes_zero_state", False):
+    if hx is None and not backend.takes_zero_state:
         hx = [zero_state(spec, x) for _ in range(spec.directions)]
     if name in ("reference", "step"):  # torch operations: traceable as they are
         return backend.run_layer(spec, x, hx, weights, lengths)

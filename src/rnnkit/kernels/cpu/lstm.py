@@ -487,7 +487,9 @@ def _state_copy(state: Tensor | None, x: Tensor, batch: int, width: int) -> Tens
     return state.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _initial_state_part(state: Tensor | None, part: slice, whole: bool, like: Tensor, width: int):
+def _initial_state_part(
+    state: Tensor | None, part: slice, whole: bool, like: Tensor, width: int
+) -> np.ndarray:
     """The numpy rows of a batch part of an initial state (zeros for None)."""
     if state is None:
         return np.zeros((part.stop - part.start, width), _numpy_dtype(like.dtype))

@@ -35,6 +35,8 @@ def _interpreting() -> bool:
 class GPUBackend:
     """Runs each direction of a layer through the cell's fused Triton kernels."""
 
+    takes_zero_state = False  # the dispatch makes zero tensors for hx None
+
     def unsupported_reason(self, spec: LayerSpec, x: Tensor, lengths: Tensor | None) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
