@@ -37,9 +37,9 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu import blas, pack_space, threads
 from rnnkit.kernels.cpu.activations import sigmoid_float32, tanh_float32
-from rnnkit.kernels.cpu.projection import input_plan, step_projection
+from rnnkit.kernels.cpu.projection import input_chunk_steps, input_plan_into, step_projection
 
 # Packing a weight costs about as much as a few products with it; below this many steps plain
 # products are faster.
@@ -163,19 +163,23 @@ def _column_sums(rows, out):
 @_jit
 def _forward_reset_after(
     x_rows, w_ih, bias, w_hh, b_hn, h0, lengths, reverse, save, output, h_last, saved_gates,
-    use_packing,
+    use_packing, spaces,
 ):  # fmt: skip
     """Torch's form. x_rows (T*B, I); w_ih (3H, I); bias (3H,) = b_ih + [b_hr, b_hz, 0];
     w_hh (3H, H); b_hn (H,). Writes output (T, B, H), h_last (B, H) and, when `save`,
-    saved_gates [r, z, n, W_hn h + b_hn] (T, B, 4H).
+    saved_gates [r, z, n, W_hn h + b_hn] (T, B, 4H). W_ih and W_hh are packed into the first
+    two of `spaces` where they fit (pack_space.py).
     """
     steps, batch, hidden = output.shape
     work = blas.workspace(h0)
     x = x_rows.reshape((steps, batch, x_rows.shape[1]))
-    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
+    ih_space, hh_space, _ = spaces
+    plan = input_plan_into(x, w_ih, steps, batch, use_packing, work, ih_space)
     h = h0.copy()
     h_gates = np.empty((batch, 3 * hidden), dtype=h0.dtype)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    weight, transposed, packed = blas.prepare_weight_into(
+        batch, w_hh, True, use_packing, work, hh_space
+    )
     for s in range(steps):
         x_step = step_projection(x, plan, bias, lengths, reverse, s, 0, work)
         blas.gemm_weight(h, weight, transposed, packed, h_gates, False, work)
@@ -209,20 +213,26 @@ def _forward_reset_after(
 @_jit
 def _forward_reset_before(
     x_rows, w_ih, bias, w_rz, w_n, h0, lengths, reverse, save, output, h_last, saved_gates,
-    use_packing,
+    use_packing, spaces,
 ):  # fmt: skip
     """Cho et al.'s form. x_rows (T*B, I); w_ih (3H, I); bias (3H,) = b_ih + b_hh; w_rz (2H, H)
-    and w_n (H, H). Writes output, h_last and, when `save`, saved_gates [r, z, n] (T, B, 3H)."""
+    and w_n (H, H). Writes output, h_last and, when `save`, saved_gates [r, z, n] (T, B, 3H).
+    W_ih, W_rz and W_n are packed into `spaces` where they fit (pack_space.py)."""
     steps, batch, hidden = output.shape
     work = blas.workspace(h0)
     x = x_rows.reshape((steps, batch, x_rows.shape[1]))
-    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
+    ih_space, rz_space, n_space = spaces
+    plan = input_plan_into(x, w_ih, steps, batch, use_packing, work, ih_space)
     h = h0.copy()
     rz = np.empty((batch, 2 * hidden), dtype=h0.dtype)
     reset_h = np.zeros((batch, hidden), dtype=h0.dtype)
     h_n = np.empty((batch, hidden), dtype=h0.dtype)
-    rz_weight, rz_transposed, rz_packed = blas.prepare_weight(batch, w_rz, True, use_packing, work)
-    n_weight, n_transposed, n_packed = blas.prepare_weight(batch, w_n, True, use_packing, work)
+    rz_weight, rz_transposed, rz_packed = blas.prepare_weight_into(
+        batch, w_rz, True, use_packing, work, rz_space
+    )
+    n_weight, n_transposed, n_packed = blas.prepare_weight_into(
+        batch, w_n, True, use_packing, work, n_space
+    )
     for s in range(steps):
         x_step = step_projection(x, plan, bias, lengths, reverse, s, 0, work)
         blas.gemm_weight(h, rz_weight, rz_transposed, rz_packed, rz, False, work)
@@ -571,9 +581,18 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
     w_ih_array = _array(w_ih)
     length_array = _lengths_array(lengths, steps, batch)
     parts = _batch_parts(batch, batch * 3 * hidden * hidden, steps, dtype)
+    use_packing = _use_packing(steps)
     outputs, finals, saved, argument_lists = [], [], [], []
-    for part in parts:
+    for index, part in enumerate(parts):
         size = part.stop - part.start
+        # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
+        keeps_ih = use_packing and pack_space.keeps(w_ih_array)
+        chunk = input_chunk_steps(steps, size, 3 * hidden) if keeps_ih else 0
+        recurrent_weights = recurrent[:1] if reset_after else recurrent  # (W_hh,) or (W_rz, W_n)
+        weights = [(w_ih_array, chunk * size), *((weight, size) for weight in recurrent_weights)]
+        spaces = pack_space.spaces(weights, 3 * index, use_packing, dtype)
+        if reset_after:  # both kernels take three spaces
+            spaces += (pack_space.empty(dtype),)
         output = torch.empty(steps, size, hidden, dtype=dtype)
         h_last = torch.empty(size, hidden, dtype=dtype)
         saved_gates = np.empty((saved_steps, size, gate_width), bias.dtype)
@@ -590,7 +609,8 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
                 output.numpy(),
                 h_last.numpy(),
                 saved_gates,
-                _use_packing(steps),
+                use_packing,
+                spaces,
             )
         )
         outputs.append(output)

@@ -460,25 +460,6 @@ def _batch_parts(batch: int, step_work: int, steps: int, dtype: torch.dtype) -> 
     )
 
 
-def _pack_spaces(
-    weights, first_slot: int, use_packing: bool, dtype: torch.dtype, transposed: bool = True
-) -> tuple:
-    """The kept arrays (pack_space.py) that a part's (weight array, product rows) pairs are
-    packed into, each weight read transposed or not: empty for weights too small or too large
-    to keep space for (pack_space.keeps). A call's forward and backward run one after the other,
-    so they share slots."""
-    spaces = []
-    for slot, (weight, rows) in enumerate(weights, first_slot):
-        if not use_packing or not pack_space.keeps(weight):
-            spaces.append(pack_space.empty(dtype))
-            continue
-        elements = blas.packed_size(rows, weight, transposed, use_packing)
-        spaces.append(
-            pack_space.space(slot, elements, dtype) if elements else pack_space.empty(dtype)
-        )
-    return tuple(spaces)
-
-
 def _state_copy(state: Tensor | None, x: Tensor, batch: int, width: int) -> Tensor:
     """A contiguous copy of a (B, width) initial state for the kernels to update in place;
     zeros for None."""
@@ -542,7 +523,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save):
                 saved_cells,
                 save,
                 use_packing,
-                _pack_spaces(weights, 3 * index, use_packing, x.dtype),
+                pack_space.spaces(weights, 3 * index, use_packing, x.dtype),
                 part.start,
                 part.stop,
             )
@@ -625,7 +606,7 @@ class LSTMDirection(torch.autograd.Function):
                     _numpy(grad_hidden) if projected else empty.reshape(0, 0, 0),
                     _numpy(cell_outputs) if projected else empty.reshape(0, 0, 0),
                     use_packing,
-                    _pack_spaces(weights, 3 * index, use_packing, x.dtype, False),
+                    pack_space.spaces(weights, 3 * index, use_packing, x.dtype, False),
                     _numpy((x if whole else x[:, part]).contiguous()),
                     w_ih_numpy,
                     output_numpy,

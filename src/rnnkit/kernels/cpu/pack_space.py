@@ -6,7 +6,8 @@ inference call at (16, 8, 512, 512) took 2054 page faults for its two 4 MiB pack
 4.4 ms without them against 7.7-9.5 ms with them (Xeon, 2026-11-29). So the kernels that run
 often take their packing space from here: one array per thread and slot (a call's batch parts
 and weights take a slot each), grown when a larger weight comes and kept after the call. The
-kernels pack into it at every call, so nothing of one call's weights outlives it.
+kernels pack into it at every call, so nothing of one call's weights outlives it. The LSTM, GRU
+and RNN kernels take it (`spaces`); the variants' kernels still pack into new memory.
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ def keeps(weight: np.ndarray) -> bool:
 def empty(dtype: torch.dtype) -> np.ndarray:
     """No space: the kernel allocates what it packs (read only: shared by every call)."""
     return _EMPTY[dtype]
+
+
+def spaces(
+    weights, first_slot: int, use_packing: bool, dtype: torch.dtype, transposed: bool = True
+) -> tuple[np.ndarray, ...]:
+    """The kept arrays that (weight array, product rows) pairs are packed into, slots
+    first_slot, first_slot + 1, ..., each weight read transposed or not: empty for weights too
+    small or too large to keep space for (keeps). A call's forward and backward run one after
+    the other, so they share slots; its concurrent batch parts must take different ones."""
+    from rnnkit.kernels.cpu import blas  # imported here: blas's kernels compile on import
+
+    kept = []
+    for slot, (weight, rows) in enumerate(weights, first_slot):
+        if not use_packing or not keeps(weight):
+            kept.append(empty(dtype))
+            continue
+        elements = blas.packed_size(rows, weight, transposed, use_packing)
+        kept.append(space(slot, elements, dtype) if elements else empty(dtype))
+    return tuple(kept)
 
 
 def space(slot: int, elements: int, dtype: torch.dtype) -> np.ndarray:

@@ -39,8 +39,16 @@ def input_chunk_steps(steps, batch, width):
 def input_plan(x, w_ih, steps, batch, use_packing, work):
     """Steps per chunk, W_ih (G, I) prepared for chunk * batch rows, and the chunk's input rows
     and projections, for step_projection over `batch` rows of (T, B, I) x."""
+    return input_plan_into(x, w_ih, steps, batch, use_packing, work, np.empty(0, w_ih.dtype))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def input_plan_into(x, w_ih, steps, batch, use_packing, work, space):
+    """input_plan, W_ih packed into `space` where it fits (blas.prepare_weight_into)."""
     chunk = input_chunk_steps(steps, batch, w_ih.shape[0])
-    ih, ih_transposed, packed = blas.prepare_weight(chunk * batch, w_ih, True, use_packing, work)
+    ih, ih_transposed, packed = blas.prepare_weight_into(
+        chunk * batch, w_ih, True, use_packing, work, space
+    )
     inputs = np.zeros((chunk * batch, x.shape[2]), x.dtype)
     projected = np.empty((chunk * batch, w_ih.shape[0]), x.dtype)
     return chunk, (ih, ih_transposed, packed), inputs, projected

@@ -27,9 +27,14 @@ from numba.extending import overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rnnkit.kernels.cpu import blas, threads
+from rnnkit.kernels.cpu import blas, pack_space, threads
 from rnnkit.kernels.cpu.activations import tanh_float32
-from rnnkit.kernels.cpu.projection import input_plan, step_projection, time_position
+from rnnkit.kernels.cpu.projection import (
+    input_chunk_steps,
+    input_plan_into,
+    step_projection,
+    time_position,
+)
 
 NONLINEARITIES = ("tanh", "relu")
 # Packing a weight costs about as much as a few products with it; below this many steps plain
@@ -99,9 +104,10 @@ def _activate_rows(pre, recurrent, relu):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _forward_kernel(
-    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing
+    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing, hh_space
 ):  # fmt: skip
-    """(T, B, I) x, (B, H) h0 -> output (T, B, H) and final (B, H), written in place.
+    """(T, B, I) x, (B, H) h0 -> output (T, B, H) and final (B, H), written in place; W_hh packed
+    into hh_space where it fits (pack_space.py).
 
     `lengths` is empty when every sequence has T steps; padding outputs are left at zero.
     """
@@ -114,7 +120,9 @@ def _forward_kernel(
     for row in range(steps * batch):
         for j in range(hidden):
             flat_output[row, j] += bias[j]
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    weight, transposed, packed = blas.prepare_weight_into(
+        batch, w_hh, True, use_packing, work, hh_space
+    )
     recurrent = np.empty((batch, hidden), dtype=output.dtype)
     if lengths.size == 0:
         previous = h0
@@ -148,17 +156,22 @@ def _forward_kernel(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _forward_part(
-    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing, first, last
+    x, h0, w_ih, w_hh, bias, lengths, reverse, relu, output, final, use_packing, spaces, first,
+    last,
 ):  # fmt: skip
     """Sequences first..last-1 of the batch: their rows of output (T, B, H) and final (B, H),
     the input projected a chunk of steps at a time (projection.py). `lengths` has every
-    sequence's length (T for full ones); padding outputs are set to zero."""
+    sequence's length (T for full ones); padding outputs are set to zero. W_ih and W_hh are
+    packed into `spaces` where they fit (pack_space.py)."""
     steps = x.shape[0]
     hidden = h0.shape[1]
     batch = last - first
     work = blas.workspace(output)
-    plan = input_plan(x, w_ih, steps, batch, use_packing, work)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, True, use_packing, work)
+    ih_space, hh_space = spaces
+    plan = input_plan_into(x, w_ih, steps, batch, use_packing, work, ih_space)
+    weight, transposed, packed = blas.prepare_weight_into(
+        batch, w_hh, True, use_packing, work, hh_space
+    )
     recurrent = np.empty((batch, hidden), dtype=output.dtype)
     state = h0[first:last].copy()
     for step in range(steps):
@@ -186,18 +199,22 @@ def _forward_part(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _pre_activation_grads(
-    grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing, first, last
+    grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing, hh_space,
+    first, last,
 ):  # fmt: skip
     """The BPTT time loop of sequences first..last-1 -> their rows of dP, grad_pre (T, B, H);
     their rows of grad_h (B, H) enter as dL/dh_final and leave as dL/dh0. grad_pre may be
-    grad_output itself (each element is read just before it is written); padding rows get 0."""
+    grad_output itself (each element is read just before it is written); padding rows get 0.
+    W_hh is packed into hh_space where it fits (pack_space.py)."""
     steps, _, hidden = output.shape
     batch = last - first
     full = lengths.size == 0
     step_pre = np.zeros((batch, hidden), dtype=output.dtype)
     through = np.empty((batch, hidden), dtype=output.dtype)
     work = blas.workspace(output)
-    weight, transposed, packed = blas.prepare_weight(batch, w_hh, False, use_packing, work)
+    weight, transposed, packed = blas.prepare_weight_into(
+        batch, w_hh, False, use_packing, work, hh_space
+    )
     for step in range(steps - 1, -1, -1):
         for b in range(batch):
             sequence = first + b
@@ -275,6 +292,7 @@ def _weight_gradients(
 def _backward_kernel(
     grad_output, grad_h, output, x, h0, w_ih, w_hh, lengths, reverse, relu, in_place, grad_x,
     grad_w_ih, grad_w_hh, grad_bias, need_x, need_w_ih, need_w_hh, need_bias, use_packing,
+    hh_space,
 ):  # fmt: skip
     """All gradients of one direction, the whole batch in one call, written in place; grad_h:
     dL/dh_final in, dL/dh0 out; in_place: dP is written over grad_output (a copy of ours)."""
@@ -285,8 +303,8 @@ def _backward_kernel(
     else:
         grad_pre = np.zeros_like(output)
     _pre_activation_grads(
-        grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing, 0,
-        output.shape[1],
+        grad_output, grad_h, output, w_hh, lengths, reverse, relu, grad_pre, use_packing,
+        hh_space, 0, output.shape[1],
     )  # fmt: skip
     _weight_gradients(
         grad_pre, output, x, h0, w_ih, lengths, reverse, grad_x, grad_w_ih, grad_w_hh, grad_bias,
@@ -352,11 +370,21 @@ def _forward(
     arrays = (x_array, h0_array, w_ih_array, w_hh_array, output_array)
     parts = _batch_parts(batch, batch * hidden * hidden, steps, x.dtype)
     if len(parts) == 1:
-        _forward_kernel(*arguments)
+        space = pack_space.spaces(((w_hh_array, batch),), 0, use_packing, x.dtype)[0]
+        _forward_kernel(*arguments, space)
         return output, final, arrays
     if lengths is None:  # the parts' kernel reads every sequence's length
         arguments[5] = np.full(batch, steps, dtype=np.int64)
-    threads.run_concurrently(_forward_part, [(*arguments, part.start, part.stop) for part in parts])
+    argument_lists = []
+    for index, part in enumerate(parts):
+        size = part.stop - part.start
+        # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
+        keeps_ih = use_packing and pack_space.keeps(w_ih_array)
+        chunk = input_chunk_steps(steps, size, hidden) if keeps_ih else 0
+        weights = ((w_ih_array, chunk * size), (w_hh_array, size))
+        spaces = pack_space.spaces(weights, 2 * index, use_packing, x.dtype)
+        argument_lists.append((*arguments, spaces, part.start, part.stop))
+    threads.run_concurrently(_forward_part, argument_lists)
     return output, final, arrays
 
 
@@ -460,11 +488,17 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, w_ih, w_hh, lengths, outpu
     outputs = (grad_x.numpy(), *(grad.numpy() for grad in weight_grads))
     need = (needs[0], needs[2], needs[3], needs[4] or needs[5])
     parts = _batch_parts(batch, batch * hidden * hidden, steps, output.dtype)
+    # W_hh is read untransposed here; the forward's slots are free again (its call has ended).
+    spaces = [
+        pack_space.spaces(((w_hh_array, part.stop - part.start),), 2 * index + 1, use_packing,
+                          output.dtype, False)[0]
+        for index, part in enumerate(parts)
+    ]  # fmt: skip
     if len(parts) == 1:
         _backward_kernel(
             grad_output_array, grad_h.numpy(), output_array, x_array, h0_array, w_ih_array,
             w_hh_array, lengths_array, ctx.reverse, ctx.relu, in_place, *outputs, *need,
-            use_packing,
+            use_packing, spaces[0],
         )  # fmt: skip
         return weight_grads
     if in_place:
@@ -478,7 +512,8 @@ def _backward_parts(ctx, grad_output, grad_h, grad_x, w_ih, w_hh, lengths, outpu
         ctx.relu, grad_pre, use_packing,
     )  # fmt: skip
     threads.run_concurrently(
-        _pre_activation_grads, [(*shared, part.start, part.stop) for part in parts]
+        _pre_activation_grads,
+        [(*shared, space, part.start, part.stop) for space, part in zip(spaces, parts)],
     )
     _weight_gradients(
         grad_pre, output_array, x_array, h0_array, w_ih_array, lengths_array, ctx.reverse,
@@ -529,14 +564,16 @@ def warmup() -> None:
         arrays = [_array(t) for t in (x, h0, *weights[:2])]
         bias, lengths_array = _array(weights[2]), np.array([3, 1])
         output_array, final_array = np.zeros((3, 2, 3), arrays[0].dtype), np.zeros_like(arrays[1])
+        no_space = pack_space.empty(dtype)
         _forward_part(
-            *arrays, bias, lengths_array, False, False, output_array, final_array, False, 1, 2
-        )
+            *arrays, bias, lengths_array, False, False, output_array, final_array, False,
+            (no_space, no_space), 1, 2,
+        )  # fmt: skip
         grads = [np.zeros_like(a) for a in (arrays[0], arrays[2], arrays[3], bias)]
         grad_h, grad_pre = np.zeros_like(arrays[1]), np.zeros_like(output_array)
         _pre_activation_grads(
             output_array, grad_h, output_array, arrays[3], lengths_array, False, False, grad_pre,
-            False, 1, 2,
+            False, no_space, 1, 2,
         )  # fmt: skip
         _weight_gradients(
             grad_pre, output_array, arrays[0], arrays[1], arrays[2], lengths_array, False,
