@@ -59,3 +59,44 @@ def test_lstms_taking_turns_in_kept_space_match_torch_nn(bidirectional, batch):
                 torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
     kept = pack_space._local.spaces
     assert kept[(0, torch.float32)].size > 0 and kept[(1, torch.float32)].size > 0  # W_ih, W_hh
+
+
+KEPT_SPACE_LAYERS = {  # every weight 128 KiB or more: packed into kept space from 8 steps on
+    "GRU": lambda **options: rnnkit.GRU(96, 128, **options),
+    "GRU, reset before": lambda **options: rnnkit.GRU(96, 128, reset_after=False, **options),
+    "RNN": lambda **options: rnnkit.RNN(192, 192, **options),
+}
+
+
+@pytest.mark.skipif(not blas.PACKED_GEMM, reason="no packed products without MKL")
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("make", KEPT_SPACE_LAYERS.values(), ids=KEPT_SPACE_LAYERS.keys())
+def test_grus_and_rnns_taking_turns_in_kept_space_match_the_reference(make, parts, monkeypatch):
+    # Two layers of different weights taking turns, forward and backward, as one batch or as
+    # two concurrent parts (each part packs into slots of its own): nothing may mix.
+    from rnnkit.kernels.cpu import gru, rnn
+
+    pack_space._local.__dict__.pop("spaces", None)
+    if parts == 2:
+        for module in (gru, rnn):
+            monkeypatch.setattr(
+                module, "_batch_parts", lambda batch, work, steps, dtype: [slice(0, 2), slice(2, 6)]
+            )
+    torch.manual_seed(0)
+    layers = [make() for _ in range(2)]
+    references = [make(backend="reference") for _ in range(2)]
+    for layer, reference in zip(layers, references):
+        reference.load_state_dict(layer.state_dict())
+    for _ in range(2):
+        for layer, reference in zip(layers, references):
+            x = torch.randn(10, 6, layer.input_size)
+            output, h_n = layer(x)
+            expected, h_expected = reference(x)
+            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h_n, h_expected, rtol=1e-5, atol=1e-5)
+            output.sum().backward()
+            expected.sum().backward()
+            for mine, theirs in zip(layer.parameters(), reference.parameters()):
+                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    kept = pack_space._local.spaces
+    assert kept[(0, torch.float32)].size > 0 and kept[(1, torch.float32)].size > 0
