@@ -33,6 +33,24 @@ def test_each_thread_has_its_own_space():
     assert theirs[0] is not mine
 
 
+def _assert_turns_match(layers, references, batch: int) -> None:
+    """Two rounds of the layers taking turns on 10 steps, forward and backward: outputs, final
+    states and gradients as the references (given the layers' weights here) give them."""
+    for layer, reference in zip(layers, references):
+        reference.load_state_dict(layer.state_dict())
+    for _ in range(2):
+        for layer, reference in zip(layers, references):
+            x = torch.randn(10, batch, layer.input_size)
+            output, state = layer(x)
+            expected, expected_state = reference(x)
+            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
+            output.sum().backward()
+            expected.sum().backward()
+            for mine, theirs in zip(layer.parameters(), reference.parameters()):
+                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not blas.PACKED_GEMM, reason="no packed products without MKL")
 @pytest.mark.parametrize("batch", [3, 9])  # on Intel CPUs, 9 rows take MKL's packed form
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -44,19 +62,7 @@ def test_lstms_taking_turns_in_kept_space_match_torch_nn(bidirectional, batch):
     torch.manual_seed(0)
     layers = [rnnkit.LSTM(80, 128, bidirectional=bidirectional) for _ in range(2)]
     references = [torch.nn.LSTM(80, 128, bidirectional=bidirectional) for _ in range(2)]
-    for layer, reference in zip(layers, references):
-        reference.load_state_dict(layer.state_dict())
-    for _ in range(2):
-        for layer, reference in zip(layers, references):
-            x = torch.randn(10, batch, 80)
-            output, (h_n, c_n) = layer(x)
-            expected, (h_expected, c_expected) = reference(x)
-            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(c_n, c_expected, rtol=1e-5, atol=1e-5)
-            output.sum().backward()
-            expected.sum().backward()
-            for mine, theirs in zip(layer.parameters(), reference.parameters()):
-                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    _assert_turns_match(layers, references, batch)
     kept = pack_space._local.spaces
     assert kept[(0, torch.float32)].size > 0 and kept[(1, torch.float32)].size > 0  # W_ih, W_hh
 
@@ -85,18 +91,6 @@ def test_grus_and_rnns_taking_turns_in_kept_space_match_the_reference(make, part
     torch.manual_seed(0)
     layers = [make() for _ in range(2)]
     references = [make(backend="reference") for _ in range(2)]
-    for layer, reference in zip(layers, references):
-        reference.load_state_dict(layer.state_dict())
-    for _ in range(2):
-        for layer, reference in zip(layers, references):
-            x = torch.randn(10, 6, layer.input_size)
-            output, h_n = layer(x)
-            expected, h_expected = reference(x)
-            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(h_n, h_expected, rtol=1e-5, atol=1e-5)
-            output.sum().backward()
-            expected.sum().backward()
-            for mine, theirs in zip(layer.parameters(), reference.parameters()):
-                torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    _assert_turns_match(layers, references, 6)
     kept = pack_space._local.spaces
     assert kept[(0, torch.float32)].size > 0 and kept[(1, torch.float32)].size > 0
