@@ -20,7 +20,8 @@ dW_hh = dA_h^T H_prev, the biases column sums).
 
 Every product goes through `blas` (torch's MKL, on torch's own threads); per-step products use
 a packed weight from _PACK_MIN_STEPS steps on (rnnkit's AVX-512 panels for float32, see
-`panels`; else MKL's packed form). With several torch threads and a large enough
+`panels`; else MKL's packed form), the forward's packed into space kept per thread
+(pack_space.py). With several torch threads and a large enough
 per-step product, the batch runs as parts whose forward and backward calls run concurrently on
 torch's OpenMP threads (`threads`); the parts' weight gradients are summed.
 """
@@ -583,10 +584,10 @@ def _run_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after, s
     parts = _batch_parts(batch, batch * 3 * hidden * hidden, steps, dtype)
     use_packing = _use_packing(steps)
     outputs, finals, saved, argument_lists = [], [], [], []
+    # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
+    keeps_ih = use_packing and pack_space.keeps(w_ih_array)
     for index, part in enumerate(parts):
         size = part.stop - part.start
-        # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
-        keeps_ih = use_packing and pack_space.keeps(w_ih_array)
         chunk = input_chunk_steps(steps, size, 3 * hidden) if keeps_ih else 0
         recurrent_weights = recurrent[:1] if reset_after else recurrent  # (W_hh,) or (W_rz, W_n)
         weights = [(w_ih_array, chunk * size), *((weight, size) for weight in recurrent_weights)]

@@ -18,7 +18,8 @@ same loop; dW_hr = dh^T (o tanh(c)) is one matmul after it.
 
 Products: `blas` (torch's MKL by default), weights read through gemm's transpose flag, never
 copied per call, and packed once per sequence from _PACK_MIN_STEPS steps on (rnnkit's AVX-512
-panels for float32, see `panels`; else MKL's packed form). With several torch threads and a
+panels for float32, see `panels`; else MKL's packed form) into space kept per thread
+(pack_space.py). With several torch threads and a
 large enough per-step product, the batch runs as parts whose time loops run concurrently on
 torch's OpenMP threads (`threads`), each on its range of the shared input, output and state;
 each part's weight gradients are summed at the end.

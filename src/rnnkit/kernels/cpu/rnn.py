@@ -9,7 +9,8 @@ Only the output (returned anyway) and h0 are kept for the backward: the activati
 comes from h (tanh' = 1 - h^2; relu' = [h > 0], 0 at 0 as in torch) and h_{t-1} is the output of
 the step before. Every product goes through `blas` (torch's MKL, on torch's own threads); the
 per-step products use a packed weight (rnnkit's AVX-512 panels for float32, else MKL's) from
-_PACK_MIN_STEPS steps on. With several torch threads and a large enough per-step product, the
+_PACK_MIN_STEPS steps on (small ones at any number: blas._packed_form), packed into space kept
+per thread (pack_space.py). With several torch threads and a large enough per-step product, the
 batch runs as parts whose time loops (forward and backward) run concurrently on torch's OpenMP
 threads (`threads`), each on its rows of the shared arrays: a part's forward projects its
 input a chunk of steps at a time (projection.py), and after the parts' backward loops the
@@ -376,10 +377,10 @@ def _forward(
     if lengths is None:  # the parts' kernel reads every sequence's length
         arguments[5] = np.full(batch, steps, dtype=np.int64)
     argument_lists = []
+    # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
+    keeps_ih = use_packing and pack_space.keeps(w_ih_array)
     for index, part in enumerate(parts):
         size = part.stop - part.start
-        # The input's chunk rows size W_ih's space: asked of numba only where it is kept.
-        keeps_ih = use_packing and pack_space.keeps(w_ih_array)
         chunk = input_chunk_steps(steps, size, hidden) if keeps_ih else 0
         weights = ((w_ih_array, chunk * size), (w_hh_array, size))
         spaces = pack_space.spaces(weights, 2 * index, use_packing, x.dtype)
