@@ -6,8 +6,9 @@ inference call at (16, 8, 512, 512) took 2054 page faults for its two 4 MiB pack
 4.4 ms without them against 7.7-9.5 ms with them (Xeon, 2026-11-29). So the kernels that run
 often take their packing space from here: one array per thread and slot (a call's batch parts
 and weights take a slot each), grown when a larger weight comes and kept after the call. The
-kernels pack into it at every call, so nothing of one call's weights outlives it. The LSTM, GRU
-and RNN kernels take it (`spaces`); the variants' kernels still pack into new memory.
+kernels pack into it at every call, so nothing of one call's weights outlives it. The LSTM's
+kernels, the GRU's forward kernels and the RNN's kernels take it (`spaces`); the GRU's backward
+and the variants' kernels still pack into new memory.
 """
 
 from __future__ import annotations
