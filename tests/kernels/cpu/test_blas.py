@@ -43,16 +43,22 @@ def test_gemm_reads_row_blocks_of_larger_arrays():
     np.testing.assert_allclose(c, a[2:47, 5:45] @ b[10:50], rtol=1e-10, atol=1e-10)
 
 
+def _product_operands(seed: int, rows: int, trans_b: bool, dtype) -> tuple:
+    """A (64, 96) weight (stored (96, 64) where read transposed), (rows, 64) rows to multiply by
+    it, and their workspace."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((96, 64) if trans_b else (64, 96)).astype(dtype)
+    a = rng.standard_normal((rows, 64)).astype(dtype)
+    return weight, a, blas.workspace(a)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("rows", [1, 32])
 def test_prepared_weight_products_match_numpy(rows, trans_b, dtype):
     # Batch 1 takes the panels (float32 with AVX-512) or loops with a transposed copy; batch 32
     # takes MKL's packed form (float32).
-    rng = np.random.default_rng(2)
-    weight = rng.standard_normal((96, 64) if trans_b else (64, 96)).astype(dtype)
-    a = rng.standard_normal((rows, 64)).astype(dtype)
-    work = blas.workspace(a)
+    weight, a, work = _product_operands(2, rows, trans_b, dtype)
     prepared, transposed, packed = blas.prepare_weight(rows, weight, trans_b, True, work)
     c = np.ones((rows, 96), dtype)
     blas.gemm_weight(a, prepared, transposed, packed, c, True, work)
@@ -120,10 +126,7 @@ def test_small_products_take_the_panels_without_packing_asked_for(trans_b):
 def test_weight_prepared_into_kept_space_is_packed_there_and_multiplies_alike(rows, trans_b, dtype):
     # Space left dirty by an earlier call (NaN), large enough: the packed form is written into
     # its front, padding included, and the products match those of a fresh pack.
-    rng = np.random.default_rng(5)
-    weight = rng.standard_normal((96, 64) if trans_b else (64, 96)).astype(dtype)
-    a = rng.standard_normal((rows, 64)).astype(dtype)
-    work = blas.workspace(a)
+    weight, a, work = _product_operands(5, rows, trans_b, dtype)
     size = blas.packed_size(rows, weight, trans_b, True)
     fresh = blas.prepare_weight(rows, weight, trans_b, True, work)
     assert fresh[2].size == size

@@ -18,6 +18,8 @@ import threading
 import numpy as np
 import torch
 
+from rnnkit.kernels.cpu import blas
+
 # Below this the allocator serves the space from its free lists, without faults; above the
 # largest, the products a packed weight serves cost far more than its faults, and the memory is
 # not held.
@@ -45,8 +47,6 @@ def spaces(
     first_slot, first_slot + 1, ..., each weight read transposed or not: empty for weights too
     small or too large to keep space for (keeps). A call's forward and backward run one after
     the other, so they share slots; its concurrent batch parts must take different ones."""
-    from rnnkit.kernels.cpu import blas  # imported here: blas's kernels compile on import
-
     kept = []
     for slot, (weight, rows) in enumerate(weights, first_slot):
         if not use_packing or not keeps(weight):
